@@ -1,0 +1,101 @@
+"""Cheap argument checks shared by the ops: every error names the argument and what was expected.
+
+None of these reads tensor values, so none of them synchronises with a device.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def check_tensor(op: str, name: str, x, *, ndim: int | None = None, floating: bool = True) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    return x
+
+
+def check_mask(op: str, mask, shape: tuple[int, ...]) -> torch.Tensor:
+    check_tensor(op, "mask", mask, ndim=len(shape), floating=False)
+    if mask.dtype.is_complex:
+        raise TypeError(f"{op}: mask must be bool or 0/1 numbers, got {mask.dtype}")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{op}: mask must have shape {shape} (like the per-token inputs), got {tuple(mask.shape)}")
+    return mask
+
+
+def check_same_shape(op: str, shape: tuple[int, ...], **tensors: torch.Tensor) -> None:
+    for name, x in tensors.items():
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(x.shape)}")
+
+
+def check_same_device(op: str, **tensors: torch.Tensor) -> torch.device:
+    devices = {name: x.device for name, x in tensors.items()}
+    first = next(iter(devices.values()))
+    for name, device in devices.items():
+        if device != first:
+            raise ValueError(f"{op}: all tensors must be on one device; {name} is on {device}, not {first}")
+    return first
+
+
+def check_nonneg_scalar(op: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{op}: {name} must be finite and >= 0, got {value}")
+
+
+def check_unit_interval(op: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{op}: {name} must be a number in [0, 1], got {value!r}")
+
+
+def check_kl_estimator(op: str, kl_estimator) -> None:
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"{op}: kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+
+
+def check_score_clip(op: str, score_clip) -> None:
+    if score_clip is None:
+        return
+    if isinstance(score_clip, bool) or not isinstance(score_clip, numbers.Real) or not (
+        math.isfinite(score_clip) and score_clip > 0
+    ):
+        raise ValueError(f"{op}: score_clip must be None or a finite number > 0, got {score_clip!r}")
+
+
+def check_lagrange_multiplier(op: str, value, device: torch.device):
+    """λ may be a Python number or a 0-dim tensor on the inputs' device.
+
+    A CPU tensor is checked (reading it costs no device sync); a CUDA tensor is not read on the
+    host — the kernels turn a negative or non-finite CUDA λ into NaN outputs instead.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{op}: lagrange_multiplier must be a float or a 0-dim tensor, got shape {tuple(value.shape)}")
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{op}: lagrange_multiplier tensor must be floating point, got {value.dtype}")
+        if value.device.type == "cpu":
+            check_nonneg_scalar(op, "lagrange_multiplier", float(value))
+        elif value.device != device:
+            raise ValueError(
+                f"{op}: lagrange_multiplier is on {value.device} but the inputs are on {device}"
+            )
+        return value
+    check_nonneg_scalar(op, "lagrange_multiplier", value)
+    return float(value)
+
+
+def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any floating input is float64 (the reference's verification mode), else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

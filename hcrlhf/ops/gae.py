@@ -1,0 +1,71 @@
+"""``ops.gae``: generalised advantage estimation over the valid positions of each row."""
+
+from __future__ import annotations
+
+import torch
+
+from hcrlhf import reference
+from hcrlhf.ops import _checks
+from hcrlhf.ops._cpp import as_numpy, empty_outputs, mask_as_numpy
+from hcrlhf.ops._dispatch import cpp_extension, resolve_impl
+
+OP = "gae"
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation, right to left over the valid positions of each row.
+
+    Args:
+        rewards: (B, T) float16/bfloat16/float32/float64 per-token rewards; any strides.
+        values: (B, T) critic values, same shape.
+        mask: (B, T) bool or 0/1 numbers; true on the positions whose actions are trained. Masked
+            positions are transparent (holes are skipped); the bootstrap value after a row's last
+            valid position is 0. Nonzero counts as valid.
+        gamma: discount in [0, 1]. lam: GAE λ in [0, 1].
+        impl: "auto" | "triton" | "cpp" | "torch" (see ``hcrlhf.ops._dispatch``).
+
+    Returns:
+        (advantages, returns), each (B, T) float32 (float64 when an input is float64), zero on
+        masked positions. Computed in fp32 whatever the input precision.
+
+    Equivalent naive code::
+
+        next_value = running = 0
+        for t in reversed(range(T)):
+            if mask[b, t]:
+                delta = rewards[b, t] + gamma * next_value - values[b, t]
+                running = delta + gamma * lam * running
+                advantages[b, t], returns[b, t] = running, running + values[b, t]
+                next_value = values[b, t]
+    """
+    _checks.check_tensor(OP, "rewards", rewards, ndim=2)
+    shape = tuple(rewards.shape)
+    _checks.check_tensor(OP, "values", values, ndim=2)
+    _checks.check_same_shape(OP, shape, values=values)
+    _checks.check_mask(OP, mask, shape)
+    device = _checks.check_same_device(OP, rewards=rewards, values=values, mask=mask)
+    _checks.check_unit_interval(OP, "gamma", gamma)
+    _checks.check_unit_interval(OP, "lam", lam)
+    dtype = _checks.result_dtype(rewards, values)
+    chosen = resolve_impl(impl, device, op=OP, float64=dtype == torch.float64)
+
+    with torch.no_grad():
+        if chosen == "torch":
+            return reference.gae(rewards, values, mask, gamma, lam)
+        if chosen == "triton":
+            from hcrlhf.kernels.gae import gae as gae_triton
+
+            return gae_triton(rewards, values, mask, gamma, lam)
+        advantages, returns = empty_outputs(2, shape, dtype)
+        cpp_extension().gae(
+            as_numpy(rewards, dtype), as_numpy(values, dtype), mask_as_numpy(mask),
+            advantages.numpy(), returns.numpy(), float(gamma), float(lam),
+        )
+        return advantages, returns

@@ -1,0 +1,89 @@
+"""``ops.rloo_advantages``: sequence-level leave-one-out advantages of reward − β·KL − λ·cost."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from hcrlhf import reference
+from hcrlhf.ops._checks import result_dtype
+from hcrlhf.ops._cpp import as_numpy, empty_outputs, mask_as_numpy
+from hcrlhf.ops._dispatch import cpp_extension, resolve_impl
+from hcrlhf.ops.safe_advantages import check_common
+from hcrlhf.reference.rloo_advantages import RLOOAdvantages
+
+OP = "rloo_advantages"
+__all__ = ["RLOOAdvantages", "rloo_advantages"]
+
+
+def rloo_advantages(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    reward_scores: torch.Tensor,
+    cost_scores: torch.Tensor,
+    *,
+    group_size: int,
+    kl_coef: float,
+    lagrange_multiplier,
+    kl_estimator: str = "k1",
+    score_clip: float | None = None,
+    impl: str = "auto",
+) -> RLOOAdvantages:
+    """REINFORCE leave-one-out advantages per sequence (HC-RLHF's own estimator).
+
+    Args:
+        logprobs, ref_logprobs: (B, T) token log-probs under the policy and the reference;
+            float16/bfloat16/float32/float64, any strides. mask: (B, T) bool or 0/1.
+        reward_scores, cost_scores: (B,). Pass the augmented costs (``hcrlhf.safety``) as
+            cost_scores to optimise the pessimistic bound μ + k·σ.
+        group_size: k ≥ 2 samples per prompt; rows of one prompt are adjacent and k divides B.
+        kl_coef: β ≥ 0. lagrange_multiplier: λ ≥ 0, float or 0-dim tensor (see safe_advantages).
+        kl_estimator: "k1" | "k2" | "k3". score_clip: None or c > 0 (clamps reward − β·KL only).
+        impl: "auto" | "triton" | "cpp" | "torch".
+
+    Returns:
+        RLOOAdvantages(advantages, returns, kl), each (B,) float32 (float64 for float64 inputs).
+
+    Equivalent naive code::
+
+        kl = (mask * kl_estimate(logprobs - ref_logprobs)).sum(-1)
+        G = (reward_scores - kl_coef * kl).clamp(-score_clip, score_clip) - λ * cost_scores
+        G = G.view(-1, k);  A = G - (G.sum(1, keepdim=True) - G) / (k - 1)
+    """
+    shape, device, multiplier = check_common(
+        OP, logprobs, ref_logprobs, mask, reward_scores, cost_scores, kl_coef,
+        lagrange_multiplier, kl_estimator, score_clip,
+    )
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 2:
+        raise ValueError(f"{OP}: group_size must be an integer >= 2, got {group_size!r}")
+    if shape[0] % group_size:
+        raise ValueError(f"{OP}: group_size={group_size} must divide the batch size B={shape[0]}")
+    inputs = (logprobs, ref_logprobs, reward_scores, cost_scores)
+    dtype = result_dtype(*inputs)
+    chosen = resolve_impl(impl, device, op=OP, float64=dtype == torch.float64)
+    options = dict(
+        group_size=int(group_size), kl_coef=float(kl_coef), lagrange_multiplier=multiplier,
+        kl_estimator=kl_estimator, score_clip=score_clip,
+    )
+
+    with torch.no_grad():
+        if chosen == "torch":
+            return reference.rloo_advantages(logprobs, ref_logprobs, mask, reward_scores, cost_scores, **options)
+        if chosen == "triton":
+            from hcrlhf.kernels.rloo_advantages import rloo_advantages as rloo_advantages_triton
+
+            return RLOOAdvantages(*rloo_advantages_triton(
+                logprobs, ref_logprobs, mask, reward_scores, cost_scores, **options
+            ))
+        outputs = empty_outputs(3, shape[:1], dtype)
+        cpp_extension().rloo_advantages(
+            *(as_numpy(x, dtype) for x in inputs[:2]), mask_as_numpy(mask),
+            *(as_numpy(x, dtype) for x in inputs[2:]),
+            *(out.numpy() for out in outputs),
+            int(group_size), options["kl_coef"], float(multiplier), kl_estimator,
+            math.inf if score_clip is None else float(score_clip),
+        )
+        return RLOOAdvantages(*outputs)

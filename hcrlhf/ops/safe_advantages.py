@@ -1,0 +1,136 @@
+"""``ops.safe_advantages``: KL-penalised reward − λ·cost advantages for PPO-Lagrangian (Safe RLHF)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hcrlhf import reference
+from hcrlhf.ops import _checks
+from hcrlhf.ops._cpp import as_numpy, empty_outputs, mask_as_numpy
+from hcrlhf.ops._dispatch import cpp_extension, resolve_impl
+from hcrlhf.reference.safe_advantages import SafeAdvantages
+
+OP = "safe_advantages"
+__all__ = ["SafeAdvantages", "safe_advantages"]
+
+
+def check_common(op, logprobs, ref_logprobs, mask, reward_scores, cost_scores, kl_coef,
+                 lagrange_multiplier, kl_estimator, score_clip):
+    """Checks shared by safe_advantages and rloo_advantages; returns (shape, device, λ)."""
+    _checks.check_tensor(op, "logprobs", logprobs, ndim=2)
+    shape = tuple(logprobs.shape)
+    _checks.check_tensor(op, "ref_logprobs", ref_logprobs, ndim=2)
+    _checks.check_same_shape(op, shape, ref_logprobs=ref_logprobs)
+    _checks.check_mask(op, mask, shape)
+    for name, scores in (("reward_scores", reward_scores), ("cost_scores", cost_scores)):
+        _checks.check_tensor(op, name, scores, ndim=1)
+        _checks.check_same_shape(op, shape[:1], **{name: scores})
+    device = _checks.check_same_device(
+        op, logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask,
+        reward_scores=reward_scores, cost_scores=cost_scores,
+    )
+    _checks.check_nonneg_scalar(op, "kl_coef", kl_coef)
+    _checks.check_kl_estimator(op, kl_estimator)
+    _checks.check_score_clip(op, score_clip)
+    multiplier = _checks.check_lagrange_multiplier(op, lagrange_multiplier, device)
+    return shape, device, multiplier
+
+
+def safe_advantages(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    reward_scores: torch.Tensor,
+    cost_scores: torch.Tensor,
+    reward_values: torch.Tensor,
+    cost_values: torch.Tensor,
+    *,
+    kl_coef: float,
+    lagrange_multiplier,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    kl_estimator: str = "k1",
+    score_clip: float | None = None,
+    kl_in_cost: bool = True,
+    normalize: bool = True,
+    whiten: bool = False,
+    impl: str = "auto",
+) -> SafeAdvantages:
+    """Per-token advantages of reward − λ·cost with a KL penalty, both GAE streams in one pass.
+
+    Args:
+        logprobs, ref_logprobs: (B, T) log-probs of the sampled tokens under the rollout policy and
+            the reference model. reward_values, cost_values: (B, T) critic values.
+            Per-token inputs may be float16/bfloat16/float32/float64 with any strides.
+        mask: (B, T) bool or 0/1; true on the trained response tokens. A row's end is its last
+            valid position; the scores are added there.
+        reward_scores, cost_scores: (B,) sequence scores of the reward and cost models.
+        kl_coef: β ≥ 0. lagrange_multiplier: λ ≥ 0, a float or a 0-dim tensor on the inputs'
+            device (no host sync: a CUDA λ is not checked on the host; a negative or non-finite
+            one gives NaN advantages).
+        gamma, lam: GAE discount and λ in [0, 1]. kl_estimator: "k1" | "k2" | "k3".
+        score_clip: None or c > 0: per-token rewards and costs are clamped to [−c, c].
+        kl_in_cost: add +β·KL to the cost stream too (Safe RLHF), so the combined advantage
+            carries exactly −β·KL for every λ; False gives the TRL-style weight β/(1+λ).
+        normalize: divide the combination by (1 + λ). whiten: whiten the combined advantages
+            with the mean and unbiased variance over all valid tokens (eps 1e-8).
+        impl: "auto" | "triton" | "cpp" | "torch".
+
+    Returns:
+        SafeAdvantages(advantages, reward_advantages, cost_advantages, reward_returns,
+        cost_returns, kl), each (B, T) float32 (float64 for float64 inputs), zero on masked
+        positions; a row with no valid position is all zeros.
+
+    Equivalent naive code::
+
+        kl = where(mask, kl_estimate(logprobs - ref_logprobs), 0)
+        r = -kl_coef * kl;  r[b, end_b] += reward_scores[b]
+        c = kl_coef * kl if kl_in_cost else 0;  c[b, end_b] += cost_scores[b]
+        r, c = r.clamp(-score_clip, score_clip), c.clamp(-score_clip, score_clip)
+        A_r, R_r = gae(r, reward_values, mask, gamma, lam)
+        A_c, R_c = gae(c, cost_values, mask, gamma, lam)
+        A = (A_r - λ * A_c) / (1 + λ)          # without "/ (1 + λ)" when normalize=False
+        A = masked_whiten(A, mask) if whiten else A
+    """
+    shape, device, multiplier = check_common(
+        OP, logprobs, ref_logprobs, mask, reward_scores, cost_scores, kl_coef,
+        lagrange_multiplier, kl_estimator, score_clip,
+    )
+    for name, values in (("reward_values", reward_values), ("cost_values", cost_values)):
+        _checks.check_tensor(OP, name, values, ndim=2)
+        _checks.check_same_shape(OP, shape, **{name: values})
+    _checks.check_same_device(OP, logprobs=logprobs, reward_values=reward_values, cost_values=cost_values)
+    _checks.check_unit_interval(OP, "gamma", gamma)
+    _checks.check_unit_interval(OP, "lam", lam)
+    inputs = (logprobs, ref_logprobs, reward_scores, cost_scores, reward_values, cost_values)
+    dtype = _checks.result_dtype(*inputs)
+    chosen = resolve_impl(impl, device, op=OP, float64=dtype == torch.float64)
+    options = dict(
+        kl_coef=float(kl_coef), lagrange_multiplier=multiplier, gamma=float(gamma), lam=float(lam),
+        kl_estimator=kl_estimator, score_clip=score_clip, kl_in_cost=bool(kl_in_cost),
+        normalize=bool(normalize), whiten=bool(whiten),
+    )
+
+    with torch.no_grad():
+        if chosen == "torch":
+            return reference.safe_advantages(
+                logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values, **options
+            )
+        if chosen == "triton":
+            from hcrlhf.kernels.safe_advantages import safe_advantages as safe_advantages_triton
+
+            return SafeAdvantages(*safe_advantages_triton(
+                logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values, **options
+            ))
+        outputs = empty_outputs(6, shape, dtype)
+        cpp_extension().safe_advantages(
+            *(as_numpy(x, dtype) for x in inputs[:2]), mask_as_numpy(mask),
+            *(as_numpy(x, dtype) for x in inputs[2:]),
+            *(out.numpy() for out in outputs),
+            options["kl_coef"], float(multiplier), options["gamma"], options["lam"], kl_estimator,
+            math.inf if score_clip is None else float(score_clip),
+            options["kl_in_cost"], options["normalize"], options["whiten"],
+        )
+        return SafeAdvantages(*outputs)

@@ -1,0 +1,103 @@
+"""Reference KL-penalised reward − λ·cost advantages, Safe RLHF's PPO mode (SPEC.md §1.2)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from hcrlhf.reference.gae import compute_dtype, gae
+
+WHITEN_EPS = 1e-8
+
+
+class SafeAdvantages(NamedTuple):
+    """Outputs of ``safe_advantages``; each (B, T), zero on masked positions."""
+
+    advantages: torch.Tensor
+    reward_advantages: torch.Tensor
+    cost_advantages: torch.Tensor
+    reward_returns: torch.Tensor
+    cost_returns: torch.Tensor
+    kl: torch.Tensor
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate with d = logprobs − ref_logprobs: k1 = d, k2 = d²/2, k3 = e^{−d} − 1 + d."""
+    d = logprobs - ref_logprobs
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.exp(-d) - 1.0 + d
+    raise ValueError(f"kl_estimator must be one of ('k1', 'k2', 'k3'), got {estimator!r}")
+
+
+def last_valid_index(valid: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each row's last valid position (its end), −1 for a row with none."""
+    positions = torch.arange(valid.shape[-1], device=valid.device)
+    return torch.where(valid, positions, -1).amax(dim=-1)
+
+
+def multiplier_tensor(lagrange_multiplier, dtype, device) -> torch.Tensor:
+    """λ as a 0-dim tensor; a negative or non-finite λ becomes NaN (visible, never silently used)."""
+    lam = torch.as_tensor(lagrange_multiplier, dtype=dtype, device=device)
+    return torch.where(torch.isfinite(lam) & (lam >= 0), lam, torch.nan)
+
+
+def masked_whiten(x: torch.Tensor, valid: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
+    """(x − mean)·rsqrt(var + eps) with mean and unbiased variance over all valid entries.
+
+    With fewer than two valid entries the variance is taken as 0. Masked entries become 0.
+    """
+    count = valid.sum()
+    mean = torch.where(valid, x, 0.0).sum() / count.clamp(min=1)
+    centred = torch.where(valid, x - mean, 0.0)
+    var = (centred * centred).sum() / (count - 1).clamp(min=1)
+    var = torch.where(count > 1, var, 0.0)
+    return centred * torch.rsqrt(var + eps)
+
+
+def safe_advantages(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    reward_scores: torch.Tensor,
+    cost_scores: torch.Tensor,
+    reward_values: torch.Tensor,
+    cost_values: torch.Tensor,
+    *,
+    kl_coef: float,
+    lagrange_multiplier,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    kl_estimator: str = "k1",
+    score_clip: float | None = None,
+    kl_in_cost: bool = True,
+    normalize: bool = True,
+    whiten: bool = False,
+) -> SafeAdvantages:
+    """Per-token advantages of reward − λ·cost with a KL penalty (shapes: see SPEC.md §1.2)."""
+    dtype = compute_dtype(logprobs, ref_logprobs, reward_scores, cost_scores, reward_values, cost_values)
+    valid = mask != 0
+    kl = torch.where(valid, kl_penalty(logprobs.to(dtype), ref_logprobs.to(dtype), kl_estimator), 0.0)
+    end = last_valid_index(valid)
+    is_end = torch.arange(valid.shape[-1], device=valid.device) == end[:, None]
+    rewards = -kl_coef * kl + torch.where(is_end, reward_scores.to(dtype)[:, None], 0.0)
+    costs = (kl_coef * kl if kl_in_cost else torch.zeros_like(kl)) + torch.where(
+        is_end, cost_scores.to(dtype)[:, None], 0.0
+    )
+    if score_clip is not None:
+        rewards = rewards.clamp(-score_clip, score_clip)
+        costs = costs.clamp(-score_clip, score_clip)
+    reward_advantages, reward_returns = gae(rewards, reward_values.to(dtype), valid, gamma, lam)
+    cost_advantages, cost_returns = gae(costs, cost_values.to(dtype), valid, gamma, lam)
+    multiplier = multiplier_tensor(lagrange_multiplier, dtype, valid.device)
+    advantages = reward_advantages - multiplier * cost_advantages
+    if normalize:
+        advantages = advantages / (1.0 + multiplier)
+    if whiten:
+        advantages = masked_whiten(advantages, valid)
+    advantages = torch.where(valid, advantages, 0.0)
+    return SafeAdvantages(advantages, reward_advantages, cost_advantages, reward_returns, cost_returns, kl)

@@ -1,0 +1,39 @@
+"""Shared test set-up: Triton runs in its interpreter when there is no GPU, a seed fixture, and the
+`gpu` marker (skipped without CUDA)."""
+
+import os
+
+import torch
+
+# Must happen before anything imports triton: the interpreter is chosen when kernels are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def seed():
+    """Seeds torch (and numpy) so each test draws fresh but reproducible random inputs."""
+    import numpy as np
+
+    value = 1234
+    torch.manual_seed(value)
+    np.random.seed(value)
+    return value
+
+
+@pytest.fixture
+def generator(seed):
+    return torch.Generator().manual_seed(seed)
