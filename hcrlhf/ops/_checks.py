@@ -82,7 +82,9 @@ def check_lagrange_multiplier(op: str, value, device: torch.device):
     """
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
-            raise ValueError(f"{op}: lagrange_multiplier must be a float or a 0-dim tensor, got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{op}: lagrange_multiplier must be a float or a 0-dim tensor, got shape {tuple(value.shape)}"
+            )
         if not value.dtype.is_floating_point:
             raise TypeError(f"{op}: lagrange_multiplier tensor must be floating point, got {value.dtype}")
         if value.device.type == "cpu":
@@ -99,3 +101,34 @@ def check_lagrange_multiplier(op: str, value, device: torch.device):
 def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 when any floating input is float64 (the reference's verification mode), else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_positive_scalar(op: str, name: str, value) -> float:
+    """A finite real number > 0 (e.g. a temperature); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{op}: {name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+def check_labels(op: str, labels, shape: tuple[int, ...], vocab: int, ignore_index: int, *,
+                 read_values: bool) -> torch.Tensor:
+    """Integer class labels of `shape`, each in [0, vocab) or equal to `ignore_index`.
+
+    The range check reads the values, so callers pass ``read_values=False`` for CUDA tensors unless
+    asked to (it would synchronise with the device); kernels then turn a bad label into NaN.
+    """
+    check_tensor(op, "labels", labels, floating=False)
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: labels must be int64 (or int32), got {labels.dtype}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"{op}: labels must have shape {tuple(shape)} (the leading dims of the logits), "
+                         f"got {tuple(labels.shape)}")
+    if read_values and labels.numel():
+        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{op}: labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                             f"labels{list(index)} = {int(labels[index])}")
+    return labels

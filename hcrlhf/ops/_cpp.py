@@ -16,6 +16,3 @@ def mask_as_numpy(mask: torch.Tensor) -> np.ndarray:
     mask = mask.detach()
     return (mask if mask.dtype == torch.bool else mask != 0).numpy()
 
-
-def empty_outputs(count: int, shape, dtype: torch.dtype) -> list[torch.Tensor]:
-    return [torch.empty(shape, dtype=dtype) for _ in range(count)]

@@ -6,7 +6,8 @@ import torch
 
 from hcrlhf import reference
 from hcrlhf.ops import _checks
-from hcrlhf.ops._cpp import as_numpy, empty_outputs, mask_as_numpy
+from hcrlhf.ops._buffers import new_outputs
+from hcrlhf.ops._cpp import as_numpy, mask_as_numpy
 from hcrlhf.ops._dispatch import cpp_extension, resolve_impl
 
 OP = "gae"
@@ -63,7 +64,7 @@ def gae(
             from hcrlhf.kernels.gae import gae as gae_triton
 
             return gae_triton(rewards, values, mask, gamma, lam)
-        advantages, returns = empty_outputs(2, shape, dtype)
+        advantages, returns = new_outputs(2, shape, dtype, device)
         cpp_extension().gae(
             as_numpy(rewards, dtype), as_numpy(values, dtype), mask_as_numpy(mask),
             advantages.numpy(), returns.numpy(), float(gamma), float(lam),

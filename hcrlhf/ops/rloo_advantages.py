@@ -8,8 +8,9 @@ import numbers
 import torch
 
 from hcrlhf import reference
+from hcrlhf.ops._buffers import new_outputs
 from hcrlhf.ops._checks import result_dtype
-from hcrlhf.ops._cpp import as_numpy, empty_outputs, mask_as_numpy
+from hcrlhf.ops._cpp import as_numpy, mask_as_numpy
 from hcrlhf.ops._dispatch import cpp_extension, resolve_impl
 from hcrlhf.ops.safe_advantages import check_common
 from hcrlhf.reference.rloo_advantages import RLOOAdvantages
@@ -78,7 +79,7 @@ def rloo_advantages(
             return RLOOAdvantages(*rloo_advantages_triton(
                 logprobs, ref_logprobs, mask, reward_scores, cost_scores, **options
             ))
-        outputs = empty_outputs(3, shape[:1], dtype)
+        outputs = new_outputs(3, shape[:1], dtype, device)
         cpp_extension().rloo_advantages(
             *(as_numpy(x, dtype) for x in inputs[:2]), mask_as_numpy(mask),
             *(as_numpy(x, dtype) for x in inputs[2:]),

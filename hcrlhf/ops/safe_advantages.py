@@ -8,7 +8,8 @@ import torch
 
 from hcrlhf import reference
 from hcrlhf.ops import _checks
-from hcrlhf.ops._cpp import as_numpy, empty_outputs, mask_as_numpy
+from hcrlhf.ops._buffers import new_outputs
+from hcrlhf.ops._cpp import as_numpy, mask_as_numpy
 from hcrlhf.ops._dispatch import cpp_extension, resolve_impl
 from hcrlhf.reference.safe_advantages import SafeAdvantages
 
@@ -124,7 +125,7 @@ def safe_advantages(
             return SafeAdvantages(*safe_advantages_triton(
                 logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values, **options
             ))
-        outputs = empty_outputs(6, shape, dtype)
+        outputs = new_outputs(6, shape, dtype, device)
         cpp_extension().safe_advantages(
             *(as_numpy(x, dtype) for x in inputs[:2]), mask_as_numpy(mask),
             *(as_numpy(x, dtype) for x in inputs[2:]),

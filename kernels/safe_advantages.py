@@ -1,0 +1,195 @@
+"""Triton safe_advantages: KL shaping, end-token scores, clipping, both GAE streams and the
+λ-combination in ONE launch (SPEC.md §1.2); whitening adds one small reduction pass.
+
+One program owns ROWS rows and sweeps them right to left in BLOCK_T chunks. The row's end (its
+last valid position) is found on the way: the first chunk (from the right) holding a valid
+position fixes it. λ may be a device tensor: it is read inside the kernel, never on the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from hcrlhf.kernels.gae import block_t_for, gae_chunk
+
+from hcrlhf.ops._buffers import new_outputs
+
+KL_ESTIMATOR_CODES = {"k1": 0, "k2": 1, "k3": 2}
+
+
+@triton.jit
+def kl_estimate(logprobs, ref_logprobs, KL_ESTIMATOR: tl.constexpr):
+    d = logprobs - ref_logprobs
+    if KL_ESTIMATOR == 0:
+        kl = d
+    elif KL_ESTIMATOR == 1:
+        kl = 0.5 * d * d
+    else:
+        kl = tl.exp(-d) - 1.0 + d
+    return kl
+
+
+@triton.jit
+def load_multiplier(lam_ptr, lam_value, LAM_IS_TENSOR: tl.constexpr):
+    """λ from a device tensor or a host float; negative or non-finite λ becomes NaN."""
+    if LAM_IS_TENSOR:
+        lam = tl.load(lam_ptr).to(tl.float32)
+    else:
+        lam = lam_value
+    return tl.where((lam >= 0.0) & (lam < float("inf")), lam, float("nan"))
+
+
+@triton.jit
+def _safe_advantages_kernel(
+    lp_ptr, ref_ptr, mask_ptr, rscore_ptr, cscore_ptr, rval_ptr, cval_ptr, lam_ptr,
+    adv_ptr, radv_ptr, cadv_ptr, rret_ptr, cret_ptr, kl_ptr, stats_ptr,
+    B, T,
+    s_lp_b, s_lp_t, s_ref_b, s_ref_t, s_m_b, s_m_t, s_rs, s_cs, s_rv_b, s_rv_t, s_cv_b, s_cv_t,
+    kl_coef, lam_value, gamma, gamma_lam, score_clip,
+    KL_ESTIMATOR: tl.constexpr, KL_IN_COST: tl.constexpr, NORMALIZE: tl.constexpr,
+    WHITEN: tl.constexpr, LAM_IS_TENSOR: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    reward_score = tl.load(rscore_ptr + rows64 * s_rs, mask=row_ok, other=0.0).to(tl.float32)
+    cost_score = tl.load(cscore_ptr + rows64 * s_cs, mask=row_ok, other=0.0).to(tl.float32)
+    lam = load_multiplier(lam_ptr, lam_value, LAM_IS_TENSOR)
+    rows64 = rows64[:, None]
+
+    end = tl.full((ROWS,), -1, tl.int32)
+    r_running = tl.zeros((ROWS,), tl.float32)
+    r_next = tl.zeros((ROWS,), tl.float32)
+    c_running = tl.zeros((ROWS,), tl.float32)
+    c_next = tl.zeros((ROWS,), tl.float32)
+    # Running (count, mean, M2) of the combined advantages per row, for whitening (Chan et al.).
+    count = tl.zeros((ROWS,), tl.float32)
+    mean = tl.zeros((ROWS,), tl.float32)
+    m2 = tl.zeros((ROWS,), tl.float32)
+
+    n_chunks = tl.cdiv(T, BLOCK_T)
+    for k in range(0, n_chunks):
+        cols = (n_chunks - 1 - k) * BLOCK_T + tl.arange(0, BLOCK_T)
+        inside = row_ok[:, None] & (cols < T)[None, :]
+        cols64 = cols.to(tl.int64)[None, :]
+        m = tl.load(mask_ptr + rows64 * s_m_b + cols64 * s_m_t, mask=inside, other=0)
+        valid = inside & (m != 0)
+        lp = tl.load(lp_ptr + rows64 * s_lp_b + cols64 * s_lp_t, mask=inside, other=0.0).to(tl.float32)
+        ref = tl.load(ref_ptr + rows64 * s_ref_b + cols64 * s_ref_t, mask=inside, other=0.0).to(tl.float32)
+        rv = tl.load(rval_ptr + rows64 * s_rv_b + cols64 * s_rv_t, mask=inside, other=0.0).to(tl.float32)
+        cv = tl.load(cval_ptr + rows64 * s_cv_b + cols64 * s_cv_t, mask=inside, other=0.0).to(tl.float32)
+
+        kl = tl.where(valid, kl_estimate(lp, ref, KL_ESTIMATOR), 0.0)
+        # The end is the rightmost valid position: fixed by the first chunk (from the right) that has one.
+        chunk_last = tl.max(tl.where(valid, cols[None, :], -1), axis=1)
+        end = tl.where(end >= 0, end, chunk_last)
+        is_end = cols[None, :] == end[:, None]
+        rewards = -kl_coef * kl + tl.where(is_end, reward_score[:, None], 0.0)
+        if KL_IN_COST:
+            costs = kl_coef * kl + tl.where(is_end, cost_score[:, None], 0.0)
+        else:
+            costs = tl.where(is_end, cost_score[:, None], 0.0)
+        rewards = tl.minimum(tl.maximum(rewards, -score_clip), score_clip)
+        costs = tl.minimum(tl.maximum(costs, -score_clip), score_clip)
+
+        r_adv, r_ret, r_running, r_next = gae_chunk(rewards, rv, valid, r_running, r_next, gamma, gamma_lam, BLOCK_T)
+        c_adv, c_ret, c_running, c_next = gae_chunk(costs, cv, valid, c_running, c_next, gamma, gamma_lam, BLOCK_T)
+        adv = r_adv - lam * c_adv
+        if NORMALIZE:
+            adv = adv / (1.0 + lam)
+        adv = tl.where(valid, adv, 0.0)
+
+        out = rows64 * T + cols64
+        tl.store(adv_ptr + out, adv, mask=inside)
+        tl.store(radv_ptr + out, r_adv, mask=inside)
+        tl.store(cadv_ptr + out, c_adv, mask=inside)
+        tl.store(rret_ptr + out, r_ret, mask=inside)
+        tl.store(cret_ptr + out, c_ret, mask=inside)
+        tl.store(kl_ptr + out, kl, mask=inside)
+        if WHITEN:
+            n_b = tl.sum(valid.to(tl.float32), axis=1)
+            mean_b = tl.sum(adv, axis=1) / tl.maximum(n_b, 1.0)
+            centred = tl.where(valid, adv - mean_b[:, None], 0.0)
+            m2_b = tl.sum(centred * centred, axis=1)
+            total = count + n_b
+            delta = mean_b - mean
+            mean = mean + delta * n_b / tl.maximum(total, 1.0)
+            m2 = m2 + m2_b + delta * delta * count * n_b / tl.maximum(total, 1.0)
+            count = total
+    if WHITEN:
+        tl.store(stats_ptr + rows * 3 + 0, count, mask=row_ok)
+        tl.store(stats_ptr + rows * 3 + 1, mean, mask=row_ok)
+        tl.store(stats_ptr + rows * 3 + 2, m2, mask=row_ok)
+
+
+@triton.jit
+def _whiten_kernel(adv_ptr, mask_ptr, stats_ptr, B, T, s_m_b, s_m_t, eps,
+                   ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
+    # Every program combines all per-row statistics itself (B·3 floats: cheap, and no extra
+    # launch or host sync), then whitens its own rows.
+    total = tl.zeros((BLOCK_B,), tl.float32)
+    weighted = tl.zeros((BLOCK_B,), tl.float32)
+    for start in range(0, B, BLOCK_B):
+        idx = start + tl.arange(0, BLOCK_B)
+        n_i = tl.load(stats_ptr + idx * 3 + 0, mask=idx < B, other=0.0)
+        mean_i = tl.load(stats_ptr + idx * 3 + 1, mask=idx < B, other=0.0)
+        total += n_i
+        weighted += n_i * mean_i
+    n = tl.sum(total, axis=0)
+    mean = tl.sum(weighted, axis=0) / tl.maximum(n, 1.0)
+    spread = tl.zeros((BLOCK_B,), tl.float32)
+    for start in range(0, B, BLOCK_B):
+        idx = start + tl.arange(0, BLOCK_B)
+        n_i = tl.load(stats_ptr + idx * 3 + 0, mask=idx < B, other=0.0)
+        mean_i = tl.load(stats_ptr + idx * 3 + 1, mask=idx < B, other=0.0)
+        m2_i = tl.load(stats_ptr + idx * 3 + 2, mask=idx < B, other=0.0)
+        spread += m2_i + n_i * (mean_i - mean) * (mean_i - mean)
+    var = tl.where(n > 1.0, tl.sum(spread, axis=0) / tl.maximum(n - 1.0, 1.0), 0.0)
+    scale = 1.0 / tl.sqrt(var + eps)
+
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows64 = rows.to(tl.int64)[:, None]
+    for start in range(0, T, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        inside = (rows < B)[:, None] & (cols < T)[None, :]
+        cols64 = cols.to(tl.int64)[None, :]
+        m = tl.load(mask_ptr + rows64 * s_m_b + cols64 * s_m_t, mask=inside, other=0)
+        adv = tl.load(adv_ptr + rows64 * T + cols64, mask=inside, other=0.0)
+        tl.store(adv_ptr + rows64 * T + cols64, tl.where(m != 0, (adv - mean) * scale, 0.0), mask=inside)
+
+
+def safe_advantages(logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values, *,
+                    kl_coef, lagrange_multiplier, gamma, lam, kl_estimator, score_clip, kl_in_cost,
+                    normalize, whiten):
+    """Launch the fused kernel; arguments are checked by hcrlhf.ops. Returns six (B, T) float32 tensors."""
+    batch, length = logprobs.shape
+    outputs = new_outputs(6, (batch, length), torch.float32, logprobs.device)
+    if batch * length == 0:
+        return tuple(out.zero_() for out in outputs)
+    lam_is_tensor = isinstance(lagrange_multiplier, torch.Tensor)
+    rows, block_t = 1, block_t_for(length)
+    stats = torch.empty(batch, 3, dtype=torch.float32, device=logprobs.device) if whiten else outputs[0]
+    _safe_advantages_kernel[(triton.cdiv(batch, rows),)](
+        logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values,
+        lagrange_multiplier if lam_is_tensor else reward_scores,
+        *outputs, stats,
+        batch, length,
+        logprobs.stride(0), logprobs.stride(1), ref_logprobs.stride(0), ref_logprobs.stride(1),
+        mask.stride(0), mask.stride(1), reward_scores.stride(0), cost_scores.stride(0),
+        reward_values.stride(0), reward_values.stride(1), cost_values.stride(0), cost_values.stride(1),
+        float(kl_coef), 0.0 if lam_is_tensor else float(lagrange_multiplier), float(gamma),
+        float(gamma * lam), math.inf if score_clip is None else float(score_clip),
+        KL_ESTIMATOR=KL_ESTIMATOR_CODES[kl_estimator], KL_IN_COST=bool(kl_in_cost),
+        NORMALIZE=bool(normalize), WHITEN=bool(whiten), LAM_IS_TENSOR=lam_is_tensor,
+        ROWS=rows, BLOCK_T=block_t,
+    )
+    if whiten:
+        whiten_rows = 4
+        _whiten_kernel[(triton.cdiv(batch, whiten_rows),)](
+            outputs[0], mask, stats, batch, length, mask.stride(0), mask.stride(1), 1e-8,
+            ROWS=whiten_rows, BLOCK_B=min(1024, triton.next_power_of_2(batch)), BLOCK_T=min(block_t, 256),
+        )
+    return tuple(outputs)

@@ -1,0 +1,1 @@
+from numerics import poisoned_outputs  # noqa: F401  (fixture)
