@@ -1,0 +1,54 @@
+"""Peer-style baselines, written the way the field's RLHF code does it today (ANCHORS.md).
+
+These are the "before" side of every benchmark: a reverse Python loop over T with small tensor
+ops per step, a per-row ``nonzero()`` for each row's end (a host sync per row), ``scatter_add``
+for the scores and a clamp — Safe RLHF's PPO-Lagrangian path, run twice (reward and cost).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def python_loop_gae(rewards, values, mask, gamma, lam):
+    """TRL / Safe RLHF style GAE: zero rewards and values with the mask, one loop over T."""
+    mask = mask.to(rewards.dtype)
+    values = values * mask
+    rewards = rewards * mask
+    last = 0.0
+    reversed_advantages = []
+    length = rewards.size(-1)
+    for t in reversed(range(length)):
+        next_values = values[:, t + 1] if t < length - 1 else 0.0
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last = delta + gamma * lam * last
+        reversed_advantages.append(last)
+    advantages = torch.stack(reversed_advantages[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def safe_rlhf_advantages(logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values,
+                         *, kl_coef, lagrange_multiplier, gamma=1.0, lam=0.95, score_clip=50.0):
+    """Safe RLHF's reward/cost shaping and two GAE loops, then the λ-combination."""
+    end_index = torch.cat([row.nonzero()[-1] for row in mask])  # one host sync per row
+    kl_divergence = -kl_coef * (logprobs - ref_logprobs)
+    rewards = 0.5 * kl_divergence
+    costs = -0.5 * kl_divergence
+    reward_clip = torch.clamp(reward_scores, min=-score_clip, max=score_clip)
+    cost_clip = torch.clamp(cost_scores, min=-score_clip, max=score_clip)
+    rewards = torch.scatter_add(rewards, dim=-1, index=end_index.unsqueeze(-1), src=reward_clip.unsqueeze(-1))
+    costs = torch.scatter_add(costs, dim=-1, index=end_index.unsqueeze(-1), src=cost_clip.unsqueeze(-1))
+    reward_advantages, reward_returns = python_loop_gae(rewards, reward_values, mask, gamma, lam)
+    cost_advantages, cost_returns = python_loop_gae(costs, cost_values, mask, gamma, lam)
+    advantages = (reward_advantages - lagrange_multiplier * cost_advantages) / (1 + lagrange_multiplier)
+    return advantages, reward_advantages, cost_advantages, reward_returns, cost_returns
+
+
+def rloo_python(logprobs, ref_logprobs, mask, reward_scores, cost_scores, *, group_size, kl_coef,
+                lagrange_multiplier, score_clip=50.0):
+    """HC-RLHF-code style RLOO: masked KL sum, clamp, per-group leave-one-out baseline."""
+    kl = ((logprobs - ref_logprobs) * mask).sum(-1)
+    returns = torch.clamp(reward_scores - kl_coef * kl, -score_clip, score_clip) - lagrange_multiplier * cost_scores
+    grouped = returns.view(-1, group_size)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).view(-1), returns, kl
