@@ -5,9 +5,12 @@ The masked GAE recursion is an affine map on the state s = (running, next_value)
     valid t:   running' = γλ·running + γ·next_value + (r_t − v_t);   next_value' = v_t
     masked t:  identity (masked positions are transparent)
 
-Affine maps compose associatively, so each chunk of T is one ``tl.associative_scan`` (right to
-left) over the map coefficients; the state after a chunk is carried into the next chunk on its
-left. The matrix of every composed map has the form [[p, q], [0, e]], so five numbers describe an
+Affine maps compose associatively, so each chunk of T is one ``tl.associative_scan`` over the map
+coefficients; the state after a chunk is carried into the next chunk on its left. Lanes hold the
+chunk's positions in DESCENDING order (lane 0 = rightmost position), so a plain forward scan runs
+right to left without ``reverse=True`` (not in every Triton 3.x, and a flip when it is).
+
+The matrix of every composed map has the form [[p, q], [0, e]], so five numbers describe an
 element: (p, q, e, a, b) with running' = p·running + q·next + a and next' = e·next + b.
 """
 
@@ -24,8 +27,8 @@ from hcrlhf.ops._buffers import new_outputs
 
 @triton.jit
 def affine_combine(p1, q1, e1, a1, b1, p2, q2, e2, a2, b2):
-    # In the reverse scan the first map is the one to the right (applied first), the second is
-    # applied after it: the result is map2 ∘ map1.
+    # Lanes run right to left, so the first map is the one to the right (applied first) and the
+    # second is applied after it: the result is map2 ∘ map1.
     return (
         p2 * p1,
         p2 * q1 + q2 * e1,
@@ -38,7 +41,8 @@ def affine_combine(p1, q1, e1, a1, b1, p2, q2, e2, a2, b2):
 @triton.jit
 def gae_chunk(rewards, values, valid, carry_running, carry_next, gamma, gamma_lam,
               BLOCK_T: tl.constexpr):
-    """GAE over one [ROWS, BLOCK_T] chunk given the state from the chunk to its right.
+    """GAE over one [ROWS, BLOCK_T] chunk (lanes in descending position order) given the state
+    from the chunk to its right.
 
     Returns (advantages, returns, carry_running, carry_next) with the carries for the next chunk
     to the left. Invalid lanes (masked or out of range) must have valid == False.
@@ -48,10 +52,10 @@ def gae_chunk(rewards, values, valid, carry_running, carry_next, gamma, gamma_la
     e = tl.where(valid, 0.0, 1.0)
     a = tl.where(valid, rewards - values, 0.0)
     b = tl.where(valid, values, 0.0)
-    p, q, e, a, b = tl.associative_scan((p, q, e, a, b), 1, affine_combine, reverse=True)
+    p, q, e, a, b = tl.associative_scan((p, q, e, a, b), 1, affine_combine)
     running = p * carry_running[:, None] + q * carry_next[:, None] + a
     next_value = e * carry_next[:, None] + b
-    leftmost = (tl.arange(0, BLOCK_T) == 0)[None, :]
+    leftmost = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[None, :]  # the last lane is the leftmost position
     carry_running = tl.sum(tl.where(leftmost, running, 0.0), axis=1)
     carry_next = tl.sum(tl.where(leftmost, next_value, 0.0), axis=1)
     advantages = tl.where(valid, running, 0.0)
@@ -74,7 +78,7 @@ def _gae_kernel(
     carry_next = tl.zeros((ROWS,), tl.float32)
     n_chunks = tl.cdiv(T, BLOCK_T)
     for k in range(0, n_chunks):
-        cols = (n_chunks - 1 - k) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = (n_chunks - k) * BLOCK_T - 1 - tl.arange(0, BLOCK_T)  # descending: right to left
         inside = row_ok[:, None] & (cols < T)[None, :]
         cols64 = cols.to(tl.int64)[None, :]
         r = tl.load(rewards_ptr + rows64 * stride_rb + cols64 * stride_rt, mask=inside, other=0.0).to(tl.float32)

@@ -72,7 +72,7 @@ def _safe_advantages_kernel(
 
     n_chunks = tl.cdiv(T, BLOCK_T)
     for k in range(0, n_chunks):
-        cols = (n_chunks - 1 - k) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = (n_chunks - k) * BLOCK_T - 1 - tl.arange(0, BLOCK_T)  # descending: right to left
         inside = row_ok[:, None] & (cols < T)[None, :]
         cols64 = cols.to(tl.int64)[None, :]
         m = tl.load(mask_ptr + rows64 * s_m_b + cols64 * s_m_t, mask=inside, other=0)

@@ -1,0 +1,180 @@
+"""Triton kernels for token log-probabilities and entropy from logits (SPEC.md §1.4).
+
+Forward: one program per row streams the V logits once in blocks of ``BLOCK_V`` with an online
+max / sum in fp32, and gathers the label's logit with one scalar load; the entropy comes from the
+same pass. It saves the row's stats (max z, log Σ exp(z - max)), i.e. its logsumexp split in two
+so that log p = (z - max) - log_sum keeps full fp32 precision near the mode. Backward: one program
+per row recomputes the softmax from those stats in a single pass and writes the gradient (into a
+new buffer, or over the logits).
+
+Rows are addressed as ``base + (row // inner) * stride_outer + (row % inner) * stride_inner`` in
+int64, so (B, T, V) views such as ``logits[:, :-1]`` are read in place and N·V may exceed 2^31.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# exp(x) underflows to 0 below about -87.3 in fp32; clamping there keeps exp(d)·d finite (not
+# NaN) for a -inf logit and changes nothing at fp32 resolution. Matches csrc/logprobs.cpp.
+MIN_EXP_ARG = -87.3
+
+_GPU_BLOCK_V = 4096
+_INTERPRETER_BLOCK_V = 16384  # fewer, larger blocks: the interpreter's cost is per block
+
+
+@triton.jit
+def _row_base(ptr, row, inner, stride_outer, stride_inner):
+    return ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    logits_ptr, labels_ptr, logp_ptr, stats_ptr, entropy_ptr,
+    V, inner, stride_outer, stride_inner, inv_temp, ignore_index,
+    HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = _row_base(logits_ptr, row, inner, stride_outer, stride_inner)
+    # Running stats relative to the running max m: s = Σ exp(z - m), t = Σ exp(z - m)·(z - m).
+    # Keeping t relative to m (not Σ p·z) avoids cancellation in H = log s - t/s for large logits.
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    t = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # While every logit so far is -inf, shift by 0 instead of -inf (which would give NaN).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # Rescale the running sums to the new max; while m is -inf they hold only exp(-inf) = 0
+        # terms (clamped to tiny values), which are dropped rather than multiplied by inf.
+        m_was_inf = m == float("-inf")
+        shift = tl.where(m_was_inf, 0.0, m - m_safe)
+        alpha = tl.where(m_was_inf, 0.0, tl.exp(shift))
+        d = tl.maximum(z - m_safe, MIN_EXP_ARG)
+        e = tl.where(cols < V, tl.exp(d), 0.0)
+        if HAS_ENTROPY:
+            t = alpha * (t + shift * s) + tl.sum(e * d, axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log(s)
+    tl.store(stats_ptr + 2 * row, m_safe)
+    tl.store(stats_ptr + 2 * row + 1, log_s)
+    label = tl.load(labels_ptr + row)
+    ignored = label == ignore_index
+    in_range = (label >= 0) & (label < V)
+    label_logit = tl.load(base + tl.where(in_range, label, 0)).to(tl.float32) * inv_temp
+    # An out-of-range label (unchecked on GPU unless HCRLHF_CHECK_LABELS=1) gives NaN, never a bad read.
+    logp = tl.where(in_range, (label_logit - m_safe) - log_s, float("nan"))
+    tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
+    if HAS_ENTROPY:
+        entropy = log_s - t / s
+        tl.store(entropy_ptr + row, tl.where(ignored, 0.0, entropy))
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(
+    logits_ptr, grad_ptr, labels_ptr, stats_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
+    V, inner, stride_outer, stride_inner, grad_stride_outer, grad_stride_inner, inv_temp, ignore_index,
+    HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ROUND_BF16_BY_HAND: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = _row_base(logits_ptr, row, inner, stride_outer, stride_inner)
+    grad_base = _row_base(grad_ptr, row, inner, grad_stride_outer, grad_stride_inner)
+    label = tl.load(labels_ptr + row)
+    live = label != ignore_index  # an ignored position has constant outputs: zero gradient
+    in_range = (label >= 0) & (label < V)
+    row_max = tl.load(stats_ptr + 2 * row)
+    log_sum = tl.load(stats_ptr + 2 * row + 1)
+    g_lp = tl.zeros((), tl.float32)
+    g_h = tl.zeros((), tl.float32)
+    entropy = tl.zeros((), tl.float32)
+    if HAS_GRAD_LOGP:
+        g_lp = tl.load(grad_logp_ptr + row)
+    if HAS_GRAD_ENTROPY:
+        g_h = tl.load(grad_entropy_ptr + row)
+        entropy = tl.load(entropy_ptr + row)
+    g_lp = tl.where(live, g_lp, 0.0)
+    g_h = tl.where(live, g_h, 0.0)
+    bad = live & (in_range == 0)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32) * inv_temp
+        log_p = tl.maximum((z - row_max) - log_sum, MIN_EXP_ARG)
+        p = tl.exp(log_p)
+        # d logp / dz = onehot - p;  d H / dz = -p·(log p + H)
+        grad = tl.where(cols == label, g_lp, 0.0) - p * (g_lp + g_h * (log_p + entropy))
+        grad = tl.where(bad, float("nan"), grad * inv_temp)
+        # Each block is loaded before it is stored, so the gradient may overwrite the logits.
+        if ROUND_BF16_BY_HAND:
+            # The interpreter truncates fp32 -> bf16; the GPU rounds to nearest even. Do it by hand.
+            bits = grad.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            tl.store(grad_base + cols, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=cols < V)
+        else:
+            tl.store(grad_base + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
+
+
+def _block_v(V: int, block_v: int | None) -> int:
+    if block_v is not None:
+        return block_v
+    cap = _INTERPRETER_BLOCK_V if _interpreted() else _GPU_BLOCK_V
+    return min(cap, triton.next_power_of_2(V))
+
+
+def _interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def token_logprobs_forward(logits: torch.Tensor, layout: tuple[int, int, int, int], labels: torch.Tensor,
+                           inv_temp: float, ignore_index: int, with_entropy: bool,
+                           block_v: int | None = None):
+    """Launch the forward kernel; `layout` = (rows, inner, stride_outer, stride_inner) in elements.
+
+    Returns fp32 (logp (rows,), stats (rows, 2) = [max z, log Σ exp(z - max)], entropy (rows,) or None).
+    """
+    rows, inner, stride_outer, stride_inner = layout
+    V = logits.shape[-1]
+    logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(rows, 2, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty_like(logp) if with_entropy else None
+    if rows == 0:
+        return logp, stats, entropy
+    block = _block_v(V, block_v)
+    _token_logprobs_fwd_kernel[(rows,)](
+        logits, labels, logp, stats, entropy if with_entropy else logp,
+        V, inner, stride_outer, stride_inner, float(inv_temp), int(ignore_index),
+        HAS_ENTROPY=with_entropy, BLOCK_V=block, num_warps=8 if block >= 4096 else 4,
+    )
+    return logp, stats, entropy
+
+
+def token_logprobs_backward(logits: torch.Tensor, layout: tuple[int, int, int, int], labels: torch.Tensor,
+                            stats: torch.Tensor, entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
+                            grad_entropy: torch.Tensor | None, inv_temp: float, ignore_index: int,
+                            grad: torch.Tensor, grad_strides: tuple[int, int], block_v: int | None = None):
+    """Write the gradient w.r.t. the logits into `grad` (which may be `logits` itself)."""
+    rows, inner, stride_outer, stride_inner = layout
+    if rows == 0:
+        return grad
+    V = logits.shape[-1]
+    block = _block_v(V, block_v)
+    _token_logprobs_bwd_kernel[(rows,)](
+        logits, grad, labels, stats,
+        entropy if entropy is not None else stats,
+        grad_logp if grad_logp is not None else stats,
+        grad_entropy if grad_entropy is not None else stats,
+        V, inner, stride_outer, stride_inner, grad_strides[0], grad_strides[1], float(inv_temp),
+        int(ignore_index),
+        HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
+        BLOCK_V=block, ROUND_BF16_BY_HAND=_interpreted() and grad.dtype == torch.bfloat16,
+        num_warps=8 if block >= 4096 else 4,
+    )
+    return grad
