@@ -1,0 +1,43 @@
+"""The statistical safety stage of HC-RLHF (SPEC.md §2–3).
+
+* Confidence bounds (:mod:`hcrlhf.safety.bounds`): :func:`upper_bound` with methods ``ttest``
+  (the paper's default, asymptotic), ``hoeffding``, ``bernstein``, ``betting`` and
+  ``clopper_pearson`` (exact), and :func:`predicted_upper_bound` for candidate selection.
+* Candidate selection (:mod:`hcrlhf.safety.candidate`): :func:`pessimistic_coefficient`,
+  :func:`augmented_costs`, :class:`CostWindow`, :class:`LagrangeMultiplier`.
+* The safety test (:mod:`hcrlhf.safety.test`): :func:`safety_test` → :class:`SafetyTestResult`.
+* Keeping D_s honest (:mod:`hcrlhf.safety.ledger`): :func:`fingerprint`, :func:`assert_disjoint`,
+  :class:`SafetyLedger`.
+* Guarantee validation on synthetic problems: :mod:`hcrlhf.safety.validate`.
+
+torch is optional here: tensors are accepted wherever costs are, but nothing imports torch until
+a tensor is asked for (:meth:`LagrangeMultiplier.tensor`).
+"""
+
+from hcrlhf.safety._checks import EXACT_METHODS, METHODS, validity
+from hcrlhf.safety.bounds import predicted_upper_bound, predicted_upper_bounds, upper_bound, upper_bounds
+from hcrlhf.safety.candidate import CostWindow, LagrangeMultiplier, augmented_costs, pessimistic_coefficient
+from hcrlhf.safety.ledger import BudgetExceededError, SafetyLedger, assert_disjoint, fingerprint
+from hcrlhf.safety.test import NO_SOLUTION_FOUND, PASS, SafetyTestResult, safety_test
+
+__all__ = [
+    "METHODS",
+    "EXACT_METHODS",
+    "validity",
+    "upper_bound",
+    "upper_bounds",
+    "predicted_upper_bound",
+    "predicted_upper_bounds",
+    "pessimistic_coefficient",
+    "augmented_costs",
+    "CostWindow",
+    "LagrangeMultiplier",
+    "safety_test",
+    "SafetyTestResult",
+    "PASS",
+    "NO_SOLUTION_FOUND",
+    "fingerprint",
+    "assert_disjoint",
+    "SafetyLedger",
+    "BudgetExceededError",
+]
