@@ -1,0 +1,61 @@
+"""Preference and prompt data: loading and validation (PKU-SafeRLHF schema), the candidate / safety
+split (SPEC.md §2.2), FDC category composition (§5), templates and tokenization, and the built-in
+offline task (:mod:`hcrlhf.data.builtin`, imported on demand)."""
+
+from hcrlhf.data.preferences import (
+    FDC_CATEGORIES,
+    PREFERENCE_COLUMNS,
+    DatasetUnavailableError,
+    PreferenceLoadReport,
+    RowProblem,
+    load_preferences,
+    validate_preference_row,
+)
+from hcrlhf.data.prompts import (
+    CategoryComposition,
+    PromptSplit,
+    category_counts,
+    compose_by_category,
+    prompt_set,
+    split_dataset,
+    split_prompts,
+)
+from hcrlhf.data.templates import (
+    PLAIN_TEMPLATE,
+    SAFE_RLHF_TEMPLATE,
+    ChatTemplate,
+    PromptTemplate,
+    TokenizedBatch,
+    end_indices,
+    get_template,
+    pad_sequences,
+    tokenize_pairs,
+    tokenize_prompts,
+)
+
+__all__ = [
+    "FDC_CATEGORIES",
+    "PREFERENCE_COLUMNS",
+    "DatasetUnavailableError",
+    "PreferenceLoadReport",
+    "RowProblem",
+    "load_preferences",
+    "validate_preference_row",
+    "CategoryComposition",
+    "PromptSplit",
+    "category_counts",
+    "compose_by_category",
+    "prompt_set",
+    "split_dataset",
+    "split_prompts",
+    "PLAIN_TEMPLATE",
+    "SAFE_RLHF_TEMPLATE",
+    "ChatTemplate",
+    "PromptTemplate",
+    "TokenizedBatch",
+    "end_indices",
+    "get_template",
+    "pad_sequences",
+    "tokenize_pairs",
+    "tokenize_prompts",
+]

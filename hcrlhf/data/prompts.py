@@ -1,0 +1,359 @@
+"""Prompt sets, the candidate/safety split (SPEC.md §2.2) and FDC category composition (§5).
+
+The split shuffles the *distinct* prompts once with a recorded seed and puts a fraction of them in the
+safety set D_s, used once by the safety test only. Copies of one prompt (the same text up to Unicode
+NFC and whitespace, e.g. several preference pairs on one prompt) always land on the same side, and the
+result does not depend on the order of the input. The split records the seed and the fingerprint of
+D_s (:func:`hcrlhf.safety.fingerprint`); :meth:`PromptSplit.check_training` refuses training prompts
+from D_s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import secrets
+import unicodedata
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hcrlhf.data.preferences import FDC_CATEGORIES
+
+__all__ = [
+    "PromptSplit",
+    "split_prompts",
+    "split_dataset",
+    "prompt_set",
+    "category_counts",
+    "CategoryComposition",
+    "compose_by_category",
+    "parse_ratios",
+]
+
+SPLIT_FORMAT = "hcrlhf-prompt-split-v1"
+
+
+def _canonical(text: str) -> str:
+    # The same canonical form as hcrlhf.safety's fingerprint: NFC, whitespace runs collapsed.
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def _fallback_fingerprint(prompts) -> str:
+    """Same scheme as ``hcrlhf.safety.fingerprint`` (used only if that cannot be imported)."""
+    digests = sorted(hashlib.sha256(_canonical(t).encode("utf-8")).hexdigest() for t in prompts)
+    combined = hashlib.sha256(f"hcrlhf-prompts-v1:{len(digests)}:".encode())
+    for digest in digests:
+        combined.update(digest.encode("ascii"))
+    return "sha256:" + combined.hexdigest()
+
+
+def _safety_tools():
+    """``(fingerprint, assert_disjoint, method name)``, from hcrlhf.safety when it is importable."""
+    try:
+        from hcrlhf.safety import assert_disjoint, fingerprint
+
+        return fingerprint, assert_disjoint, "hcrlhf.safety.fingerprint"
+    except ImportError:
+
+        def assert_disjoint(train_prompts, safety_prompts):
+            safety = {_canonical(t) for t in safety_prompts}
+            leaked = [i for i, t in enumerate(train_prompts) if _canonical(t) in safety]
+            if leaked:
+                raise ValueError(f"{len(leaked)} training prompts belong to the safety set (e.g. #{leaked[0]})")
+
+        return _fallback_fingerprint, assert_disjoint, "fallback-sha256-v1"
+
+
+def _text_list(fn: str, name: str, prompts) -> list[str]:
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError(f"{fn}: {name} must be a collection of strings, not a single {type(prompts).__name__}")
+    texts = list(prompts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{fn}: {name}[{index}] must be a str, got {type(text).__name__}")
+    return texts
+
+
+@dataclass(frozen=True)
+class PromptSplit:
+    """The candidate / safety split of SPEC.md §2.2.
+
+    Attributes:
+        candidate_indices, safety_indices: positions in the input (ascending).
+        candidate, safety: the prompts at those positions.
+        seed: the shuffle seed.
+        safety_fraction: the requested fraction of distinct prompts in D_s.
+        n_distinct: distinct prompts in the input.
+        safety_fingerprint: fingerprint of D_s (``sha256:...``); ``candidate_fingerprint`` likewise.
+        fingerprint_method: which function made them.
+        candidate_categories / safety_categories: per-category counts when categories were given.
+    """
+
+    candidate_indices: tuple[int, ...]
+    safety_indices: tuple[int, ...]
+    candidate: tuple[str, ...]
+    safety: tuple[str, ...]
+    seed: int
+    safety_fraction: float
+    n_distinct: int
+    safety_fingerprint: str
+    candidate_fingerprint: str
+    fingerprint_method: str
+    candidate_categories: dict = field(default_factory=dict)
+    safety_categories: dict = field(default_factory=dict)
+
+    def check_training(self, prompts) -> None:
+        """Raise ``ValueError`` if any of ``prompts`` belongs to the safety set."""
+        _, assert_disjoint, _ = _safety_tools()
+        assert_disjoint(list(prompts), list(self.safety))
+
+    def record(self) -> dict:
+        """What a report records: seed, sizes, fingerprints, category counts (no prompt texts)."""
+        return {
+            "format": SPLIT_FORMAT,
+            "seed": self.seed,
+            "safety_fraction": self.safety_fraction,
+            "n_candidate": len(self.candidate),
+            "n_safety": len(self.safety),
+            "n_distinct": self.n_distinct,
+            "safety_fingerprint": self.safety_fingerprint,
+            "candidate_fingerprint": self.candidate_fingerprint,
+            "fingerprint_method": self.fingerprint_method,
+            "candidate_categories": dict(self.candidate_categories),
+            "safety_categories": dict(self.safety_categories),
+        }
+
+    def save(self, path) -> None:
+        """Write the split (with indices and prompts) as JSON."""
+        data = asdict(self)
+        data["format"] = SPLIT_FORMAT
+        Path(path).write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path) -> PromptSplit:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if data.pop("format", None) != SPLIT_FORMAT:
+            raise ValueError(f"PromptSplit.load: {path} is not a {SPLIT_FORMAT} file")
+        for key in ("candidate_indices", "safety_indices", "candidate", "safety"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+
+def split_prompts(prompts, *, safety_fraction: float = 0.2, seed: int | None = 0, categories=None) -> PromptSplit:
+    """Split prompts into candidate data D_c and safety data D_s (SPEC.md §2.2).
+
+    Args:
+        prompts: N prompt strings (duplicates allowed; copies stay together).
+        safety_fraction: fraction of *distinct* prompts put in D_s, in (0, 1); at least one distinct
+            prompt goes to each side.
+        seed: the shuffle seed (``None`` draws one, which is then recorded).
+        categories: optional N FDC categories aligned with ``prompts``, counted per side.
+
+    Returns:
+        a :class:`PromptSplit`. Same prompts (in any order) and seed → the same split.
+    """
+    fn = "split_prompts"
+    texts = _text_list(fn, "prompts", prompts)
+    if not (isinstance(safety_fraction, (int, float)) and 0.0 < safety_fraction < 1.0):
+        raise ValueError(f"{fn}: safety_fraction must be in (0, 1), got {safety_fraction!r}")
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{fn}: seed must be an int or None, got {type(seed).__name__}")
+    if categories is not None:
+        categories = list(categories)
+        if len(categories) != len(texts):
+            raise ValueError(f"{fn}: categories must have one entry per prompt ({len(texts)}), got {len(categories)}")
+    groups: dict[str, list[int]] = {}
+    for index, text in enumerate(texts):
+        groups.setdefault(_canonical(text), []).append(index)
+    if len(groups) < 2:
+        raise ValueError(f"{fn}: prompts must hold at least 2 distinct prompts, got {len(groups)}")
+    keys = sorted(groups)  # sorted first: the split does not depend on the input order
+    random.Random(seed).shuffle(keys)
+    n_safety = min(max(round(safety_fraction * len(keys)), 1), len(keys) - 1)
+    safety_idx = sorted(i for key in keys[:n_safety] for i in groups[key])
+    candidate_idx = sorted(i for key in keys[n_safety:] for i in groups[key])
+    fingerprint, assert_disjoint, method = _safety_tools()
+    candidate = tuple(texts[i] for i in candidate_idx)
+    safety = tuple(texts[i] for i in safety_idx)
+    assert_disjoint(list(candidate), list(safety))
+    return PromptSplit(
+        candidate_indices=tuple(candidate_idx),
+        safety_indices=tuple(safety_idx),
+        candidate=candidate,
+        safety=safety,
+        seed=seed,
+        safety_fraction=float(safety_fraction),
+        n_distinct=len(keys),
+        safety_fingerprint=fingerprint(list(safety)),
+        candidate_fingerprint=fingerprint(list(candidate)),
+        fingerprint_method=method,
+        candidate_categories=category_counts([categories[i] for i in candidate_idx]) if categories else {},
+        safety_categories=category_counts([categories[i] for i in safety_idx]) if categories else {},
+    )
+
+
+def split_dataset(dataset, *, safety_fraction: float = 0.2, seed: int | None = 0, prompt_column: str = "prompt"):
+    """Split a ``datasets.Dataset`` by its prompts: ``(candidate_dataset, safety_dataset, PromptSplit)``."""
+    if prompt_column not in dataset.column_names:
+        raise ValueError(f"split_dataset: prompt_column {prompt_column!r} is not a column of the dataset")
+    categories = list(dataset["category"]) if "category" in dataset.column_names else None
+    split = split_prompts(list(dataset[prompt_column]), safety_fraction=safety_fraction, seed=seed,
+                          categories=categories)
+    return dataset.select(split.candidate_indices), dataset.select(split.safety_indices), split
+
+
+def prompt_set(source, *, prompt_column: str = "prompt", category_column: str = "category"):
+    """Distinct prompts of a dataset or list of rows/strings, in order of first appearance.
+
+    Returns:
+        ``(prompts, categories)`` — ``categories`` is a list aligned with ``prompts`` or None when the
+        source has no categories.
+    """
+    if hasattr(source, "column_names"):
+        prompts = list(source[prompt_column])
+        cats = list(source[category_column]) if category_column in source.column_names else None
+    else:
+        rows = list(source)
+        if rows and isinstance(rows[0], dict):
+            prompts = [r[prompt_column] for r in rows]
+            cats = [r.get(category_column) for r in rows] if any(category_column in r for r in rows) else None
+        else:
+            prompts, cats = rows, None
+    prompts = _text_list("prompt_set", "prompts", prompts)
+    seen, out, out_cats = set(), [], []
+    for index, text in enumerate(prompts):
+        key = _canonical(text)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(text)
+        if cats is not None:
+            out_cats.append(cats[index])
+    return out, (out_cats if cats is not None else None)
+
+
+def category_counts(categories) -> dict[str, int]:
+    """``{category: count}`` in FDC order, then any others (None counted as ``"none"``)."""
+    counts = Counter("none" if c is None else c for c in categories)
+    ordered = {c: counts.pop(c) for c in FDC_CATEGORIES if c in counts}
+    ordered.update(sorted(counts.items()))
+    return ordered
+
+
+def parse_ratios(ratios) -> dict[str, float]:
+    """``{"EHD": 10, "IHD": 3, "MHD": 1}`` or ``"EHD:10,IHD:3,MHD:1"`` → a dict of positive weights."""
+    fn = "compose_by_category"
+    if isinstance(ratios, str):
+        parsed = {}
+        for part in ratios.split(","):
+            name, sep, value = part.partition(":")
+            if not sep:
+                raise ValueError(f"{fn}: ratios string must look like 'EHD:10,IHD:3,MHD:1', got {ratios!r}")
+            try:
+                parsed[name.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"{fn}: ratio for {name.strip()!r} is not a number: {value!r}") from None
+        ratios = parsed
+    if not isinstance(ratios, dict) or not ratios:
+        raise ValueError(f"{fn}: ratios must be a non-empty dict of category -> weight, got {ratios!r}")
+    for name, value in ratios.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{fn}: ratios[{name!r}] must be a positive number, got {value!r}")
+    return {name: float(value) for name, value in ratios.items()}
+
+
+@dataclass(frozen=True)
+class CategoryComposition:
+    """A prompt set composed by category ratios.
+
+    Attributes:
+        indices: chosen positions in the input, in the (seeded) order they were drawn per category,
+            categories interleaved by a final seeded shuffle.
+        prompts, categories: the chosen prompts and their categories.
+        counts: ``{category: count}`` chosen; ``available``: how many there were.
+        ratios, seed: as requested.
+    """
+
+    indices: tuple[int, ...]
+    prompts: tuple[str, ...]
+    categories: tuple[str, ...]
+    counts: dict
+    available: dict
+    ratios: dict
+    seed: int
+
+    def record(self) -> dict:
+        return {"counts": dict(self.counts), "available": dict(self.available), "ratios": dict(self.ratios),
+                "seed": self.seed, "n": len(self.indices)}
+
+
+def _largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:
+    scale = total / sum(weights.values())
+    exact = {k: w * scale for k, w in weights.items()}
+    counts = {k: math.floor(v) for k, v in exact.items()}
+    left = total - sum(counts.values())
+    for k in sorted(exact, key=lambda k: (-(exact[k] - counts[k]), list(weights).index(k)))[:left]:
+        counts[k] += 1
+    return counts
+
+
+def compose_by_category(prompts, categories, ratios, *, total: int | None = None, seed: int = 0) -> CategoryComposition:
+    """Draw a prompt set whose categories follow ``ratios`` (FDC, SPEC.md §5), e.g. EHD:IHD:MHD = 10:3:1.
+
+    Args:
+        prompts: N prompts; categories: N category labels aligned with them.
+        ratios: ``{category: weight}`` or ``"EHD:10,IHD:3,MHD:1"``; categories not named are left out.
+        total: size of the set; counts per category by largest remainder. ``None``: the largest set with
+            exactly the ratios' proportions (integer multiples; each category's count is
+            ``floor(scale·weight)`` for the largest scale the available prompts allow).
+        seed: seed of the draw (without replacement, within each category).
+
+    Raises:
+        ValueError: a category has fewer prompts than its count needs (naming it), or a bad argument.
+    """
+    fn = "compose_by_category"
+    texts = _text_list(fn, "prompts", prompts)
+    categories = list(categories)
+    if len(categories) != len(texts):
+        raise ValueError(f"{fn}: categories must have one entry per prompt ({len(texts)}), got {len(categories)}")
+    weights = parse_ratios(ratios)
+    by_category: dict[str, list[int]] = {}
+    for index, category in enumerate(categories):
+        by_category.setdefault(category, []).append(index)
+    available = {k: len(by_category.get(k, [])) for k in weights}
+    for k, n in available.items():
+        if n == 0:
+            present = sorted(map(str, by_category))
+            raise ValueError(f"{fn}: no prompts of category {k!r} (categories present: {present})")
+    if total is None:
+        scale = min(available[k] / w for k, w in weights.items())
+        counts = {k: math.floor(scale * w + 1e-9) for k, w in weights.items()}
+    else:
+        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+            raise ValueError(f"{fn}: total must be a positive int or None, got {total!r}")
+        counts = _largest_remainder(total, weights)
+    short = {k: (counts[k], available[k]) for k in weights if counts[k] > available[k]}
+    if short:
+        detail = ", ".join(f"{k} needs {need} but has {have}" for k, (need, have) in short.items())
+        raise ValueError(f"{fn}: not enough prompts for the ratios: {detail}")
+    rng = random.Random(seed)
+    chosen = []
+    for k in weights:
+        pool = list(by_category[k])
+        rng.shuffle(pool)
+        chosen.extend(pool[: counts[k]])
+    rng.shuffle(chosen)
+    return CategoryComposition(
+        indices=tuple(chosen),
+        prompts=tuple(texts[i] for i in chosen),
+        categories=tuple(categories[i] for i in chosen),
+        counts=counts,
+        available=available,
+        ratios=weights,
+        seed=seed,
+    )

@@ -1,0 +1,23 @@
+"""Training: reward and cost models (this package so far); the Lagrangian RL trainer comes later."""
+
+from hcrlhf.train.losses import COST_LOSSES, cost_loss, reward_loss
+from hcrlhf.train.score_training import (
+    ScoreTrainingConfig,
+    ScoreTrainingResult,
+    evaluate_score_model,
+    train_cost_model,
+    train_reward_model,
+    train_score_model,
+)
+
+__all__ = [
+    "COST_LOSSES",
+    "cost_loss",
+    "reward_loss",
+    "ScoreTrainingConfig",
+    "ScoreTrainingResult",
+    "evaluate_score_model",
+    "train_cost_model",
+    "train_reward_model",
+    "train_score_model",
+]
