@@ -8,6 +8,9 @@ import torch
 # Must happen before anything imports triton: the interpreter is chosen when kernels are defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Tests run many small ops, where a second intra-op thread costs more than it gives
+    # (and CI has 2 cores). The C++ kernels use OpenMP threads, unaffected by this.
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
