@@ -1,8 +1,10 @@
 """Peer-style baselines, written the way the field's RLHF code does it today (ANCHORS.md).
 
-These are the "before" side of every benchmark: a reverse Python loop over T with small tensor
-ops per step, a per-row ``nonzero()`` for each row's end (a host sync per row), ``scatter_add``
-for the scores and a clamp — Safe RLHF's PPO-Lagrangian path, run twice (reward and cost).
+These are the "before" side of every benchmark. Advantages: a reverse Python loop over T with
+small tensor ops per step, a per-row ``nonzero()`` for each row's end (a host sync per row),
+``scatter_add`` for the scores and a clamp — Safe RLHF's PPO-Lagrangian path, run twice (reward
+and cost). Log-probs: a full log_softmax then gather (Safe RLHF), an fp32 upcast of the whole
+logits first (OpenRLHF), a per-row loop (TRL), and the unfused lm_head.
 """
 
 from __future__ import annotations
@@ -52,3 +54,34 @@ def rloo_python(logprobs, ref_logprobs, mask, reward_scores, cost_scores, *, gro
     grouped = returns.view(-1, group_size)
     baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
     return (grouped - baseline).view(-1), returns, kl
+
+
+# Log-probs
+def safe_rlhf_logprobs(logits, labels):
+    """Safe RLHF's gather_log_probabilities: a full log_softmax in the logits' dtype, then gather."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def fp32_upcast_logprobs(logits, labels):
+    """OpenRLHF-style: upcast the whole logits tensor to fp32 first, then log_softmax + gather."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def per_row_logprobs(logits, labels):
+    """TRL's selective_log_softmax: fp32 -> gather minus a per-row logsumexp loop; else a per-row
+    log_softmax loop."""
+    if logits.dtype in (torch.float32, torch.float64):
+        selected = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return selected - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+    rows = [torch.log_softmax(row, dim=-1).gather(-1, lab.unsqueeze(-1)).squeeze(-1)
+            for row, lab in zip(logits, labels, strict=True)]
+    return torch.stack(rows)
+
+
+def unfused_linear_logprobs(hidden, weight, labels):
+    return safe_rlhf_logprobs(hidden @ weight.T, labels)
+
+
+def bare_lm_head(hidden, weight, labels):
+    """The lm_head matmul alone (its gradient flows from a dummy sum): the compute floor."""
+    return (hidden @ weight.T).sum(-1)

@@ -5,8 +5,10 @@ Every op takes ``impl="auto" | "triton" | "cpp" | "torch"`` (see :mod:`hcrlhf.op
 
 from hcrlhf.ops._dispatch import IMPLS, ImplUnavailableError, cpp_available, triton_available
 from hcrlhf.ops.gae import gae
+from hcrlhf.ops.linear_logprobs import linear_logprobs
 from hcrlhf.ops.rloo_advantages import RLOOAdvantages, rloo_advantages
 from hcrlhf.ops.safe_advantages import SafeAdvantages, safe_advantages
+from hcrlhf.ops.token_logprobs import token_logprobs
 
 __all__ = [
     "IMPLS",
@@ -15,7 +17,9 @@ __all__ = [
     "SafeAdvantages",
     "cpp_available",
     "gae",
+    "linear_logprobs",
     "rloo_advantages",
     "safe_advantages",
+    "token_logprobs",
     "triton_available",
 ]

@@ -89,7 +89,8 @@ def test_rows_without_valid_tokens_are_zero(impl, whiten, generator):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs(impl, dtype, generator):
-    check(impl, make_inputs(interpreter_sized(impl, (4, 300)), generator, "left_padded", dtype), **DEFAULTS, whiten=True)
+    inputs = make_inputs(interpreter_sized(impl, (4, 300)), generator, "left_padded", dtype)
+    check(impl, inputs, **DEFAULTS, whiten=True)
 
 
 @pytest.mark.parametrize("impl", ["torch", "cpp"])

@@ -1,0 +1,268 @@
+"""``ops.token_logprobs``: per-token log-probabilities (and entropy) from logits, in one pass over V.
+
+The pieces here are also the per-chunk engine of :func:`hcrlhf.ops.linear_logprobs`:
+``forward_rows`` / ``backward_rows`` run one backend ("triton" | "cpp" | "torch") on rows of logits
+without autograd.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hcrlhf import reference
+from hcrlhf.ops import _checks
+from hcrlhf.ops._dispatch import cpp_extension, resolve_impl
+
+OP = "token_logprobs"
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CPP_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# exp underflows below this in fp32: the kernels clamp log-probabilities here (see csrc/logprobs.cpp)
+_MIN_EXP_ARG = -87.3
+
+Layout = tuple[int, int, int, int]  # rows, inner, stride_outer, stride_inner (elements)
+
+
+def check_labels_on_device() -> bool:
+    """Whether to range-check CUDA labels on the host (a device sync): env ``HCRLHF_CHECK_LABELS=1``."""
+    return os.environ.get("HCRLHF_CHECK_LABELS", "0").strip().lower() in ("1", "true", "yes")
+
+
+def row_layout(x: torch.Tensor) -> Layout | None:
+    """Address the rows of x (..., V) as ``(row // inner) * stride_outer + (row % inner) * stride_inner``.
+
+    Leading dims that are laid out one after the other are merged; returns None when more than two
+    independent leading strides remain (the caller then copies). The last dim must have stride 1.
+    """
+    dims = [(size, stride) for size, stride in zip(x.shape[:-1], x.stride()[:-1], strict=True) if size != 1]
+    merged: list[list[int]] = []
+    for size, stride in dims:
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = [merged[-1][0] * size, stride]
+        else:
+            merged.append([size, stride])
+    rows = 1
+    for size, _ in merged:
+        rows *= size
+    if not merged:
+        return rows, 1, 0, 0
+    if len(merged) == 1:
+        return rows, rows, 0, merged[0][1]
+    if len(merged) == 2:
+        return rows, merged[1][0], merged[0][1], merged[1][1]
+    return None
+
+
+def _cpp_view(x: torch.Tensor):
+    x = x.detach()
+    return (x if x.dtype == torch.float32 else x.view(torch.int16)).numpy()
+
+
+# ---------------------------------------------------------------- backends without autograd
+def forward_rows(impl: str, logits: torch.Tensor, layout: Layout, labels: torch.Tensor, inv_temp: float,
+                 ignore_index: int, with_entropy: bool):
+    """(logp (rows,), stats (rows, 2), entropy (rows,) | None), float32 (float64: torch backend only).
+
+    ``stats[r] = (max z, log Σ exp(z - max))`` with ``z = logits * inv_temp``: the logsumexp split in
+    two, so that the backward's ``log p = (z - max) - log_sum`` keeps full precision near the mode.
+    """
+    rows = layout[0]
+    if impl == "triton":
+        from hcrlhf.kernels.token_logprobs import token_logprobs_forward
+
+        return token_logprobs_forward(logits, layout, labels, inv_temp, ignore_index, with_entropy)
+    if impl == "cpp":
+        logp = torch.empty(rows, dtype=torch.float32)
+        stats = torch.empty(rows, 2, dtype=torch.float32)
+        entropy = torch.empty(rows, dtype=torch.float32) if with_entropy else None
+        if rows:
+            cpp_extension().token_logprobs_forward(
+                _cpp_view(logits), _CPP_KIND[logits.dtype], *layout, logits.shape[-1], labels.numpy(),
+                float(inv_temp), int(ignore_index), logp.numpy(), stats.numpy(),
+                entropy.numpy() if with_entropy else None,
+            )
+        return logp, stats, entropy
+    return _torch_forward_rows(logits.reshape(rows, logits.shape[-1]), labels, inv_temp, ignore_index,
+                               with_entropy)
+
+
+def backward_rows(impl: str, logits: torch.Tensor, layout: Layout, labels: torch.Tensor, stats: torch.Tensor,
+                  entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
+                  grad_entropy: torch.Tensor | None, inv_temp: float, ignore_index: int,
+                  inplace: bool) -> torch.Tensor:
+    """Gradient w.r.t. logits of Σ grad_logp·logp + grad_entropy·entropy, in the logits' dtype.
+
+    With ``inplace`` the gradient overwrites ``logits`` (same strides) and that tensor is returned.
+    """
+    rows, _, _, _ = layout
+    V = logits.shape[-1]
+    if inplace:
+        grad, grad_strides = logits.detach(), layout[2:]
+    else:
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        inner = layout[1]
+        grad_strides = (inner * V, V)
+    if impl == "triton":
+        from hcrlhf.kernels.token_logprobs import token_logprobs_backward
+
+        return token_logprobs_backward(logits, layout, labels, stats, entropy, grad_logp, grad_entropy,
+                                       inv_temp, ignore_index, grad, grad_strides)
+    if impl == "cpp":
+        if rows:
+            cpp_extension().token_logprobs_backward(
+                _cpp_view(logits), _CPP_KIND[logits.dtype], *layout, V, labels.numpy(), stats.numpy(),
+                None if entropy is None else entropy.numpy(),
+                None if grad_logp is None else grad_logp.numpy(),
+                None if grad_entropy is None else grad_entropy.numpy(),
+                float(inv_temp), int(ignore_index), _cpp_view(grad), *grad_strides,
+            )
+        return grad
+    result = _torch_backward_rows(logits.reshape(rows, V), labels, stats, entropy, grad_logp, grad_entropy,
+                                  inv_temp, ignore_index)
+    grad.copy_(result.view(logits.shape))
+    return grad
+
+
+def _torch_forward_rows(logits: torch.Tensor, labels: torch.Tensor, inv_temp: float, ignore_index: int,
+                        with_entropy: bool):
+    """Pure-torch rows (R, V): a few (R, V) float32 temporaries, so callers keep R small (a chunk)."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(dtype) * inv_temp
+    row_max = z.amax(-1).nan_to_num_(0.0, posinf=0.0, neginf=0.0)  # 0 for an all -inf row, like the kernels
+    z -= row_max[:, None]
+    log_sum = z.exp().sum(-1).log_()
+    ignored = labels == ignore_index
+    safe = torch.where(ignored, 0, labels).long()
+    logp = torch.where(ignored, 0.0, z.gather(-1, safe[:, None]).squeeze(-1) - log_sum)
+    entropy = None
+    if with_entropy:
+        log_p = (z - log_sum[:, None]).clamp_(min=_MIN_EXP_ARG)
+        entropy = torch.where(ignored, 0.0, -(log_p.exp() * log_p).sum(-1))
+    return logp, torch.stack([row_max, log_sum], dim=1), entropy
+
+
+def _torch_backward_rows(logits, labels, stats, entropy, grad_logp, grad_entropy, inv_temp, ignore_index):
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    live = labels != ignore_index
+    stats = stats.to(dtype)
+    log_p = ((logits.to(dtype) * inv_temp - stats[:, :1]) - stats[:, 1:]).clamp_(min=_MIN_EXP_ARG)
+    p = log_p.exp()
+    g_lp = torch.zeros_like(stats[:, 0]) if grad_logp is None else torch.where(live, grad_logp.to(dtype), 0.0)
+    coef = g_lp[:, None].expand_as(p)
+    if grad_entropy is not None:
+        g_h = torch.where(live, grad_entropy.to(dtype), 0.0)
+        coef = coef + g_h[:, None] * (log_p + entropy.to(dtype)[:, None])
+    grad = (p * coef).neg_()
+    safe = torch.where(live, labels, 0).long()
+    grad.scatter_add_(1, safe[:, None], g_lp[:, None])
+    return (grad * inv_temp).to(logits.dtype)
+
+
+# ---------------------------------------------------------------- autograd
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, layout, inv_temp, ignore_index, with_entropy, inplace_backward, impl):
+        logp, stats, entropy = forward_rows(impl, logits, layout, labels, inv_temp, ignore_index, with_entropy)
+        ctx.save_for_backward(logits, labels, stats, entropy)
+        ctx.config = (layout, inv_temp, ignore_index, inplace_backward, impl)
+        ctx.set_materialize_grads(False)
+        return (logp, entropy) if with_entropy else logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy=None):
+        logits, labels, stats, entropy = ctx.saved_tensors
+        layout, inv_temp, ignore_index, inplace, impl = ctx.config
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 8
+        as_rows = lambda g: None if g is None else g.to(stats.dtype).contiguous()
+        grad = backward_rows(impl, logits, layout, labels, stats, entropy, as_rows(grad_logp),
+                             as_rows(grad_entropy), inv_temp, ignore_index, inplace)
+        return (grad,) + (None,) * 7
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    inplace_backward: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each label under ``softmax(logits / temperature)``; optionally the entropy.
+
+    Args:
+        logits: (..., V) float32 / bfloat16 / float16 (float64 runs the reference). Any leading
+            shape; the last dim should be contiguous (a stride != 1 costs one copy); other strides
+            are arbitrary, so ``logits[:, :-1]`` is read in place without a copy.
+        labels: (...) int64 (or int32), the leading shape of ``logits``; each in [0, V) or equal to
+            ``ignore_index``. CPU labels are range-checked (ValueError); CUDA labels only when the
+            environment sets ``HCRLHF_CHECK_LABELS=1`` (a host sync) — otherwise a bad label gives
+            NaN, never an out-of-bounds read.
+        temperature: > 0; the logits are divided by it (sampling temperature).
+        return_entropy: also return the entropy of each position's distribution.
+        ignore_index: positions with this label give 0 log-prob, 0 entropy and zero gradient.
+        inplace_backward: let the backward write the gradient into the logits' own memory
+            instead of a new (..., V) buffer (saves one logits-sized allocation). Only use it when
+            nothing else reads the logits afterwards (another op's backward, a second backward with
+            ``retain_graph``, or your own code): their values are overwritten. Ignored by impl "torch".
+        impl: "auto" | "triton" | "cpp" | "torch" (see ``hcrlhf.ops._dispatch``).
+
+    Returns:
+        ``logp`` shaped like ``labels``, float32 (float64 for float64 logits); with
+        ``return_entropy`` the tuple ``(logp, entropy)``. Differentiable w.r.t. ``logits`` through
+        both outputs (any upstream gradients); the gradient has the logits' dtype.
+
+    Equivalent naive code (which materialises a full-size fp32 log-softmax; the kernels instead
+    stream each row once with an online max/sum in fp32 and keep only its logsumexp)::
+
+        z = logits.float() / temperature
+        log_probs = z.log_softmax(-1)
+        logp = log_probs.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        logp, entropy = (torch.where(labels == ignore_index, 0.0, x) for x in (logp, entropy))
+
+    Backward: ``d logp/dz = onehot(label) - p`` and ``d H/dz = -p·(log p + H)``, recomputed in one
+    pass from the saved per-row max and log-sum (the logsumexp), scaled by ``1/temperature``.
+    """
+    _checks.check_tensor(OP, "logits", logits)
+    if logits.dim() < 1:
+        raise ValueError(f"{OP}: logits must have shape (..., V), got a 0-dim tensor")
+    vocab = logits.shape[-1]
+    if vocab == 0:
+        raise ValueError(f"{OP}: logits must have a non-empty last dim V, got shape {tuple(logits.shape)}")
+    device = logits.device
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{OP}: labels must be a torch.Tensor, got {type(labels).__name__}")
+    _checks.check_same_device(OP, logits=logits, labels=labels)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    _checks.check_labels(OP, labels, tuple(logits.shape[:-1]), vocab, ignore_index,
+                         read_values=device.type == "cpu" or check_labels_on_device())
+    temperature = _checks.check_positive_scalar(OP, "temperature", temperature)
+    float64 = logits.dtype == torch.float64
+    chosen = resolve_impl(impl, device, op=OP, float64=float64)
+    if chosen == "cpp" and float64:
+        if impl != "auto":
+            raise TypeError(f"{OP}: impl='cpp' takes float32/bfloat16/float16 logits, got float64; "
+                            "use impl='torch' (float64 reference) or impl='auto'")
+        chosen = "torch"
+    if chosen == "torch":
+        return reference.token_logprobs(logits, labels, temperature, return_entropy, ignore_index)
+
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    layout = row_layout(logits)
+    if layout is None:  # more than two independent leading strides: one copy
+        logits = logits.contiguous()
+        layout = row_layout(logits)
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    out = _TokenLogprobs.apply(logits, flat_labels, layout, 1.0 / temperature, ignore_index,
+                               bool(return_entropy), bool(inplace_backward), chosen)
+    if return_entropy:
+        logp, entropy = out
+        return logp.view(labels.shape), entropy.view(labels.shape)
+    return out.view(labels.shape)
