@@ -8,8 +8,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-from hcrlhf.kernels.safe_advantages import KL_ESTIMATOR_CODES, kl_estimate, load_multiplier
 
+from hcrlhf.kernels.safe_advantages import KL_ESTIMATOR_CODES, kl_estimate, load_multiplier
 from hcrlhf.ops._buffers import new_outputs
 
 

@@ -13,8 +13,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-from hcrlhf.kernels.gae import block_t_for, gae_chunk
 
+from hcrlhf.kernels.gae import block_t_for, gae_chunk
 from hcrlhf.ops._buffers import new_outputs
 
 KL_ESTIMATOR_CODES = {"k1": 0, "k2": 1, "k3": 2}
