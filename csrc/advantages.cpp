@@ -1,6 +1,704 @@
-// Placeholder until the advantages kernels land.
+// CPU kernels for the advantage ops (SPEC.md §1.1–1.3): gae, safe_advantages, rloo_advantages.
+//
+// The math mirrors hcrlhf/reference/{gae,safe_advantages,rloo_advantages}.py operation by
+// operation (same evaluation order, same compute dtype), so float32 results agree with the
+// reference to rounding and float64 results to ~1e-12. Each row is one right-to-left sweep:
+// the KL estimate, the reward/cost shaping, both GAE recursions and their combination are done
+// per token in registers, so nothing of size B×T is allocated beyond the caller's outputs.
+//
+// Inputs are numpy views with arbitrary element strides (int64 offsets); outputs are contiguous
+// arrays of the compute dtype allocated by the caller. float32 inputs compute in float, float64
+// in double. Rows (or RLOO groups) are independent and are split over OpenMP threads with the
+// GIL released.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
 #include "common.h"
 
 namespace hcrlhf {
-void register_advantages(py::module_&) {}
+namespace {
+
+using index_t = int64_t;
+
+constexpr double kWhitenEps = 1e-8;  // reference.safe_advantages.WHITEN_EPS
+// Below this many tokens a parallel region costs more than it saves.
+constexpr index_t kParallelMinWork = index_t(1) << 15;
+
+// Rows are handed out dynamically in chunks of about 8K tokens: cheap to schedule, and a thread
+// that is descheduled (a shared machine) or slowed by long rows does not hold the others back.
+inline index_t rows_per_chunk(index_t length) {
+    return std::clamp<index_t>((index_t(1) << 13) / std::max<index_t>(length, 1), 1, 64);
+}
+
+enum class KlEstimator { k1, k2, k3 };
+
+// ---------------------------------------------------------------------------------------------
+// Argument checking (with the GIL held). Every message names the op and the argument; it is
+// built only on failure, so a valid call costs a few microseconds.
+
+template <typename Message>
+inline void check(bool ok, Message&& message) {
+    if (!ok) throw std::invalid_argument(message());
+}
+
+std::string prefix(const char* op, const char* name) { return std::string(op) + ": " + name; }
+
+std::string number_string(double value) { return py::repr(py::float_(value)).cast<std::string>(); }
+
+std::string shape_string(const std::vector<index_t>& shape) {
+    std::string s = "(";
+    for (size_t i = 0; i < shape.size(); ++i) {
+        s += std::to_string(shape[i]);
+        if (shape.size() == 1 || i + 1 < shape.size()) s += shape.size() == 1 ? "," : ", ";
+    }
+    return s + ")";
+}
+
+std::vector<index_t> shape_of(const py::array& a) {
+    std::vector<index_t> shape;
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) shape.push_back(static_cast<index_t>(a.shape(i)));
+    return shape;
+}
+
+std::string dtype_string(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+template <typename T>
+const char* dtype_name() {
+    return std::is_same<T, float>::value ? "float32" : "float64";
+}
+
+py::array get_array(const char* op, const char* name, const py::object& obj) {
+    check(py::isinstance<py::array>(obj), [&] {
+        return prefix(op, name) + " must be a numpy array, got " +
+               py::str(py::type::of(obj).attr("__name__")).cast<std::string>();
+    });
+    return py::reinterpret_borrow<py::array>(obj);
+}
+
+void check_shape(const char* op, const char* name, const py::array& a, std::initializer_list<index_t> shape) {
+    bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+    py::ssize_t axis = 0;
+    for (index_t extent : shape) ok = ok && static_cast<index_t>(a.shape(axis++)) == extent;
+    check(ok, [&] {
+        return prefix(op, name) + " must have shape " + shape_string(shape) + ", got " + shape_string(shape_of(a));
+    });
+}
+
+template <typename T>
+void check_dtype(const char* op, const char* name, const py::array& a, const char* why) {
+    check(py::isinstance<py::array_t<T>>(a), [&] {
+        return prefix(op, name) + " must have dtype " + dtype_name<T>() + why + ", got " + dtype_string(a);
+    });
+}
+
+// Strides must be whole elements and the data aligned, or element indexing would be wrong.
+void check_layout(const char* op, const char* name, const py::array& a) {
+    if (a.size() == 0) return;
+    const auto itemsize = static_cast<py::ssize_t>(a.itemsize());
+    bool ok = reinterpret_cast<std::uintptr_t>(a.data()) % static_cast<std::uintptr_t>(itemsize) == 0;
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) ok = ok && a.strides(i) % itemsize == 0;
+    check(ok, [&] { return prefix(op, name) + " must be aligned, with strides that are multiples of its item size"; });
+}
+
+// The compute dtype of a call is the dtype of its first float input: float32 or float64.
+bool is_float64(const char* op, const char* name, const py::array& a) {
+    if (py::isinstance<py::array_t<float>>(a)) return false;
+    if (py::isinstance<py::array_t<double>>(a)) return true;
+    throw std::invalid_argument(prefix(op, name) + " must be float32 or float64, got " + dtype_string(a));
+}
+
+// The (B, T) shape of a call, from its first per-token input.
+std::pair<index_t, index_t> batch_and_length(const char* op, const char* name, const py::array& a) {
+    check(a.ndim() == 2, [&] { return prefix(op, name) + " must be 2-D (B, T), got shape " + shape_string(shape_of(a)); });
+    return {static_cast<index_t>(a.shape(0)), static_cast<index_t>(a.shape(1))};
+}
+
+// Read-only strided 2-D view, in elements.
+template <typename T>
+struct Matrix {
+    const T* data = nullptr;
+    index_t row_stride = 0, col_stride = 0;
+    const T* row(index_t b) const { return data + b * row_stride; }
+};
+
+// Read-only strided 1-D view, in elements.
+template <typename T>
+struct Vector {
+    const T* data = nullptr;
+    index_t stride = 0;
+    T operator[](index_t i) const { return data[i * stride]; }
+};
+
+template <typename T>
+Matrix<T> input_matrix(const char* op, const char* name, const py::object& obj, index_t rows, index_t cols) {
+    py::array a = get_array(op, name, obj);
+    check_shape(op, name, a, {rows, cols});
+    check_dtype<T>(op, name, a, " like the other float inputs");
+    check_layout(op, name, a);
+    return {static_cast<const T*>(a.data()), elem_stride(a, 0), elem_stride(a, 1)};
+}
+
+template <typename T>
+Vector<T> input_vector(const char* op, const char* name, const py::object& obj, index_t rows) {
+    py::array a = get_array(op, name, obj);
+    check_shape(op, name, a, {rows});
+    check_dtype<T>(op, name, a, " like the other float inputs");
+    check_layout(op, name, a);
+    return {static_cast<const T*>(a.data()), elem_stride(a, 0)};
+}
+
+Matrix<uint8_t> input_mask(const char* op, const py::object& obj, index_t rows, index_t cols) {
+    py::array a = get_array(op, "mask", obj);
+    check_shape(op, "mask", a, {rows, cols});
+    check(py::isinstance<py::array_t<bool>>(a),
+          [&] { return prefix(op, "mask") + " must be a bool array, got " + dtype_string(a); });
+    return {static_cast<const uint8_t*>(a.data()), elem_stride(a, 0), elem_stride(a, 1)};
+}
+
+template <typename T>
+T* output_array(const char* op, const char* name, const py::object& obj, std::initializer_list<index_t> shape) {
+    py::array a = get_array(op, name, obj);
+    check_shape(op, name, a, shape);
+    check_dtype<T>(op, name, a, " (the compute dtype)");
+    check(a.writeable(), [&] { return prefix(op, name) + " must be writable"; });
+    check((a.flags() & py::array::c_style) != 0, [&] { return prefix(op, name) + " must be C-contiguous"; });
+    check_layout(op, name, a);
+    return static_cast<T*>(a.mutable_data());
+}
+
+KlEstimator parse_estimator(const char* op, const std::string& name) {
+    if (name == "k1") return KlEstimator::k1;
+    if (name == "k2") return KlEstimator::k2;
+    if (name == "k3") return KlEstimator::k3;
+    throw std::invalid_argument(prefix(op, "kl_estimator") + " must be one of ('k1', 'k2', 'k3'), got '" + name + "'");
+}
+
+void check_finite(const char* op, const char* name, double value) {
+    check(std::isfinite(value), [&] { return prefix(op, name) + " must be finite, got " + number_string(value); });
+}
+
+void check_score_clip(const char* op, double score_clip) {
+    check(score_clip > 0, [&] {
+        return prefix(op, "score_clip") + " must be > 0 (math.inf for no clipping), got " + number_string(score_clip);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared math (mirrors the reference expression by expression).
+
+// k1 = d, k2 = d²/2, k3 = e^{-d} - 1 + d (reference.safe_advantages.kl_penalty).
+template <KlEstimator E, typename T>
+inline T kl_estimate(T logprob, T ref_logprob) {
+    const T d = logprob - ref_logprob;
+    if constexpr (E == KlEstimator::k1) {
+        return d;
+    } else if constexpr (E == KlEstimator::k2) {
+        return T(0.5) * d * d;
+    } else {
+        return std::exp(-d) - T(1) + d;
+    }
+}
+
+// torch.clamp: NaN passes through; an infinite bound is a no-op. Two single selects compile to
+// branch-free maxss/minss whose NaN rule (return the second operand) keeps x.
+template <typename T>
+inline T clamp(T x, T lo, T hi) {
+    x = lo > x ? lo : x;
+    return hi < x ? hi : x;
+}
+
+// reference.safe_advantages.multiplier_tensor: a negative or non-finite λ becomes NaN.
+inline double sanitize_multiplier(double multiplier) {
+    return std::isfinite(multiplier) && multiplier >= 0 ? multiplier : std::numeric_limits<double>::quiet_NaN();
+}
+
+// Calls f(std::integral_constant<KlEstimator, E>{}) so the estimator is a compile-time constant.
+template <typename F>
+void with_estimator(KlEstimator e, F&& f) {
+    switch (e) {
+        case KlEstimator::k1: f(std::integral_constant<KlEstimator, KlEstimator::k1>{}); break;
+        case KlEstimator::k2: f(std::integral_constant<KlEstimator, KlEstimator::k2>{}); break;
+        case KlEstimator::k3: f(std::integral_constant<KlEstimator, KlEstimator::k3>{}); break;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gae
+
+template <typename T>
+struct GaeArgs {
+    Matrix<T> rewards, values;
+    Matrix<uint8_t> mask;
+    T* advantages;
+    T* returns;
+    index_t batch, length;
+    double gamma, lam;
+};
+
+template <typename T>
+void gae_kernel(const GaeArgs<T>& a) {
+    const index_t n = a.length, chunk = rows_per_chunk(n);
+    const T gamma = static_cast<T>(a.gamma);
+    const T gamma_lam = static_cast<T>(a.gamma * a.lam);  // the reference multiplies the Python floats first
+#pragma omp parallel for schedule(dynamic, chunk) if (a.batch * n >= kParallelMinWork)
+    for (index_t b = 0; b < a.batch; ++b) {
+        const T* rewards = a.rewards.row(b);
+        const T* values = a.values.row(b);
+        const uint8_t* mask = a.mask.row(b);
+        const index_t rs = a.rewards.col_stride, vs = a.values.col_stride, ms = a.mask.col_stride;
+        T* __restrict advantages = a.advantages + b * n;
+        T* __restrict returns = a.returns + b * n;
+        T next_value = 0, running = 0;
+        for (index_t t = n - 1; t >= 0; --t) {
+            if (!mask[t * ms]) {  // masked: transparent, output 0
+                advantages[t] = T(0);
+                returns[t] = T(0);
+                continue;
+            }
+            const T value = values[t * vs];
+            const T delta = rewards[t * rs] + gamma * next_value - value;
+            running = delta + gamma_lam * running;
+            advantages[t] = running;
+            returns[t] = running + value;
+            next_value = value;
+        }
+    }
+}
+
+template <typename T>
+void gae_typed(const py::object& rewards, const py::object& values, const py::object& mask,
+               const py::object& advantages_out, const py::object& returns_out, index_t batch, index_t length,
+               double gamma, double lam) {
+    const char* op = "gae";
+    GaeArgs<T> a;
+    a.rewards = input_matrix<T>(op, "rewards", rewards, batch, length);
+    a.values = input_matrix<T>(op, "values", values, batch, length);
+    a.mask = input_mask(op, mask, batch, length);
+    a.advantages = output_array<T>(op, "advantages_out", advantages_out, {batch, length});
+    a.returns = output_array<T>(op, "returns_out", returns_out, {batch, length});
+    a.batch = batch;
+    a.length = length;
+    a.gamma = gamma;
+    a.lam = lam;
+    py::gil_scoped_release nogil;
+    gae_kernel(a);
+}
+
+void gae(const py::object& rewards, const py::object& values, const py::object& mask,
+         const py::object& advantages_out, const py::object& returns_out, double gamma, double lam) {
+    const char* op = "gae";
+    py::array first = get_array(op, "rewards", rewards);
+    check_finite(op, "gamma", gamma);
+    check_finite(op, "lam", lam);
+    const std::pair<index_t, index_t> shape = batch_and_length(op, "rewards", first);
+    const index_t batch = shape.first, length = shape.second;
+    if (is_float64(op, "rewards", first)) {
+        gae_typed<double>(rewards, values, mask, advantages_out, returns_out, batch, length, gamma, lam);
+    } else {
+        gae_typed<float>(rewards, values, mask, advantages_out, returns_out, batch, length, gamma, lam);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// safe_advantages
+
+template <typename T>
+struct SafeArgs {
+    Matrix<T> logprobs, ref_logprobs, reward_values, cost_values;
+    Matrix<uint8_t> mask;
+    Vector<T> reward_scores, cost_scores;
+    T *advantages, *reward_advantages, *cost_advantages, *reward_returns, *cost_returns, *kl;
+    index_t batch, length;
+    double kl_coef, multiplier, gamma, lam, score_clip;
+    bool kl_in_cost, normalize, whiten;
+};
+
+// Per-row statistics of the combined advantages over the valid tokens, for whitening.
+struct RowMoments {
+    double count = 0, mean = 0, m2 = 0;  // m2 = Σ (x - mean)²
+};
+
+// The per-token scalars of one call, in the compute type.
+template <typename T>
+struct SafeCoefficients {
+    T neg_kl_coef, kl_coef, gamma, gamma_lam, multiplier, denominator, clip;
+};
+
+// One right-to-left sweep over row b: KL, shaped reward/cost, both GAE streams, combination.
+// Returns the row's moments of the combined advantage when whitening.
+//
+// Every coefficient is copied into a local and the outputs are __restrict: otherwise each float
+// store could alias a float coefficient and force a reload per token. The serial dependency is
+// one multiply-add per stream per token; everything else overlaps with it.
+template <typename T, KlEstimator E, bool KlInCost>
+RowMoments safe_row(const SafeArgs<T>& a, const SafeCoefficients<T> k, index_t b) {
+    const index_t n = a.length;
+    const T* logprobs = a.logprobs.row(b);
+    const T* ref_logprobs = a.ref_logprobs.row(b);
+    const T* reward_values = a.reward_values.row(b);
+    const T* cost_values = a.cost_values.row(b);
+    const uint8_t* mask = a.mask.row(b);
+    const index_t ls = a.logprobs.col_stride, rls = a.ref_logprobs.col_stride;
+    const index_t rvs = a.reward_values.col_stride, cvs = a.cost_values.col_stride, ms = a.mask.col_stride;
+    T* __restrict advantages = a.advantages + b * n;
+    T* __restrict reward_advantages = a.reward_advantages + b * n;
+    T* __restrict cost_advantages = a.cost_advantages + b * n;
+    T* __restrict reward_returns = a.reward_returns + b * n;
+    T* __restrict cost_returns = a.cost_returns + b * n;
+    T* __restrict kl_out = a.kl + b * n;
+    const T neg_kl_coef = k.neg_kl_coef, kl_coef = k.kl_coef, gamma = k.gamma, gamma_lam = k.gamma_lam;
+    const T multiplier = k.multiplier, denominator = k.denominator, clip = k.clip;
+    const bool whiten = a.whiten;
+
+    auto zero = [&](index_t t) {
+        advantages[t] = reward_advantages[t] = cost_advantages[t] = T(0);
+        reward_returns[t] = cost_returns[t] = kl_out[t] = T(0);
+    };
+
+    // The row's end is its last valid position; everything after it is zero.
+    index_t end = n - 1;
+    while (end >= 0 && !mask[end * ms]) --end;
+    for (index_t t = end + 1; t < n; ++t) zero(t);
+    RowMoments moments;
+    if (end < 0) return moments;  // no valid token: all zeros
+
+    T reward_next_value = 0, reward_running = 0, cost_next_value = 0, cost_running = 0;
+    double sum = 0;
+    index_t count = 0;
+
+    // One valid token t. The scores enter only at the end (at_end is a compile-time flag), so the
+    // common path carries no "+ 0" per token.
+    auto step = [&](index_t t, auto at_end) {
+        const T kl = kl_estimate<E>(logprobs[t * ls], ref_logprobs[t * rls]);
+        T reward = neg_kl_coef * kl;
+        T cost = KlInCost ? kl_coef * kl : T(0);
+        if constexpr (decltype(at_end)::value) {
+            reward = reward + a.reward_scores[b];
+            cost = cost + a.cost_scores[b];
+        }
+        reward = clamp(reward, -clip, clip);
+        cost = clamp(cost, -clip, clip);
+
+        const T reward_value = reward_values[t * rvs];
+        const T cost_value = cost_values[t * cvs];
+        reward_running = (reward + gamma * reward_next_value - reward_value) + gamma_lam * reward_running;
+        cost_running = (cost + gamma * cost_next_value - cost_value) + gamma_lam * cost_running;
+        reward_next_value = reward_value;
+        cost_next_value = cost_value;
+
+        // denominator is 1 + λ when normalising, else exactly 1.
+        const T advantage = (reward_running - multiplier * cost_running) / denominator;
+        advantages[t] = advantage;
+        reward_advantages[t] = reward_running;
+        cost_advantages[t] = cost_running;
+        reward_returns[t] = reward_running + reward_value;
+        cost_returns[t] = cost_running + cost_value;
+        kl_out[t] = kl;
+        if (whiten) {
+            sum += static_cast<double>(advantage);
+            ++count;
+        }
+    };
+
+    step(end, std::true_type{});
+    for (index_t t = end - 1; t >= 0; --t) {
+        if (mask[t * ms]) {
+            step(t, std::false_type{});
+        } else {
+            zero(t);  // a hole: transparent, output 0
+        }
+    }
+
+    if (whiten) {
+        // Second pass over the (cache-hot) row: M2 about the row mean, so the batch variance can
+        // be combined stably (Chan et al.) without a global sum of squares.
+        moments.count = static_cast<double>(count);
+        moments.mean = sum / moments.count;
+        const double mean = moments.mean;
+        double m2 = 0;
+#pragma omp simd reduction(+ : m2)
+        for (index_t t = 0; t <= end; ++t) {
+            const double centred = mask[t * ms] ? static_cast<double>(advantages[t]) - mean : 0.0;
+            m2 += centred * centred;
+        }
+        moments.m2 = m2;
+    }
+    return moments;
+}
+
+// (x - mean)·rsqrt(var + eps) over the valid tokens; masked stay 0 (reference masked_whiten).
+template <typename T>
+void whiten_rows(const SafeArgs<T>& a, const std::vector<RowMoments>& rows) {
+    RowMoments total;  // Chan et al.'s pairwise combination, row by row
+    for (const RowMoments& row : rows) {
+        if (row.count == 0) continue;
+        const double count = total.count + row.count;
+        const double delta = row.mean - total.mean;
+        total.mean += delta * (row.count / count);
+        total.m2 += row.m2 + delta * delta * (total.count * row.count / count);
+        total.count = count;
+    }
+    const double var = total.count > 1 ? total.m2 / (total.count - 1) : 0.0;
+    const T mean = static_cast<T>(total.mean);
+    const T scale = static_cast<T>(1.0 / std::sqrt(var + kWhitenEps));
+    const index_t n = a.length, chunk = rows_per_chunk(n);
+#pragma omp parallel for schedule(dynamic, chunk) if (a.batch * n >= kParallelMinWork)
+    for (index_t b = 0; b < a.batch; ++b) {
+        T* __restrict advantages = a.advantages + b * n;
+        const uint8_t* mask = a.mask.row(b);
+        const index_t ms = a.mask.col_stride;
+        for (index_t t = 0; t < n; ++t) {
+            advantages[t] = mask[t * ms] ? (advantages[t] - mean) * scale : T(0);
+        }
+    }
+}
+
+template <typename T, KlEstimator E, bool KlInCost>
+void safe_kernel(const SafeArgs<T>& a) {
+    const T multiplier = static_cast<T>(sanitize_multiplier(a.multiplier));
+    SafeCoefficients<T> k;
+    k.neg_kl_coef = static_cast<T>(-a.kl_coef);
+    k.kl_coef = static_cast<T>(a.kl_coef);
+    k.gamma = static_cast<T>(a.gamma);
+    k.gamma_lam = static_cast<T>(a.gamma * a.lam);
+    k.multiplier = multiplier;
+    k.denominator = a.normalize ? T(1) + multiplier : T(1);
+    k.clip = static_cast<T>(a.score_clip);
+
+    std::vector<RowMoments> moments(a.whiten ? static_cast<size_t>(a.batch) : 0);
+    const index_t chunk = rows_per_chunk(a.length);
+#pragma omp parallel for schedule(dynamic, chunk) if (a.batch * a.length >= kParallelMinWork)
+    for (index_t b = 0; b < a.batch; ++b) {
+        const RowMoments row = safe_row<T, E, KlInCost>(a, k, b);
+        if (a.whiten) moments[b] = row;
+    }
+    if (a.whiten) whiten_rows(a, moments);
+}
+
+template <typename T>
+void safe_typed(const py::object& logprobs, const py::object& ref_logprobs, const py::object& mask,
+                const py::object& reward_scores, const py::object& cost_scores, const py::object& reward_values,
+                const py::object& cost_values, const py::object& advantages, const py::object& reward_advantages,
+                const py::object& cost_advantages, const py::object& reward_returns,
+                const py::object& cost_returns, const py::object& kl, index_t batch, index_t length,
+                double kl_coef, double multiplier, double gamma, double lam, KlEstimator estimator,
+                double score_clip, bool kl_in_cost, bool normalize, bool whiten) {
+    const char* op = "safe_advantages";
+    SafeArgs<T> a;
+    a.logprobs = input_matrix<T>(op, "logprobs", logprobs, batch, length);
+    a.ref_logprobs = input_matrix<T>(op, "ref_logprobs", ref_logprobs, batch, length);
+    a.mask = input_mask(op, mask, batch, length);
+    a.reward_scores = input_vector<T>(op, "reward_scores", reward_scores, batch);
+    a.cost_scores = input_vector<T>(op, "cost_scores", cost_scores, batch);
+    a.reward_values = input_matrix<T>(op, "reward_values", reward_values, batch, length);
+    a.cost_values = input_matrix<T>(op, "cost_values", cost_values, batch, length);
+    a.advantages = output_array<T>(op, "advantages", advantages, {batch, length});
+    a.reward_advantages = output_array<T>(op, "reward_advantages", reward_advantages, {batch, length});
+    a.cost_advantages = output_array<T>(op, "cost_advantages", cost_advantages, {batch, length});
+    a.reward_returns = output_array<T>(op, "reward_returns", reward_returns, {batch, length});
+    a.cost_returns = output_array<T>(op, "cost_returns", cost_returns, {batch, length});
+    a.kl = output_array<T>(op, "kl", kl, {batch, length});
+    a.batch = batch;
+    a.length = length;
+    a.kl_coef = kl_coef;
+    a.multiplier = multiplier;
+    a.gamma = gamma;
+    a.lam = lam;
+    a.score_clip = score_clip;
+    a.kl_in_cost = kl_in_cost;
+    a.normalize = normalize;
+    a.whiten = whiten;
+
+    py::gil_scoped_release nogil;
+    with_estimator(estimator, [&](auto estimator_tag) {
+        constexpr KlEstimator E = decltype(estimator_tag)::value;
+        if (kl_in_cost) {
+            safe_kernel<T, E, true>(a);
+        } else {
+            safe_kernel<T, E, false>(a);
+        }
+    });
+}
+
+void safe_advantages(const py::object& logprobs, const py::object& ref_logprobs, const py::object& mask,
+                     const py::object& reward_scores, const py::object& cost_scores,
+                     const py::object& reward_values, const py::object& cost_values,
+                     const py::object& advantages, const py::object& reward_advantages,
+                     const py::object& cost_advantages, const py::object& reward_returns,
+                     const py::object& cost_returns, const py::object& kl, double kl_coef,
+                     double lagrange_multiplier, double gamma, double lam, const std::string& kl_estimator,
+                     double score_clip, bool kl_in_cost, bool normalize, bool whiten) {
+    const char* op = "safe_advantages";
+    py::array first = get_array(op, "logprobs", logprobs);
+    const KlEstimator estimator = parse_estimator(op, kl_estimator);
+    check_finite(op, "kl_coef", kl_coef);
+    check_finite(op, "gamma", gamma);
+    check_finite(op, "lam", lam);
+    check_score_clip(op, score_clip);
+    const std::pair<index_t, index_t> shape = batch_and_length(op, "logprobs", first);
+    const index_t batch = shape.first, length = shape.second;
+    auto run = [&](auto type_tag) {
+        using T = decltype(type_tag);
+        safe_typed<T>(logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values,
+                      advantages, reward_advantages, cost_advantages, reward_returns, cost_returns, kl, batch,
+                      length, kl_coef, lagrange_multiplier, gamma, lam, estimator, score_clip, kl_in_cost,
+                      normalize, whiten);
+    };
+    if (is_float64(op, "logprobs", first)) {
+        run(double{});
+    } else {
+        run(float{});
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rloo_advantages
+
+template <typename T>
+struct RlooArgs {
+    Matrix<T> logprobs, ref_logprobs;
+    Matrix<uint8_t> mask;
+    Vector<T> reward_scores, cost_scores;
+    T *advantages, *returns, *kl;
+    index_t batch, length, group_size;
+    double kl_coef, multiplier, score_clip;
+};
+
+// Σ_t mask·kl_t over one row. Four double accumulators break the add dependency chain (and are
+// more accurate than the reference's float32 sum); masked tokens are selected away, never branched.
+template <typename T, KlEstimator E>
+double row_kl_sum(const T* logprobs, index_t ls, const T* ref_logprobs, index_t rls, const uint8_t* mask,
+                  index_t ms, index_t n) {
+    double acc[4] = {0, 0, 0, 0};
+    index_t t = 0;
+    for (; t + 4 <= n; t += 4) {
+        for (int j = 0; j < 4; ++j) {
+            const T kl = kl_estimate<E>(logprobs[(t + j) * ls], ref_logprobs[(t + j) * rls]);
+            acc[j] += mask[(t + j) * ms] ? static_cast<double>(kl) : 0.0;
+        }
+    }
+    for (; t < n; ++t) {
+        const T kl = kl_estimate<E>(logprobs[t * ls], ref_logprobs[t * rls]);
+        acc[0] += mask[t * ms] ? static_cast<double>(kl) : 0.0;
+    }
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+template <typename T, KlEstimator E>
+void rloo_kernel(const RlooArgs<T>& a) {
+    const T kl_coef = static_cast<T>(a.kl_coef);
+    const T multiplier = static_cast<T>(sanitize_multiplier(a.multiplier));
+    const T clip = static_cast<T>(a.score_clip);
+    const index_t chunk = rows_per_chunk(a.length);
+
+    // Phase 1, per row: KL_i and G_i = clamp(reward_i - β·KL_i, ±clip) - λ·cost_i.
+#pragma omp parallel for schedule(dynamic, chunk) if (a.batch * a.length >= kParallelMinWork)
+    for (index_t b = 0; b < a.batch; ++b) {
+        const T kl = static_cast<T>(row_kl_sum<T, E>(a.logprobs.row(b), a.logprobs.col_stride, a.ref_logprobs.row(b),
+                                                     a.ref_logprobs.col_stride, a.mask.row(b), a.mask.col_stride,
+                                                     a.length));
+        const T shaped = clamp(a.reward_scores[b] - kl_coef * kl, -clip, clip);
+        a.kl[b] = kl;
+        a.returns[b] = shaped - multiplier * a.cost_scores[b];
+    }
+
+    // Phase 2, per group of k adjacent rows: A_i = G_i - (Σ_group G - G_i)/(k - 1).
+    const index_t k = a.group_size;
+    const index_t groups = k > 0 ? a.batch / k : 0;
+    const double others = static_cast<double>(k - 1);
+#pragma omp parallel for schedule(static) if (a.batch >= kParallelMinWork)
+    for (index_t g = 0; g < groups; ++g) {
+        const T* returns = a.returns + g * k;
+        T* advantages = a.advantages + g * k;
+        double sum = 0;
+        for (index_t i = 0; i < k; ++i) sum += static_cast<double>(returns[i]);
+        for (index_t i = 0; i < k; ++i) {
+            const double own = static_cast<double>(returns[i]);
+            advantages[i] = static_cast<T>(own - (sum - own) / others);
+        }
+    }
+}
+
+template <typename T>
+void rloo_typed(const py::object& logprobs, const py::object& ref_logprobs, const py::object& mask,
+                const py::object& reward_scores, const py::object& cost_scores, const py::object& advantages,
+                const py::object& returns, const py::object& kl, index_t batch, index_t length,
+                index_t group_size, double kl_coef, double multiplier, KlEstimator estimator, double score_clip) {
+    const char* op = "rloo_advantages";
+    RlooArgs<T> a;
+    a.logprobs = input_matrix<T>(op, "logprobs", logprobs, batch, length);
+    a.ref_logprobs = input_matrix<T>(op, "ref_logprobs", ref_logprobs, batch, length);
+    a.mask = input_mask(op, mask, batch, length);
+    a.reward_scores = input_vector<T>(op, "reward_scores", reward_scores, batch);
+    a.cost_scores = input_vector<T>(op, "cost_scores", cost_scores, batch);
+    a.advantages = output_array<T>(op, "advantages", advantages, {batch});
+    a.returns = output_array<T>(op, "returns", returns, {batch});
+    a.kl = output_array<T>(op, "kl", kl, {batch});
+    a.batch = batch;
+    a.length = length;
+    a.group_size = group_size;
+    a.kl_coef = kl_coef;
+    a.multiplier = multiplier;
+    a.score_clip = score_clip;
+
+    py::gil_scoped_release nogil;
+    with_estimator(estimator, [&](auto estimator_tag) {
+        rloo_kernel<T, decltype(estimator_tag)::value>(a);
+    });
+}
+
+void rloo_advantages(const py::object& logprobs, const py::object& ref_logprobs, const py::object& mask,
+                     const py::object& reward_scores, const py::object& cost_scores,
+                     const py::object& advantages, const py::object& returns, const py::object& kl,
+                     int64_t group_size, double kl_coef, double lagrange_multiplier,
+                     const std::string& kl_estimator, double score_clip) {
+    const char* op = "rloo_advantages";
+    py::array first = get_array(op, "logprobs", logprobs);
+    const KlEstimator estimator = parse_estimator(op, kl_estimator);
+    check_finite(op, "kl_coef", kl_coef);
+    check_score_clip(op, score_clip);
+    const std::pair<index_t, index_t> shape = batch_and_length(op, "logprobs", first);
+    const index_t batch = shape.first, length = shape.second;
+    check(group_size >= 2, [&] { return prefix(op, "group_size") + " must be >= 2, got " + std::to_string(group_size); });
+    check(batch % group_size == 0, [&] { return prefix(op, "group_size") + "=" + std::to_string(group_size) +
+                                         " must divide the batch size B=" + std::to_string(batch); });
+    if (is_float64(op, "logprobs", first)) {
+        rloo_typed<double>(logprobs, ref_logprobs, mask, reward_scores, cost_scores, advantages, returns, kl, batch,
+                           length, group_size, kl_coef, lagrange_multiplier, estimator, score_clip);
+    } else {
+        rloo_typed<float>(logprobs, ref_logprobs, mask, reward_scores, cost_scores, advantages, returns, kl, batch,
+                          length, group_size, kl_coef, lagrange_multiplier, estimator, score_clip);
+    }
+}
+
+}  // namespace
+
+void register_advantages(py::module_& m) {
+    m.def("gae", &gae, py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("advantages_out"),
+          py::arg("returns_out"), py::arg("gamma"), py::arg("lam"),
+          "GAE over the valid positions of each row (SPEC.md §1.1), written into the contiguous outputs.\n"
+          "rewards, values: (B, T) float32/float64, any strides; mask: (B, T) bool.");
+    m.def("safe_advantages", &safe_advantages, py::arg("logprobs"), py::arg("ref_logprobs"), py::arg("mask"),
+          py::arg("reward_scores"), py::arg("cost_scores"), py::arg("reward_values"), py::arg("cost_values"),
+          py::arg("advantages"), py::arg("reward_advantages"), py::arg("cost_advantages"),
+          py::arg("reward_returns"), py::arg("cost_returns"), py::arg("kl"), py::arg("kl_coef"),
+          py::arg("lagrange_multiplier"), py::arg("gamma"), py::arg("lam"), py::arg("kl_estimator"),
+          py::arg("score_clip"), py::arg("kl_in_cost"), py::arg("normalize"), py::arg("whiten"),
+          "KL-penalised reward - λ·cost advantages (SPEC.md §1.2) in one sweep per row, written into the six\n"
+          "contiguous (B, T) outputs. score_clip=math.inf disables clipping.");
+    m.def("rloo_advantages", &rloo_advantages, py::arg("logprobs"), py::arg("ref_logprobs"), py::arg("mask"),
+          py::arg("reward_scores"), py::arg("cost_scores"), py::arg("advantages"), py::arg("returns"),
+          py::arg("kl"), py::arg("group_size"), py::arg("kl_coef"), py::arg("lagrange_multiplier"),
+          py::arg("kl_estimator"), py::arg("score_clip"),
+          "Sequence-level leave-one-out advantages (SPEC.md §1.3), written into the three contiguous (B,) outputs.\n"
+          "score_clip=math.inf disables clipping.");
+}
+
 }  // namespace hcrlhf

@@ -75,10 +75,11 @@ def check_score_clip(op: str, score_clip) -> None:
 
 
 def check_lagrange_multiplier(op: str, value, device: torch.device):
-    """λ may be a Python number or a 0-dim tensor on the inputs' device.
+    """λ may be a Python number or a 0-dim tensor (on the CPU or on the inputs' device).
 
-    A CPU tensor is checked (reading it costs no device sync); a CUDA tensor is not read on the
-    host — the kernels turn a negative or non-finite CUDA λ into NaN outputs instead.
+    A CPU tensor is read and checked (that costs no device sync) and returned as a float, so a
+    kernel never gets a host pointer; a CUDA tensor is not read on the host — the kernels turn a
+    negative or non-finite CUDA λ into NaN outputs instead.
     """
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
@@ -88,8 +89,10 @@ def check_lagrange_multiplier(op: str, value, device: torch.device):
         if not value.dtype.is_floating_point:
             raise TypeError(f"{op}: lagrange_multiplier tensor must be floating point, got {value.dtype}")
         if value.device.type == "cpu":
-            check_nonneg_scalar(op, "lagrange_multiplier", float(value))
-        elif value.device != device:
+            value = float(value)
+            check_nonneg_scalar(op, "lagrange_multiplier", value)
+            return value
+        if value.device != device:
             raise ValueError(
                 f"{op}: lagrange_multiplier is on {value.device} but the inputs are on {device}"
             )

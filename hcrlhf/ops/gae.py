@@ -33,8 +33,8 @@ def gae(
         impl: "auto" | "triton" | "cpp" | "torch" (see ``hcrlhf.ops._dispatch``).
 
     Returns:
-        (advantages, returns), each (B, T) float32 (float64 when an input is float64), zero on
-        masked positions. Computed in fp32 whatever the input precision.
+        (advantages, returns), each (B, T) float32, zero on masked positions; fp16/bf16 inputs
+        are computed in fp32. Float64 inputs compute and return float64 (reference and C++ only).
 
     Equivalent naive code::
 

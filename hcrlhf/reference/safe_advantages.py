@@ -36,6 +36,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
 def last_valid_index(valid: torch.Tensor) -> torch.Tensor:
     """(B,) index of each row's last valid position (its end), −1 for a row with none."""
+    if valid.shape[-1] == 0:  # amax over an empty dim would raise
+        return torch.full(valid.shape[:-1], -1, dtype=torch.int64, device=valid.device)
     positions = torch.arange(valid.shape[-1], device=valid.device)
     return torch.where(valid, positions, -1).amax(dim=-1)
 

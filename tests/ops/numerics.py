@@ -38,7 +38,7 @@ def interpreter_sized(impl: str, shape: tuple[int, int]) -> tuple[int, int]:
 
 def make_mask(kind: str, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
     """(B, T) bool masks of the shapes RLHF code meets."""
-    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+    lengths = torch.randint(min(1, length), length + 1, (batch,), generator=generator)
     positions = torch.arange(length)[None, :]
     if kind == "all_valid":
         return torch.ones(batch, length, dtype=torch.bool)

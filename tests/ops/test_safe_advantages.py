@@ -173,3 +173,19 @@ def test_gpu_large_shapes_and_device_lambda(whiten):
     bad = ops.safe_advantages(**{k: v.cuda() for k, v in inputs.items()}, kl_coef=0.1,
                               lagrange_multiplier=torch.tensor(-1.0, device="cuda"), impl="triton")
     assert torch.isnan(bad.advantages[inputs["mask"].cuda()]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)], ids=str)
+def test_empty_inputs(impl, shape, generator):
+    require_impl(impl)
+    inputs = make_inputs(shape, generator)
+    out = ops.safe_advantages(**inputs, **DEFAULTS, whiten=True, impl=impl)
+    assert all(t.shape == shape for t in out)
+    rloo = ops.rloo_advantages(inputs["logprobs"], inputs["ref_logprobs"], inputs["mask"], inputs["reward_scores"],
+                               inputs["cost_scores"], group_size=3 if shape[0] else 2, kl_coef=0.1,
+                               lagrange_multiplier=1.0, impl=impl)
+    assert all(t.shape == shape[:1] for t in rloo)
+    torch.testing.assert_close(rloo.kl, torch.zeros(shape[0]))
+    adv, ret = ops.gae(inputs["reward_values"], inputs["cost_values"], inputs["mask"], impl=impl)
+    assert adv.shape == ret.shape == shape

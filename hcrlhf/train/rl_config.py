@@ -1,0 +1,357 @@
+"""Settings of the Lagrangian RL trainer (:class:`hcrlhf.train.SafeRLTrainer`).
+
+:class:`SafeRLConfig` is a dataclass with one documented field per setting. It validates itself on
+construction (so an invalid config never exists), and :meth:`SafeRLConfig.from_dict` /
+:meth:`SafeRLConfig.from_yaml` refuse unknown keys and wrong types, naming the key. Defaults follow the
+official HC-RLHF code where it fixes a value (SPEC.md §2.3: β = 0.1, reward clip ±50, λ_init 1,
+η_λ 0.01, λ_max 1e6, window 256, actor lr 5e-6, C1 = 4, C2 = 2, δ = 0.1, n_s = 100, τ = 0) and Safe
+RLHF otherwise (clip ratio 0.2, value clip 5, GAE λ 0.95, γ = 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["SafeRLConfig", "ESTIMATORS", "AMA_MODES", "AMA_TOKEN_SCORES"]
+
+ESTIMATORS = ("ppo", "rloo")
+AMA_MODES = ("off", "sign", "hysteresis")
+AMA_TOKEN_SCORES = ("score_models", "critics")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+IMPLS = ("auto", "triton", "cpp", "torch")
+
+
+@dataclass
+class SafeRLConfig:
+    """Settings of :class:`hcrlhf.train.SafeRLTrainer` (SPEC.md §2.3, §5).
+
+    Attributes:
+        estimator: "ppo" (Safe RLHF: reward and cost critics, per-token GAE via
+            ``ops.safe_advantages``, clipped surrogate) or "rloo" (the official HC-RLHF code: sequence
+            level leave-one-out advantages via ``ops.rloo_advantages``, one REINFORCE step per
+            rollout, no critics).
+        total_steps: training iterations (rollout → update → multiplier) to run in total.
+        prompts_per_step: prompts drawn per iteration (the rollout has prompts_per_step ·
+            samples_per_prompt rows).
+        samples_per_prompt: responses sampled per prompt; rows of one prompt are adjacent. rloo needs
+            >= 2 (the official code uses 2).
+        max_prompt_length: prompts longer than this many tokens keep their last tokens.
+        max_new_tokens: cap on generated tokens per response.
+        temperature: sampling temperature; the log-probs of the policy and the reference use it too,
+            so that the importance ratios and the KL are those of the sampling distribution.
+        top_p: nucleus sampling (1.0: off).
+        top_k: top-k sampling (0: off).
+        kl_coef: β, the weight of the KL penalty to the reference model.
+        kl_estimator: "k1" | "k2" | "k3" (SPEC §1.2).
+        reward_clip: clamp of the per-token rewards/costs (ppo) or of reward − β·KL (rloo);
+            None: no clamp.
+        cost_threshold: τ, the constraint threshold on the expected cost.
+        delta: δ of the pessimistic coefficient k (and of the later safety test).
+        safety_set_size: n_s, the size of the future safety set, in k.
+        bound_c1, bound_c2: C1, C2 of k = C1·t/√n_c + C2·t/√n_s (official: 4, 2; Seldonian: 0, 2;
+            both 0: optimise the plain mean cost).
+        cost_window_size: how many recent per-response costs μ̂, σ̂ are computed from.
+        lambda_init: initial Lagrange multiplier λ > 0.
+        lambda_lr: η_λ, the learning rate of log λ.
+        lambda_max: cap on λ (None: no cap).
+        lambda_update_delay: iterations before λ starts to move.
+        actor_lr: AdamW learning rate of the policy.
+        critic_lr: AdamW learning rate of the two critics (ppo).
+        weight_decay: AdamW weight decay (both optimisers).
+        max_grad_norm: gradient-norm clip, applied to the policy and to the critics separately
+            (None: off).
+        ppo_epochs: passes over each rollout (ppo).
+        minibatch_size: rows per PPO minibatch (None: the whole rollout); must divide the rollout's
+            rows.
+        clip_range: ε of the clipped surrogate (ppo).
+        value_clip_range: clip of the value updates around the rollout values (ppo).
+        gamma: GAE discount (ppo).
+        gae_lambda: GAE λ (ppo).
+        kl_in_cost: Safe RLHF's KL placement (SPEC §1.2): the combined advantage carries exactly
+            −β·KL for every λ.
+        normalize_advantages: divide A_r − λ·A_c by 1 + λ (ppo).
+        whiten_advantages: whiten the combined per-token advantages (ppo).
+        entropy_coef: weight of the entropy bonus (0: off); the entropy is always logged.
+        ama: EXPERIMENTAL. Equilibrate RLHF's adaptive message-wise alignment mask (SPEC §5):
+            "off", "sign" or "hysteresis". The authors published no PPO/RLOO + AMA results (only a
+            DPO-based variant); treat any effect as unvalidated.
+        ama_token_scores: where the token scores s_t of AMA come from: "score_models" (the reward and
+            cost models' per-prefix scores, (r_t − λ·c_t)/(1 + λ), from the scoring pass; both
+            estimators) or "critics" (the rollout values (V_r − λ·V_c)/(1 + λ) of the state after
+            each token; ppo only).
+        ama_upper, ama_lower: τ+ and τ− of the hysteresis mode (τ− < τ+).
+        ama_min_kept: rows with fewer kept tokens than this fall back to their full mask.
+        micro_batch_tokens: token budget (rows × padded width) of one forward pass; larger batches
+            are split and gradients accumulated (None: no split).
+        bf16: "auto" (bf16 autocast on CUDA only), True (CUDA required) or False.
+        gradient_checkpointing: recompute activations of the policy in backward (HF
+            ``gradient_checkpointing_enable``), for memory on large models.
+        impl: kernel implementation for the ``hcrlhf.ops`` calls ("auto" | "triton" | "cpp" | "torch").
+        seed: seeds torch, Python's ``random`` and numpy at construction (sampling, minibatch order)
+            and the prompt order.
+        output_dir: where metrics.jsonl and checkpoints go (None: nothing written).
+        checkpoint_every: save a checkpoint every this many iterations (None: only at the end when
+            output_dir is set).
+        keep_checkpoints: how many recent checkpoints to keep (None: all).
+        resume: continue from the latest checkpoint in output_dir (exactly: weights, optimisers,
+            multiplier, cost window, RNG states, step).
+        tensorboard: "auto" (log to TensorBoard when it is installed and output_dir is set), True
+            (required) or False.
+        progress: show a tqdm progress bar.
+        sync_phase_timing: synchronise the device at phase boundaries so that the logged time split
+            is exact on a GPU (costs a little speed; on a CPU it changes nothing).
+        device: device to train on (None: the policy's).
+    """
+
+    estimator: str = "ppo"
+    total_steps: int = 100
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 2
+    max_prompt_length: int = 256
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    kl_coef: float = 0.1
+    kl_estimator: str = "k1"
+    reward_clip: float | None = 50.0
+    cost_threshold: float = 0.0
+    delta: float = 0.1
+    safety_set_size: int = 100
+    bound_c1: float = 4.0
+    bound_c2: float = 2.0
+    cost_window_size: int = 256
+    lambda_init: float = 1.0
+    lambda_lr: float = 0.01
+    lambda_max: float | None = 1e6
+    lambda_update_delay: int = 0
+    actor_lr: float = 5e-6
+    critic_lr: float = 5e-6
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    ppo_epochs: int = 1
+    minibatch_size: int | None = None
+    clip_range: float = 0.2
+    value_clip_range: float = 5.0
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    kl_in_cost: bool = True
+    normalize_advantages: bool = True
+    whiten_advantages: bool = False
+    entropy_coef: float = 0.0
+    ama: str = "off"
+    ama_token_scores: str = "score_models"
+    ama_upper: float = 0.3
+    ama_lower: float = -0.3
+    ama_min_kept: int = 1
+    micro_batch_tokens: int | None = None
+    bf16: str | bool = "auto"
+    gradient_checkpointing: bool = False
+    impl: str = "auto"
+    seed: int = 42
+    output_dir: str | None = None
+    checkpoint_every: int | None = None
+    keep_checkpoints: int | None = 2
+    resume: bool = False
+    tensorboard: str | bool = "auto"
+    progress: bool = True
+    sync_phase_timing: bool = False
+    device: str | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SafeRLConfig:
+        """A config from a mapping; unknown keys and values of the wrong type are refused, naming the key.
+
+        Floats may be given as ints or as numeric strings (PyYAML reads ``1e-6`` as a string).
+        """
+        if not isinstance(values, dict):
+            raise TypeError(f"SafeRLConfig.from_dict: expected a mapping of settings, got {type(values).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = [key for key in values if key not in known]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(str(key), list(known), n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"SafeRLConfig: unknown key(s) {', '.join(hints)}")
+        hints = typing.get_type_hints(cls)
+        coerced = {key: _coerce(key, value, hints[key]) for key, value in values.items()}
+        return cls(**coerced)
+
+    @classmethod
+    def from_yaml(cls, path) -> SafeRLConfig:
+        """A config from a YAML file holding one mapping of settings (see :meth:`from_dict`)."""
+        try:
+            import yaml
+        except ImportError as error:  # pragma: no cover - pyyaml ships with datasets/transformers installs
+            raise ImportError("SafeRLConfig.from_yaml needs PyYAML: pip install pyyaml") from error
+        text = Path(path).read_text(encoding="utf-8")
+        values = yaml.safe_load(text)
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ValueError(f"SafeRLConfig.from_yaml: {path} must hold a mapping of settings, "
+                             f"got {type(values).__name__}")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def rollout_rows(self) -> int:
+        """Rows (sequences) of one rollout: prompts_per_step · samples_per_prompt."""
+        return self.prompts_per_step * self.samples_per_prompt
+
+    # ---------------------------------------------------------------------------- validation
+
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the first bad field or combination."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+
+        _choice("estimator", self.estimator, ESTIMATORS)
+        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _choice("ama", self.ama, AMA_MODES)
+        _choice("ama_token_scores", self.ama_token_scores, AMA_TOKEN_SCORES)
+        _choice("impl", self.impl, IMPLS)
+        _choice("bf16", self.bf16, ("auto", True, False))
+        _choice("tensorboard", self.tensorboard, ("auto", True, False))
+
+        for name in ("total_steps", "prompts_per_step", "samples_per_prompt", "max_prompt_length",
+                     "max_new_tokens", "ppo_epochs", "ama_min_kept", "safety_set_size"):
+            _at_least(name, getattr(self, name), 1)
+        _at_least("top_k", self.top_k, 0)
+        _at_least("lambda_update_delay", self.lambda_update_delay, 0)
+        _at_least("cost_window_size", self.cost_window_size, 2)
+        _at_least("safety_set_size", self.safety_set_size, 2)
+        for name in ("minibatch_size", "micro_batch_tokens", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+
+        for name in ("temperature", "actor_lr", "critic_lr", "lambda_init", "clip_range", "value_clip_range"):
+            _positive(name, getattr(self, name))
+        for name in ("kl_coef", "lambda_lr", "weight_decay", "entropy_coef", "bound_c1", "bound_c2"):
+            _nonnegative(name, getattr(self, name))
+        for name in ("reward_clip", "max_grad_norm"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        _finite("cost_threshold", self.cost_threshold)
+        _finite("ama_upper", self.ama_upper)
+        _finite("ama_lower", self.ama_lower)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SafeRLConfig: top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"SafeRLConfig: delta must be in (0, 1), got {self.delta!r}")
+        for name in ("gamma", "gae_lambda"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"SafeRLConfig: {name} must be in [0, 1], got {getattr(self, name)!r}")
+
+        # Combinations.
+        if self.lambda_max is not None and not self.lambda_max >= self.lambda_init:
+            raise ValueError(f"SafeRLConfig: lambda_max ({self.lambda_max}) must be >= lambda_init "
+                             f"({self.lambda_init}), or None")
+        if self.rollout_rows < 2:
+            raise ValueError("SafeRLConfig: prompts_per_step · samples_per_prompt must be >= 2 (the cost window "
+                             "needs two costs for σ̂)")
+        if self.estimator == "rloo":
+            if self.samples_per_prompt < 2:
+                raise ValueError(f"SafeRLConfig: estimator='rloo' needs samples_per_prompt >= 2 (a leave-one-out "
+                                 f"baseline), got {self.samples_per_prompt}")
+            if self.ama_token_scores == "critics" and self.ama != "off":
+                raise ValueError("SafeRLConfig: ama_token_scores='critics' needs estimator='ppo' (rloo has no "
+                                 "critics); use ama_token_scores='score_models'")
+            if self.ppo_epochs != 1 or self.minibatch_size is not None:
+                raise ValueError("SafeRLConfig: estimator='rloo' does one update per rollout; ppo_epochs and "
+                                 "minibatch_size are PPO settings (leave them at 1 and None)")
+        if self.minibatch_size is not None and self.rollout_rows % self.minibatch_size:
+            raise ValueError(f"SafeRLConfig: minibatch_size={self.minibatch_size} must divide the rollout's rows "
+                             f"prompts_per_step · samples_per_prompt = {self.rollout_rows}")
+        if self.ama == "hysteresis" and not self.ama_lower < self.ama_upper:
+            raise ValueError(f"SafeRLConfig: ama='hysteresis' needs ama_lower < ama_upper, got "
+                             f"{self.ama_lower} and {self.ama_upper}")
+        if self.resume and self.output_dir is None:
+            raise ValueError("SafeRLConfig: resume=True needs output_dir (where the checkpoints are)")
+        if self.checkpoint_every is not None and self.output_dir is None:
+            raise ValueError("SafeRLConfig: checkpoint_every needs output_dir")
+        if self.tensorboard is True and self.output_dir is None:
+            raise ValueError("SafeRLConfig: tensorboard=True needs output_dir")
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if args:
+        return " | ".join(_type_name(a) for a in args)
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _matches(value, hint) -> bool:
+    args = typing.get_args(hint)
+    if args:  # a Union
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _check_type(name: str, value, hint) -> None:
+    if not _matches(value, hint):
+        raise TypeError(f"SafeRLConfig: {name} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _coerce(name: str, value, hint):
+    """YAML conveniences: a numeric string or an int for a float field becomes a float."""
+    allowed = typing.get_args(hint) or (hint,)
+    if float in allowed and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if float in allowed and int not in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    _check_type(name, value, hint)
+    return value
+
+
+def _choice(name: str, value, choices) -> None:
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        raise ValueError(f"SafeRLConfig: {name} must be one of {choices}, got {value!r}")
+
+
+def _at_least(name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ValueError(f"SafeRLConfig: {name} must be >= {minimum}, got {value!r}")
+
+
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"SafeRLConfig: {name} must be finite, got {value!r}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"SafeRLConfig: {name} must be a finite number > 0, got {value!r}")
+
+
+def _nonnegative(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"SafeRLConfig: {name} must be a finite number >= 0, got {value!r}")
