@@ -37,3 +37,11 @@ def seed():
 @pytest.fixture
 def generator(seed):
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def task(tmp_path_factory):
+    """The built-in offline task (hcrlhf.data.builtin), built once per test session."""
+    from hcrlhf.data.builtin import make_task
+
+    return make_task(tmp_path_factory.getbasetemp() / "hcrlhf-builtin", seed=0)

@@ -13,21 +13,6 @@ from hcrlhf.data.builtin import all_prompts, harm, helpfulness, is_safe, make_ta
 from hcrlhf.safety import assert_disjoint, fingerprint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores: a second intra-op thread only fights other processes for them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def task(tmp_path_factory):
-    # Shared by every test module through the cache under the session's base temp directory.
-    return make_task(tmp_path_factory.getbasetemp() / "hcrlhf-builtin", seed=0)
-
-
 def file_hashes(directory: Path) -> dict:
     return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file()}

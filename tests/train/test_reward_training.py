@@ -6,26 +6,10 @@ import json
 import pytest
 import torch
 
-from hcrlhf.data.builtin import make_task
 from hcrlhf.models import ScoreModel
 from hcrlhf.train import ScoreTrainingConfig, evaluate_score_model, train_cost_model, train_reward_model
 
 STEPS = 25
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores: a second intra-op thread only fights other processes for them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def task(tmp_path_factory):
-    # The same cache directory as tests/data: the task is built once per session.
-    return make_task(tmp_path_factory.getbasetemp() / "hcrlhf-builtin", seed=0)
 
 
 @pytest.fixture(scope="module")
