@@ -1,6 +1,8 @@
 """Training: reward and cost models (this package so far); the Lagrangian RL trainer comes later."""
 
 from hcrlhf.train.losses import COST_LOSSES, cost_loss, reward_loss
+from hcrlhf.train.rl_config import SafeRLConfig
+from hcrlhf.train.rl_trainer import Rollout, SafeRLTrainer, TrainingDivergedError, response_logprobs
 from hcrlhf.train.score_training import (
     ScoreTrainingConfig,
     ScoreTrainingResult,
@@ -20,4 +22,9 @@ __all__ = [
     "train_cost_model",
     "train_reward_model",
     "train_score_model",
+    "SafeRLConfig",
+    "SafeRLTrainer",
+    "Rollout",
+    "TrainingDivergedError",
+    "response_logprobs",
 ]

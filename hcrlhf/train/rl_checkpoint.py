@@ -78,7 +78,8 @@ def capture_rng_state() -> tuple[dict, dict]:
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{index}"] = state
     version, internal, gauss = random.getstate()
-    name, keys, position, has_gauss, cached = np.random.get_state()
+    # The legacy global numpy generator on purpose: it is what third-party code draws from.
+    name, keys, position, has_gauss, cached = np.random.get_state()  # noqa: NPY002
     return tensors, {
         "python": [version, list(internal), gauss],
         "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
@@ -94,7 +95,7 @@ def restore_rng_state(tensors: dict, state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))  # noqa: NPY002
 
 
 # ------------------------------------------------------------------------------------ optimisers

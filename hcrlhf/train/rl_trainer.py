@@ -1,0 +1,753 @@
+"""The lean Lagrangian RL trainer of HC-RLHF's candidate selection (SPEC.md §2.3).
+
+Each iteration of :meth:`SafeRLTrainer.step` reads top to bottom in numbered phases:
+
+1. **rollout** — ``samples_per_prompt`` responses per prompt with HF ``generate``; rows of one prompt are
+   adjacent (the layout ``ops.rloo_advantages`` expects);
+2. **score** — reward and cost models at each row's end token; the cost window's μ̂, σ̂, the pessimistic
+   coefficient k and the augmented costs c̃ = c + k·(c² − 2cμ̂)/(2σ̂);
+3. **log-probs** — the rollout policy and the reference, no grad, with ``ops.linear_logprobs`` applied to
+   the hidden states of response positions only (the LM head never sees a prompt position);
+4. **advantages** — ``ppo``: reward and cost critics + ``ops.safe_advantages`` (c̃ as the cost scores);
+   ``rloo``: ``ops.rloo_advantages``;
+5. **update** — ``rloo``: one REINFORCE step on A·Σ log π; ``ppo``: epochs × minibatches of the clipped
+   surrogate and clipped value losses for both critics; optional entropy bonus, gradient clipping and
+   (experimental) AMA mask;
+6. **multiplier** — ``LagrangeMultiplier.step(μ̂ + k·σ̂, τ)`` on the host;
+7. **log** — JSON Lines (and TensorBoard when installed), progress bar, checkpoint.
+
+Coordinates. A sequence is ``prompt (left padded) + response (right padded)``, width T. Per-token
+quantities live on the **action grid** (B, T − 1): column j is the action that produced token j + 1,
+its log-prob is read from the hidden state at position j and its state value is the critic's output at
+position j (the prefix through token j). ``action_mask`` is true on response tokens up to and including
+the first EOS.
+
+Host syncs. HF ``generate`` synchronises by itself (it checks for EOS every token); right after it the
+action mask is copied to the host once, so that every later gather index is built on the host. After
+that, phases 2–5 run without reading the device: λ reaches the kernels as a 0-dim device tensor, μ̂ and
+σ̂ are computed on the device from the window plus the new costs, and token counts stay tensors. The
+only read-back is in phases 6–7: the new costs (for the host-side cost window and the multiplier) and
+the logged metrics, in two transfers. NaN/Inf checks happen there too, so a diverged step raises
+:class:`TrainingDivergedError` before it can be checkpointed; the last good checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import hcrlhf.train.rl_checkpoint as rl_checkpoint
+from hcrlhf import ops
+from hcrlhf.data.templates import get_template, tokenize_prompts
+from hcrlhf.safety import CostWindow, LagrangeMultiplier, assert_disjoint, augmented_costs, pessimistic_coefficient
+from hcrlhf.train.rl_config import SafeRLConfig
+from hcrlhf.train.rl_losses import (
+    ama_mask,
+    clipped_value_loss,
+    explained_variance,
+    masked_entropy,
+    masked_sum,
+    ppo_policy_loss,
+    reinforce_loss,
+)
+
+__all__ = ["SafeRLTrainer", "TrainingDivergedError", "Rollout", "response_logprobs"]
+
+# Settings that may change between a run and its resumption (they do not change the trajectory).
+RESUMABLE_CHANGES = frozenset({"total_steps", "checkpoint_every", "keep_checkpoints", "resume", "progress",
+                               "tensorboard", "output_dir", "sync_phase_timing", "device"})
+# Config attributes of models whose logits are not plain ``hidden @ lm_head.T (+ bias)``.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# σ̂ floor for the augmented costs: a window of identical costs would otherwise divide by zero.
+_STD_FLOOR = 1e-6
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss, a gradient norm, a score, the cost bound or λ became NaN/Inf; training stopped."""
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled sequences.
+
+    Attributes:
+        prompts: the B prompt texts (each repeated ``samples_per_prompt`` times, adjacent).
+        input_ids: (B, T) prompt (left padded) + response (right padded).
+        attention_mask: (B, T) int64.
+        action_mask: (B, T − 1) bool on the device: response tokens up to and including the first EOS.
+        action_mask_host: the same on the CPU (gather indices are built from it without device syncs).
+        prompt_width: P, the padded prompt width (the response starts at column P of ``input_ids``).
+    """
+
+    prompts: list
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    action_mask: torch.Tensor
+    action_mask_host: torch.Tensor
+    prompt_width: int
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def _decoder_and_head(model: nn.Module):
+    """The model's decoder (returns last hidden states) and its LM head, for the fused log-prob path."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    prefix = getattr(model, "base_model_prefix", "")
+    decoder = getattr(model, prefix, None) if prefix else None
+    if not isinstance(head, nn.Linear) or not isinstance(decoder, nn.Module) or decoder is model:
+        raise ValueError(f"SafeRLTrainer: {type(model).__name__} does not expose a decoder and a linear lm_head "
+                         "(get_output_embeddings / base_model_prefix); the fused log-prob path needs both")
+    config = getattr(model, "config", None)
+    for attribute in _LOGIT_TRANSFORMS:
+        if getattr(config, attribute, None) not in (None, 1, 1.0):
+            raise NotImplementedError(f"SafeRLTrainer: {type(model).__name__} transforms its logits "
+                                      f"({attribute}={getattr(config, attribute)!r}); ops.linear_logprobs computes "
+                                      "plain hidden @ lm_head.T logits")
+    return decoder, head
+
+
+def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      action_index: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False,
+                      impl: str = "auto"):
+    """Log-probs (and entropies) of the response tokens on the action grid, LM head on those tokens only.
+
+    Args:
+        model: a Hugging Face causal LM (decoder + linear lm_head).
+        input_ids, attention_mask: (B, T); left or right padding (positions count real tokens).
+        action_index: (N,) int64 flat indices into the (B, T − 1) action grid of the tokens to score
+            (e.g. ``action_mask.flatten().nonzero()``); index ``b·(T−1) + j`` is token ``j + 1`` of row b.
+        temperature: logits are divided by it (the sampling temperature).
+        return_entropy: also return the per-token entropy.
+        impl: kernel implementation of ``ops.linear_logprobs``.
+
+    Returns:
+        (B, T − 1) float32 log-probs, 0 off ``action_index`` (and the entropies likewise). Differentiable
+        w.r.t. the model's parameters when called with grad enabled.
+    """
+    decoder, head = _decoder_and_head(model)
+    batch, width = input_ids.shape
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    output = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state  # (B, T, H)
+    # Action (b, j) predicts token j + 1 from the hidden state at j: grid index b·(T−1) + j maps to the
+    # hidden row b·T + j and to the label at b·T + j + 1. Only these N rows meet the LM head.
+    row = torch.div(action_index, width - 1, rounding_mode="floor")
+    hidden_index = action_index + row
+    selected = hidden.reshape(batch * width, -1).index_select(0, hidden_index)
+    labels = input_ids.reshape(-1).index_select(0, hidden_index + 1)
+    weight, bias = head.weight, head.bias
+    with torch.autocast(device_type=selected.device.type, enabled=False):  # the head stays in fp32 under bf16
+        out = ops.linear_logprobs(selected.to(weight.dtype), weight, labels, bias=bias, temperature=temperature,
+                                  return_entropy=return_entropy, impl=impl)
+    logp, entropy = out if return_entropy else (out, None)
+
+    def to_grid(values):
+        grid = torch.zeros(batch * (width - 1), dtype=values.dtype, device=values.device)
+        return grid.index_copy(0, action_index, values).view(batch, width - 1)
+
+    return (to_grid(logp), to_grid(entropy)) if return_entropy else to_grid(logp)
+
+
+class SafeRLTrainer:
+    """PPO-/RLOO-Lagrangian training of a policy against a reward model under a pessimistic cost bound.
+
+    Args:
+        config: :class:`SafeRLConfig`.
+        policy: the causal LM to train (usually the SFT model); trained in place.
+        tokenizer: its tokenizer (the reward and cost models must share it).
+        reward_model, cost_model: :class:`hcrlhf.models.ScoreModel` s (frozen here).
+        train_prompts: the candidate prompts (texts) to train on.
+        safety_prompts: the safety set D_s, to refuse any overlap: a :class:`hcrlhf.data.PromptSplit`, the
+            safety prompt texts, or their :func:`hcrlhf.safety.fingerprint`. Pass ``None`` explicitly to
+            skip the check (a warning says so).
+        reference_model: the KL reference (default: a frozen copy of ``policy`` as passed in).
+        reward_critic, cost_critic: ppo critics (default: ``ValueModel`` copies of the reward / cost
+            model, as Safe RLHF initialises them).
+        template: prompt template (see :func:`hcrlhf.data.get_template`).
+
+    On ``resume=True`` pass the same initial policy (and reference) as the first run: the reference
+    defaults to a copy of the policy *before* the checkpoint's weights are loaded into it.
+    """
+
+    def __init__(self, config: SafeRLConfig, *, policy, tokenizer, reward_model, cost_model, train_prompts,
+                 safety_prompts, reference_model=None, reward_critic=None, cost_critic=None, template=None):
+        if not isinstance(config, SafeRLConfig):
+            raise TypeError(f"SafeRLTrainer: config must be a SafeRLConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.train_prompts = _check_prompts(train_prompts)
+        _refuse_safety_overlap(self.train_prompts, safety_prompts)
+        self.tokenizer = tokenizer
+        self.template = get_template(template, tokenizer)
+        if tokenizer.pad_token_id is None:
+            raise ValueError("SafeRLTrainer: the tokenizer has no pad token; set tokenizer.pad_token")
+
+        self.device = torch.device(config.device) if config.device is not None else next(policy.parameters()).device
+        if config.bf16 is True and self.device.type != "cuda":
+            raise ValueError(f"SafeRLConfig: bf16=True needs a CUDA device; training is on {self.device}")
+        self.use_bf16 = (self.device.type == "cuda" and config.bf16 in (True, "auto")
+                         and torch.cuda.is_bf16_supported())
+        _seed_everything(config.seed)
+
+        # Models. The reference is copied before any checkpoint is loaded into the policy.
+        _decoder_and_head(policy)
+        self.policy = policy.to(self.device)
+        self.reference = reference_model if reference_model is not None else copy.deepcopy(policy)
+        self.reward_model, self.cost_model = reward_model, cost_model
+        for frozen in (self.reference, self.reward_model, self.cost_model):
+            frozen.to(self.device).eval().requires_grad_(False)
+        self.policy.eval()  # dropout off: rollout, old log-probs and update see the same function
+        if config.gradient_checkpointing:
+            if hasattr(self.policy, "activation_checkpointing_enable"):  # transformers >= 5
+                self.policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy.requires_grad_(True)
+        self.critics = {}
+        if config.estimator == "ppo":
+            from hcrlhf.models import ValueModel
+
+            if reward_critic is None:
+                reward_critic = ValueModel.from_score_model(reward_model)
+            if cost_critic is None:
+                cost_critic = ValueModel.from_score_model(cost_model)
+            self.critics = {"reward_critic": reward_critic, "cost_critic": cost_critic}
+            for critic in self.critics.values():
+                critic.to(self.device).eval().requires_grad_(True)
+
+        self.actor_optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.actor_lr,
+                                                 weight_decay=config.weight_decay)
+        self.critic_optimizer = None
+        if self.critics:
+            critic_parameters = [p for critic in self.critics.values() for p in critic.parameters()]
+            self.critic_optimizer = torch.optim.AdamW(critic_parameters, lr=config.critic_lr,
+                                                      weight_decay=config.weight_decay)
+        self.multiplier = LagrangeMultiplier(config.lambda_init, config.lambda_lr, config.lambda_max,
+                                             config.lambda_update_delay)
+        self.cost_window = CostWindow(config.cost_window_size)
+        self.global_step = 0  # completed iterations
+        self.history: list[dict] = []
+        self.last_checkpoint: Path | None = None
+        self._permutations: dict[int, list[int]] = {}
+
+        self.output_dir = Path(config.output_dir) if config.output_dir is not None else None
+        self._writer = None
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = _tensorboard_writer(config.tensorboard, self.output_dir)
+            if config.resume:
+                self._resume()
+            else:
+                (self.output_dir / "metrics.jsonl").write_text("", encoding="utf-8")
+            (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1), encoding="utf-8")
+
+    # ------------------------------------------------------------------------------- training
+
+    def train(self) -> list[dict]:
+        """Run iterations until ``total_steps``; returns the metrics of the iterations run now."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        ran = []
+        bar = tqdm(total=config.total_steps, initial=self.global_step, disable=not config.progress,
+                   desc="safe-rl", dynamic_ncols=True)
+        try:
+            while self.global_step < config.total_steps:
+                metrics = self.step()
+                ran.append(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", cost=f"{metrics['cost/mean']:.3f}",
+                                bound=f"{metrics['cost/bound']:.3f}", lam=f"{metrics['lambda']:.3g}")
+                last = self.global_step == config.total_steps
+                every = config.checkpoint_every
+                if self.output_dir is not None and ((every is not None and self.global_step % every == 0) or last):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if self._writer is not None:
+                self._writer.flush()
+        return ran
+
+    def step(self) -> dict:
+        """One iteration (phases 1–7 of the module docstring); returns its metrics."""
+        config = self.config
+        timer = _PhaseTimer(self.device, config.sync_phase_timing)
+        # λ of this iteration, as a device tensor: the kernels read it without a host sync.
+        lagrange = self.multiplier.tensor(device=self.device)
+        lagrange_value = self.multiplier.value
+
+        # 1. rollout ---------------------------------------------------------------------------
+        with timer("generation"):
+            rollout = self.rollout(self._next_prompts())
+        rows, action_mask = rollout.rows, rollout.action_mask
+        chunks = self._chunks(rollout, list(range(rows)))
+
+        # 2. score -----------------------------------------------------------------------------
+        with timer("scoring"), torch.no_grad(), self._autocast():
+            reward_out = [self.reward_model(rollout.input_ids[r], rollout.attention_mask[r]) for r, _ in chunks]
+            cost_out = [self.cost_model(rollout.input_ids[r], rollout.attention_mask[r]) for r, _ in chunks]
+            reward_scores = torch.cat([o.end_scores for o in reward_out]).float()
+            costs = torch.cat([o.end_scores for o in cost_out]).float()
+            # μ̂, σ̂ of the window *with* this rollout's costs, on the device (the host window is
+            # extended in phase 6, after the single read-back).
+            previous = torch.as_tensor(self.cost_window.values(), dtype=torch.float64).to(self.device)
+            window = torch.cat([previous, costs.double()])[-config.cost_window_size:]
+            n_costs = min(self.cost_window.n + rows, config.cost_window_size)
+            cost_mean, cost_std = window.mean(), window.std()
+            coefficient = pessimistic_coefficient(n_costs, config.safety_set_size, config.delta,
+                                                  config.bound_c1, config.bound_c2)
+            cost_scores = augmented_costs(costs, cost_mean, cost_std.clamp(min=_STD_FLOOR), coefficient)
+            bound_device = cost_mean + coefficient * cost_std
+
+        # 3. log-probs (rollout policy and reference; LM head on response positions only) -------
+        with timer("logprobs"), torch.no_grad(), self._autocast():
+            old_logprobs, old_entropy = self._grid_logprobs(self.policy, rollout, chunks, entropy=True)
+            ref_logprobs = self._grid_logprobs(self.reference, rollout, chunks)
+
+        # 4. advantages ------------------------------------------------------------------------
+        with timer("advantages"), torch.no_grad():
+            if config.estimator == "ppo":
+                with self._autocast():
+                    full_values = {name: torch.cat([critic(rollout.input_ids[r], rollout.attention_mask[r])
+                                                    for r, _ in chunks]).float()
+                                   for name, critic in self.critics.items()}
+                # The value of action j's state is the critic's output at position j (prefix through j).
+                reward_values = full_values["reward_critic"][:, :-1]
+                cost_values = full_values["cost_critic"][:, :-1]
+                result = ops.safe_advantages(
+                    old_logprobs, ref_logprobs, action_mask, reward_scores, cost_scores, reward_values, cost_values,
+                    kl_coef=config.kl_coef, lagrange_multiplier=lagrange, gamma=config.gamma, lam=config.gae_lambda,
+                    kl_estimator=config.kl_estimator, score_clip=config.reward_clip, kl_in_cost=config.kl_in_cost,
+                    normalize=config.normalize_advantages, whiten=config.whiten_advantages, impl=config.impl)
+                advantages = result.advantages
+                sequence_kl = result.kl.sum(dim=1)
+            else:
+                result = ops.rloo_advantages(
+                    old_logprobs, ref_logprobs, action_mask, reward_scores, cost_scores,
+                    group_size=config.samples_per_prompt, kl_coef=config.kl_coef, lagrange_multiplier=lagrange,
+                    kl_estimator=config.kl_estimator, score_clip=config.reward_clip, impl=config.impl)
+                advantages = result.advantages
+                sequence_kl = result.kl
+            policy_mask = action_mask
+            if config.ama != "off":  # EXPERIMENTAL (SPEC §5)
+                if config.ama_token_scores == "critics":
+                    # The state *after* token j + 1: the critics' outputs at position j + 1.
+                    after = {name: values[:, 1:] for name, values in full_values.items()}
+                    token_scores = after["reward_critic"] - lagrange * after["cost_critic"]
+                else:
+                    token_scores = (torch.cat([o.scores for o in reward_out]).float()[:, 1:]
+                                    - lagrange * torch.cat([o.scores for o in cost_out]).float()[:, 1:])
+                token_scores = token_scores / (1.0 + lagrange)
+                policy_mask = ama_mask(advantages, token_scores, action_mask, mode=config.ama, upper=config.ama_upper,
+                                       lower=config.ama_lower, min_kept=config.ama_min_kept)
+
+        # 5. update ----------------------------------------------------------------------------
+        with timer("update"):
+            if config.estimator == "ppo":
+                update_stats = self._update_ppo(rollout, old_logprobs, advantages, policy_mask, reward_values,
+                                                cost_values, result.reward_returns, result.cost_returns)
+            else:
+                update_stats = self._update_rloo(rollout, advantages, policy_mask)
+
+        # 6. multiplier (host) -----------------------------------------------------------------
+        with timer("multiplier"):
+            token_count = action_mask.sum()
+            device_metrics = {
+                "reward/mean": reward_scores.mean(), "reward/std": reward_scores.std(),
+                "cost/mean": costs.mean(), "cost/std": costs.std(), "cost/augmented_mean": cost_scores.mean(),
+                "cost/bound_device": bound_device, "kl": sequence_kl.mean(),
+                "entropy": masked_sum(old_entropy, action_mask) / token_count.clamp(min=1),
+                "advantages/mean": advantages.mean() if advantages.dim() == 1 else
+                masked_sum(advantages, action_mask) / token_count.clamp(min=1),
+                "response_length/mean": action_mask.sum(dim=1).float().mean(),
+                "tokens": token_count.float(),
+                "ama/kept_fraction": policy_mask.sum() / token_count.clamp(min=1),
+                **update_stats,
+            }
+            if config.estimator == "ppo":
+                device_metrics["explained_variance/reward"] = explained_variance(
+                    reward_values, result.reward_returns, action_mask)
+                device_metrics["explained_variance/cost"] = explained_variance(
+                    cost_values, result.cost_returns, action_mask)
+            names = list(device_metrics)
+            values = torch.stack([device_metrics[n].detach().float().reshape(()) for n in names]).cpu().tolist()
+            metrics = dict(zip(names, values))
+            host_costs = costs.double().cpu()
+            self._check_finite(metrics, ("policy_loss", "value_loss/reward", "value_loss/cost", "grad_norm/actor",
+                                         "grad_norm/critics", "reward/mean", "cost/mean"))
+            self.cost_window.extend(host_costs)
+            bound = self.cost_window.pessimistic_bound(coefficient)
+            if not math.isfinite(bound):
+                self._diverged("the pessimistic cost bound", bound)
+            self.multiplier.step(bound, config.cost_threshold)
+            if not math.isfinite(self.multiplier.value):
+                self._diverged("the Lagrange multiplier λ", self.multiplier.value)
+
+        # 7. log -------------------------------------------------------------------------------
+        self.global_step += 1
+        total = timer.total()
+        metrics.update({
+            "step": self.global_step, "lambda": lagrange_value, "lambda_next": self.multiplier.value,
+            "cost/bound": bound, "cost/threshold": config.cost_threshold, "cost/coefficient_k": coefficient,
+            "cost/window_mean": self.cost_window.mean, "cost/window_std": self.cost_window.std,
+            "cost/window_n": self.cost_window.n, "tokens_per_s": metrics["tokens"] / max(total, 1e-9),
+            **{f"time/{name}": seconds for name, seconds in timer.seconds.items()}, "time/total": total,
+        })
+        metrics.pop("cost/bound_device")
+        self._log(metrics)
+        return metrics
+
+    # ------------------------------------------------------------------------------- phases
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]) -> Rollout:
+        """Phase 1: sample ``samples_per_prompt`` responses per prompt (rows of one prompt adjacent)."""
+        config, tokenizer = self.config, self.tokenizer
+        batch = tokenize_prompts(tokenizer, prompts, template=self.template, max_length=config.max_prompt_length)
+        repeat = config.samples_per_prompt
+        prompt_ids = batch.input_ids.repeat_interleave(repeat, dim=0).to(self.device)
+        prompt_mask = batch.attention_mask.repeat_interleave(repeat, dim=0).to(self.device)
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        with self._autocast():
+            output = self.policy.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=config.temperature,
+                top_p=config.top_p, top_k=config.top_k, max_new_tokens=config.max_new_tokens,
+                pad_token_id=pad, eos_token_id=eos)
+        width = prompt_ids.shape[1]
+        response = output[:, width:]
+        if eos is not None:
+            # Valid: up to and including the first EOS (cumsum, so a pad id equal to EOS is fine).
+            is_eos = (response == eos).long()
+            valid = (is_eos.cumsum(dim=1) - is_eos) == 0
+        else:
+            valid = torch.ones_like(response, dtype=torch.bool)
+        response = response.masked_fill(~valid, pad)
+        input_ids = torch.cat([prompt_ids, response], dim=1)
+        attention_mask = torch.cat([prompt_mask.long(), valid.long()], dim=1)
+        # Action j produces token j + 1; response token i sits at column width + i, i.e. action width − 1 + i.
+        action_mask = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.bool, device=self.device)
+        action_mask[:, width - 1:] = valid
+        texts = [p for p in prompts for _ in range(repeat)]
+        return Rollout(texts, input_ids, attention_mask, action_mask, action_mask.cpu(), width)
+
+    def _grid_logprobs(self, model, rollout: Rollout, chunks, *, entropy: bool = False):
+        outputs = [response_logprobs(model, rollout.input_ids[r], rollout.attention_mask[r], index,
+                                     temperature=self.config.temperature, return_entropy=entropy,
+                                     impl=self.config.impl) for r, index in chunks]
+        if entropy:
+            return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+        return torch.cat(outputs)
+
+    def _update_rloo(self, rollout: Rollout, advantages, policy_mask) -> dict:
+        """Phase 5, rloo: one REINFORCE step on −mean_i A_i·Σ_t log π(y_t) (+ entropy bonus)."""
+        config = self.config
+        optimizer = self.actor_optimizer
+        optimizer.zero_grad(set_to_none=True)
+        rows = rollout.rows
+        row_count = torch.tensor(float(rows), device=self.device)
+        token_count = rollout.action_mask.sum().clamp(min=1).float()
+        policy_loss_sum = torch.zeros((), device=self.device)
+        entropy_sum = torch.zeros((), device=self.device)
+        self._train_mode(True)
+        try:
+            for r, index in self._chunks(rollout, list(range(rows))):
+                with self._autocast():
+                    out = response_logprobs(self.policy, rollout.input_ids[r], rollout.attention_mask[r], index,
+                                            temperature=config.temperature, return_entropy=config.entropy_coef > 0,
+                                            impl=config.impl)
+                logprobs, entropy = out if config.entropy_coef > 0 else (out, None)
+                loss = reinforce_loss(logprobs, advantages[r], policy_mask[r], denominator=row_count)
+                policy_loss_sum = policy_loss_sum + loss.detach()
+                if entropy is not None:
+                    bonus = masked_entropy(entropy, rollout.action_mask[r], denominator=token_count)
+                    entropy_sum = entropy_sum + bonus.detach()
+                    loss = loss - config.entropy_coef * bonus
+                loss.backward()
+        finally:
+            self._train_mode(False)
+        grad_norm = _clip(self.policy.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats = {"policy_loss": policy_loss_sum, "grad_norm/actor": grad_norm}
+        if config.entropy_coef > 0:
+            stats["entropy/updated"] = entropy_sum
+        return stats
+
+    def _update_ppo(self, rollout: Rollout, old_logprobs, advantages, policy_mask, reward_values, cost_values,
+                    reward_returns, cost_returns) -> dict:
+        """Phase 5, ppo: epochs × minibatches of the clipped surrogate and the two clipped value losses."""
+        config = self.config
+        rows = rollout.rows
+        minibatch = config.minibatch_size or rows
+        zero = lambda: torch.zeros((), device=self.device)  # noqa: E731
+        sums = {"policy_loss": zero(), "value_loss/reward": zero(), "value_loss/cost": zero(),
+                "grad_norm/actor": zero(), "grad_norm/critics": zero()}
+        clipped, approx_kl, policy_tokens, entropy_sum = zero(), zero(), zero(), zero()
+        updates = 0
+        critic_parameters = [p for critic in self.critics.values() for p in critic.parameters()]
+        reward_critic, cost_critic = self.critics["reward_critic"], self.critics["cost_critic"]
+        self._train_mode(True)
+        try:
+            for _ in range(config.ppo_epochs):
+                order = torch.randperm(rows).tolist()  # the global CPU generator: saved in checkpoints
+                for start in range(0, rows, minibatch):
+                    members = order[start:start + minibatch]
+                    member_index = torch.tensor(members, device=self.device)
+                    # Denominators of the whole minibatch, as device tensors (micro-batches sum to it).
+                    n_policy = policy_mask.index_select(0, member_index).sum().clamp(min=1).float()
+                    n_tokens = rollout.action_mask.index_select(0, member_index).sum().clamp(min=1).float()
+                    for micro_rows, index in self._chunks(rollout, members):
+                        pick = lambda x: x[micro_rows]  # noqa: E731, B023
+                        input_ids, attention_mask = pick(rollout.input_ids), pick(rollout.attention_mask)
+                        mask = pick(rollout.action_mask)
+                        with self._autocast():
+                            out = response_logprobs(self.policy, input_ids, attention_mask, index,
+                                                    temperature=config.temperature,
+                                                    return_entropy=config.entropy_coef > 0, impl=config.impl)
+                            new_reward_values = reward_critic(input_ids, attention_mask)[:, :-1].float()
+                            new_cost_values = cost_critic(input_ids, attention_mask)[:, :-1].float()
+                        logprobs, entropy = out if config.entropy_coef > 0 else (out, None)
+                        policy_loss, n_clipped, kl_sum = ppo_policy_loss(
+                            logprobs, pick(old_logprobs), pick(advantages), pick(policy_mask), config.clip_range,
+                            denominator=n_policy)
+                        reward_value_loss = clipped_value_loss(new_reward_values, pick(reward_values),
+                                                               pick(reward_returns), mask, config.value_clip_range,
+                                                               denominator=n_tokens)
+                        cost_value_loss = clipped_value_loss(new_cost_values, pick(cost_values), pick(cost_returns),
+                                                             mask, config.value_clip_range, denominator=n_tokens)
+                        loss = policy_loss + reward_value_loss + cost_value_loss  # disjoint parameters
+                        if entropy is not None:
+                            bonus = masked_entropy(entropy, mask, denominator=n_tokens)
+                            entropy_sum = entropy_sum + bonus.detach()
+                            loss = loss - config.entropy_coef * bonus
+                        loss.backward()
+                        sums["policy_loss"] += policy_loss.detach()
+                        sums["value_loss/reward"] += reward_value_loss.detach()
+                        sums["value_loss/cost"] += cost_value_loss.detach()
+                        clipped, approx_kl = clipped + n_clipped, approx_kl + kl_sum
+                        policy_tokens = policy_tokens + masked_sum(torch.ones_like(logprobs), pick(policy_mask))
+                    sums["grad_norm/actor"] += _clip(self.policy.parameters(), config.max_grad_norm)
+                    sums["grad_norm/critics"] += _clip(critic_parameters, config.max_grad_norm)
+                    self.actor_optimizer.step()
+                    self.critic_optimizer.step()
+                    self.actor_optimizer.zero_grad(set_to_none=True)
+                    self.critic_optimizer.zero_grad(set_to_none=True)
+                    updates += 1
+        finally:
+            self._train_mode(False)
+        stats = {name: total / updates for name, total in sums.items()}
+        stats["clip_fraction"] = clipped / policy_tokens.clamp(min=1)
+        stats["approx_kl"] = approx_kl / policy_tokens.clamp(min=1)
+        if config.entropy_coef > 0:
+            stats["entropy/updated"] = entropy_sum / updates
+        return stats
+
+    # ------------------------------------------------------------------------ checkpoints
+
+    def _modules(self) -> dict:
+        return {"policy": self.policy, **self.critics}
+
+    def _optimizers(self) -> dict:
+        optimizers = {"actor_optimizer": self.actor_optimizer}
+        if self.critic_optimizer is not None:
+            optimizers["critic_optimizer"] = self.critic_optimizer
+        return optimizers
+
+    def save_checkpoint(self) -> Path:
+        """Save an atomic checkpoint of the current state under ``output_dir/checkpoints``."""
+        if self.output_dir is None:
+            raise ValueError("SafeRLTrainer.save_checkpoint: config.output_dir is None")
+        state = {"config": self.config.to_dict(), "multiplier": self.multiplier.state_dict(),
+                 "cost_window": self.cost_window.state_dict()}
+        self.last_checkpoint = rl_checkpoint.save_checkpoint(
+            self.output_dir, self.global_step, modules=self._modules(), optimizers=self._optimizers(), state=state,
+            keep=self.config.keep_checkpoints)
+        return self.last_checkpoint
+
+    def _resume(self) -> None:
+        rl_checkpoint.remove_stale_temporaries(self.output_dir)
+        path = rl_checkpoint.latest_checkpoint(self.output_dir)
+        metrics_path = self.output_dir / "metrics.jsonl"
+        if path is None:
+            warnings.warn(f"SafeRLTrainer: resume=True but {self.output_dir} has no checkpoint; starting from step 0")
+            metrics_path.write_text("", encoding="utf-8")
+            return
+        saved = json.loads((path / rl_checkpoint.STATE_NAME).read_text(encoding="utf-8"))["config"]
+        current = self.config.to_dict()
+        changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise ValueError(f"SafeRLTrainer: cannot resume from {path}: the config differs in {details}")
+        state = rl_checkpoint.load_checkpoint(path, modules=self._modules(), optimizers=self._optimizers())
+        self.multiplier.load_state_dict(state["multiplier"])
+        self.cost_window.load_state_dict(state["cost_window"])
+        self.global_step = int(state["step"])
+        self.last_checkpoint = path
+        # Drop metrics of iterations after the checkpoint (a killed run logged them; they are re-run).
+        if metrics_path.exists():
+            lines = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
+                     if line.strip() and json.loads(line)["step"] <= self.global_step]
+            metrics_path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+    def save_pretrained(self, path) -> None:
+        """The trained policy (and tokenizer) as a Hugging Face directory, safetensors."""
+        self.policy.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _next_prompts(self) -> list[str]:
+        """The prompts of iteration ``global_step``: a stream of seeded per-epoch permutations, so that
+        the order depends only on (seed, step) and a resumed run draws the same prompts."""
+        n, per_step = len(self.train_prompts), self.config.prompts_per_step
+        picked = []
+        for position in range(self.global_step * per_step, (self.global_step + 1) * per_step):
+            epoch, offset = divmod(position, n)
+            if epoch not in self._permutations:
+                order = list(range(n))
+                random.Random(f"{self.config.seed}-prompts-{epoch}").shuffle(order)
+                self._permutations = {epoch: order}
+            picked.append(self.train_prompts[self._permutations[epoch][offset]])
+        return picked
+
+    def _chunks(self, rollout: Rollout, members: list[int]):
+        """Micro-batches of ``members`` within the token budget: ``(rows, action_index)`` pairs, where
+        ``rows`` is a slice (contiguous rows) or a device index tensor, and ``action_index`` the flat
+        response positions of those rows on the (rows, T − 1) grid, built from the host copy of the mask."""
+        budget = self.config.micro_batch_tokens
+        per_chunk = len(members) if budget is None else max(1, budget // rollout.width)
+        out = []
+        contiguous = members == list(range(members[0], members[0] + len(members))) if members else True
+        for start in range(0, len(members), per_chunk):
+            part = members[start:start + per_chunk]
+            host_rows = torch.tensor(part)
+            index = rollout.action_mask_host.index_select(0, host_rows).reshape(-1).nonzero().squeeze(1)
+            index = index.to(self.device, non_blocking=True)
+            rows = slice(part[0], part[-1] + 1) if contiguous else host_rows.to(self.device, non_blocking=True)
+            out.append((rows, index))
+        return out
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    def _train_mode(self, on: bool) -> None:
+        # Gradient checkpointing in HF models only runs in train mode; otherwise stay in eval (no dropout).
+        if self.config.gradient_checkpointing:
+            self.policy.train(on)
+
+    def _check_finite(self, metrics: dict, names) -> None:
+        for name in names:
+            if name in metrics and not math.isfinite(metrics[name]):
+                self._diverged(name, metrics[name])
+
+    def _diverged(self, what: str, value) -> None:
+        where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint is not None
+                 else "no checkpoint was saved yet")
+        raise TrainingDivergedError(
+            f"SafeRLTrainer: {what} is {value} at iteration {self.global_step + 1}; training stopped and this "
+            f"iteration was not checkpointed ({where}). Lower the learning rates, check the reward/cost models "
+            "for NaN scores, or set reward_clip / lambda_max.")
+
+    def _log(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        if self.output_dir is not None:
+            with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(metrics, sort_keys=True) + "\n")
+        if self._writer is not None:
+            for name, value in metrics.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    self._writer.add_scalar(name, value, metrics["step"])
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+class _PhaseTimer:
+    """Wall-clock seconds per phase (device-synchronised at the boundaries when asked)."""
+
+    def __init__(self, device: torch.device, synchronize: bool):
+        self.device, self.synchronize = device, synchronize and device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.synchronize:
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.synchronize:
+                torch.cuda.synchronize(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+def _clip(parameters, max_norm: float | None) -> torch.Tensor:
+    """Clip the gradient norm (or only measure it when ``max_norm`` is None); a device tensor, no sync."""
+    return torch.nn.utils.clip_grad_norm_(list(parameters), math.inf if max_norm is None else max_norm)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - the legacy global generator, as third-party code uses
+    torch.manual_seed(seed)
+
+
+def _check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError("SafeRLTrainer: train_prompts must be a collection of prompt strings, not one string")
+    texts = list(prompts)
+    if not texts:
+        raise ValueError("SafeRLTrainer: train_prompts must not be empty")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"SafeRLTrainer: train_prompts[{index}] must be a str, got {type(text).__name__}")
+    return texts
+
+
+def _refuse_safety_overlap(train_prompts: list[str], safety_prompts) -> None:
+    """SPEC §2.2: nothing in training may read D_s — refuse overlapping prompt sets up front."""
+    if safety_prompts is None:
+        warnings.warn("SafeRLTrainer: safety_prompts=None, so the training prompts are not checked against the "
+                      "safety set; pass the PromptSplit (or the safety prompts / fingerprint) to enforce SPEC §2.2")
+        return
+    if hasattr(safety_prompts, "safety") and hasattr(safety_prompts, "safety_fingerprint"):  # a PromptSplit
+        assert_disjoint(train_prompts, list(safety_prompts.safety))
+    elif isinstance(safety_prompts, str):
+        assert_disjoint(train_prompts, safety_prompts)
+    else:
+        assert_disjoint(train_prompts, list(safety_prompts))
+
+
+def _tensorboard_writer(setting, output_dir: Path):
+    if setting is False:
+        return None
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        if setting is True:
+            raise ImportError("SafeRLConfig: tensorboard=True but TensorBoard is not installed "
+                              "(pip install tensorboard), or set tensorboard='auto' / False") from error
+        return None
+    return SummaryWriter(log_dir=str(output_dir / "tensorboard"))

@@ -1,0 +1,75 @@
+"""SafeRLConfig: unknown keys, wrong types and bad ranges are refused naming the key; invalid combinations
+are rejected up front; YAML round trip (including PyYAML's string-typed ``1e-6``)."""
+
+import dataclasses
+
+import pytest
+
+from hcrlhf.train import SafeRLConfig
+
+
+def test_defaults_are_valid_and_documented():
+    config = SafeRLConfig()
+    assert config.estimator == "ppo" and config.kl_coef == 0.1 and config.lambda_max == 1e6
+    doc = SafeRLConfig.__doc__
+    for field in dataclasses.fields(SafeRLConfig):
+        assert f"{field.name}:" in doc or f", {field.name}:" in doc or f"{field.name}, " in doc, field.name
+
+
+def test_unknown_keys_are_named_with_a_suggestion():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'estimater' \(did you mean 'estimator'\?\)"):
+        SafeRLConfig.from_dict({"estimater": "rloo"})
+    with pytest.raises(ValueError, match="'no_such_setting'"):
+        SafeRLConfig.from_dict({"no_such_setting": 1, "kl_coef": 0.2})
+
+
+@pytest.mark.parametrize("key, value, error, pattern", [
+    ("total_steps", "10", TypeError, "total_steps must be int"),
+    ("total_steps", 2.5, TypeError, "total_steps must be int"),
+    ("kl_coef", True, TypeError, "kl_coef must be float"),
+    ("kl_coef", "lots", TypeError, "kl_coef must be float"),
+    ("estimator", "dpo", ValueError, "estimator must be one of"),
+    ("kl_estimator", "k4", ValueError, "kl_estimator"),
+    ("temperature", 0.0, ValueError, "temperature must be a finite number > 0"),
+    ("top_p", 1.5, ValueError, "top_p must be in"),
+    ("delta", 1.0, ValueError, "delta must be in"),
+    ("gae_lambda", -0.1, ValueError, "gae_lambda must be in"),
+    ("cost_window_size", 1, ValueError, "cost_window_size must be >= 2"),
+    ("lambda_lr", -1.0, ValueError, "lambda_lr must be a finite number >= 0"),
+    ("ama", "on", ValueError, "ama must be one of"),
+    ("bf16", "yes", ValueError, "bf16 must be one of"),
+])
+def test_bad_values_are_named(key, value, error, pattern):
+    with pytest.raises(error, match=pattern):
+        SafeRLConfig.from_dict({key: value})
+
+
+@pytest.mark.parametrize("values, pattern", [
+    ({"estimator": "rloo", "samples_per_prompt": 1}, "rloo' needs samples_per_prompt >= 2"),
+    ({"estimator": "rloo", "ama": "sign", "ama_token_scores": "critics"}, "needs estimator='ppo'"),
+    ({"estimator": "rloo", "ppo_epochs": 4}, "one update per rollout"),
+    ({"prompts_per_step": 3, "samples_per_prompt": 2, "minibatch_size": 4}, "must divide"),
+    ({"ama": "hysteresis", "ama_lower": 0.5, "ama_upper": 0.3}, "ama_lower < ama_upper"),
+    ({"lambda_init": 2.0, "lambda_max": 1.0}, "lambda_max"),
+    ({"resume": True}, "resume=True needs output_dir"),
+    ({"checkpoint_every": 5}, "checkpoint_every needs output_dir"),
+    ({"prompts_per_step": 1, "samples_per_prompt": 1}, ">= 2"),
+])
+def test_invalid_combinations_are_rejected(values, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        SafeRLConfig.from_dict(values)
+
+
+def test_yaml(tmp_path):
+    path = tmp_path / "rl.yaml"
+    path.write_text("estimator: rloo\nactor_lr: 1e-6\nreward_clip: null\ntotal_steps: 3\nkl_coef: 1\n")
+    config = SafeRLConfig.from_yaml(path)
+    assert config.estimator == "rloo" and config.actor_lr == 1e-6 and config.reward_clip is None
+    assert config.total_steps == 3 and isinstance(config.kl_coef, float)
+    assert SafeRLConfig.from_dict(config.to_dict()) == config
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        SafeRLConfig.from_yaml(path)
+    path.write_text("estimator: ppo\nclip_rnage: 0.1\n")
+    with pytest.raises(ValueError, match="clip_rnage.*clip_range"):
+        SafeRLConfig.from_yaml(path)
