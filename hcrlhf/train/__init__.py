@@ -1,4 +1,4 @@
-"""Training: reward and cost models (this package so far); the Lagrangian RL trainer comes later."""
+"""Training: reward and cost models, and the Lagrangian RL trainer (PPO/RLOO, optional PTX mix and LoRA)."""
 
 from hcrlhf.train.losses import COST_LOSSES, cost_loss, reward_loss
 from hcrlhf.train.rl_config import SafeRLConfig

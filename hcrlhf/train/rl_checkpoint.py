@@ -4,6 +4,9 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step-<NNNNNNNN>/`` holdin
 
 * ``<module>.safetensors`` — weights of each module (policy, critics), saved with
   ``safetensors.torch.save_model`` so that tied weights (lm_head = embeddings) are handled;
+* ``<module>_adapter/`` — with LoRA, instead of the policy's full weights: its adapter weights only, as a
+  standard peft adapter directory (``adapter_model.safetensors`` + ``adapter_config.json``, loadable with
+  ``peft.PeftModel.from_pretrained``);
 * ``<optimizer>.safetensors`` + ``<optimizer>.json`` — an optimiser's state tensors and the rest of
   its ``state_dict`` (param groups, scalars), no pickle;
 * ``rng.safetensors`` — the torch CPU (and CUDA) generator states;
@@ -35,7 +38,11 @@ __all__ = [
     "remove_stale_temporaries",
     "capture_rng_state",
     "restore_rng_state",
+    "import_peft",
 ]
+
+PEFT_MISSING = ("LoRA needs the optional dependency peft, which is not installed: pip install 'hcrlhf[lora]' "
+                "(or pip install peft), or set lora_r=0")
 
 STATE_NAME = "trainer_state.json"
 RNG_NAME = "rng.safetensors"
@@ -134,12 +141,62 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, directory: Path, name: str
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+# ----------------------------------------------------------------------------------- adapters
+
+
+def import_peft():
+    """``peft``, imported lazily; a clear ``ImportError`` naming the extra when it is missing."""
+    try:
+        import peft
+    except ImportError as error:
+        raise ImportError(PEFT_MISSING) from error
+    return peft
+
+
+def _adapter_dir(directory: Path, name: str) -> Path:
+    return directory / f"{name}_adapter"
+
+
+def _save_adapter(model, directory: Path, name: str) -> None:
+    """The adapter weights of a peft model as a peft adapter directory (no model card, no hub calls)."""
+    from safetensors.torch import save_file
+
+    peft = import_peft()
+    target = _adapter_dir(directory, name)
+    target.mkdir()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in peft.get_peft_model_state_dict(model).items()}
+    save_file(tensors, target / "adapter_model.safetensors", metadata={"format": "pt"})
+    model.peft_config[model.active_adapter].save_pretrained(str(target))
+
+
+def _load_adapter(model, directory: Path, name: str) -> None:
+    from safetensors.torch import load_file
+
+    peft = import_peft()
+    path = _adapter_dir(directory, name) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"load_checkpoint: {path} is missing: was the checkpoint saved without LoRA? (lora_r "
+                         "must match the run that wrote it)")
+    device = next(model.parameters()).device
+    tensors = load_file(path, device=str(device))
+    expected = set(peft.get_peft_model_state_dict(model))
+    if set(tensors) != expected:
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(f"load_checkpoint: the adapter weights in {path} do not match the model's adapters "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    result = peft.set_peft_model_state_dict(model, tensors)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"load_checkpoint: unexpected adapter keys {result.unexpected_keys[:3]} in {path}")
+
+
 # ------------------------------------------------------------------------------------ save / load
 
 
 def save_checkpoint(output_dir, step: int, *, modules: dict, optimizers: dict, state: dict,
-                    keep: int | None = None) -> Path:
-    """Write a checkpoint atomically and return its directory; keep only the newest ``keep`` ones."""
+                    keep: int | None = None, adapters: dict | None = None) -> Path:
+    """Write a checkpoint atomically and return its directory; keep only the newest ``keep`` ones.
+
+    ``modules`` are saved whole; ``adapters`` (peft models) only by their adapter weights."""
     from safetensors.torch import save_file, save_model
 
     root = checkpoint_root(output_dir)
@@ -149,6 +206,8 @@ def save_checkpoint(output_dir, step: int, *, modules: dict, optimizers: dict, s
     try:
         for name, module in modules.items():
             save_model(module, str(temporary / f"{name}.safetensors"), metadata={"format": "pt"})
+        for name, model in (adapters or {}).items():
+            _save_adapter(model, temporary, name)
         for name, optimizer in optimizers.items():
             _save_optimizer(optimizer, temporary, name)
         rng_tensors, rng_state = capture_rng_state()
@@ -171,8 +230,10 @@ def save_checkpoint(output_dir, step: int, *, modules: dict, optimizers: dict, s
     return final
 
 
-def load_checkpoint(path, *, modules: dict, optimizers: dict, restore_rng: bool = True) -> dict:
-    """Load weights and optimiser states in place; restore RNG states; return the trainer state."""
+def load_checkpoint(path, *, modules: dict, optimizers: dict, restore_rng: bool = True,
+                    adapters: dict | None = None) -> dict:
+    """Load weights (``adapters``: adapter weights only) and optimiser states in place; restore RNG states;
+    return the trainer state."""
     from safetensors.torch import load_file, load_model
 
     directory = Path(path)
@@ -180,6 +241,8 @@ def load_checkpoint(path, *, modules: dict, optimizers: dict, restore_rng: bool 
     for name, module in modules.items():
         device = next(module.parameters()).device
         load_model(module, str(directory / f"{name}.safetensors"), device=str(device))
+    for name, model in (adapters or {}).items():
+        _load_adapter(model, directory, name)
     for name, optimizer in optimizers.items():
         _load_optimizer(optimizer, directory, name)
     if restore_rng:

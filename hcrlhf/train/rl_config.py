@@ -77,6 +77,33 @@ class SafeRLConfig:
         normalize_advantages: divide A_r − λ·A_c by 1 + λ (ppo).
         whiten_advantages: whiten the combined per-token advantages (ppo).
         entropy_coef: weight of the entropy bonus (0: off); the entropy is always logged.
+        ptx_coef: weight of the pretraining-loss mix (Safe RLHF's PTX; the official HC-RLHF code's
+            optional mix uses 8; 0: off). Each optimiser step of the policy (rloo: one per iteration; ppo:
+            ppo_epochs × minibatches per iteration) draws ``ptx_batch_size`` rows of ``ptx_path`` and
+            adds ``ptx_coef ·`` their language-modelling loss (mean negative log-likelihood per target
+            token, temperature 1) to the policy loss before that single optimiser step; Safe RLHF instead
+            takes a separate optimiser step on it. Logged as ``ptx_loss``.
+        ptx_path: the PTX text (required when ptx_coef > 0, refused otherwise): a JSON Lines file
+            (or a ``.json`` list) whose rows are all ``{"prompt", "response"}`` (SFT data, e.g. the
+            built-in task's ``sft.jsonl``: the prompt is formatted with the trainer's template and is
+            context only; the targets are the response tokens and an EOS) or all ``{"text"}`` (plain
+            text: every token after the first, and an EOS, is a target). Rows are cut to
+            max_prompt_length + max_new_tokens tokens. Rows are drawn without replacement in seeded
+            per-epoch permutations, as a function of (seed, update step) only, so a resumed run draws
+            the same batches; the checkpoint records the file's hash and resuming with a different
+            file is refused.
+        ptx_batch_size: PTX rows per policy update step (None: as many as the update's rollout rows,
+            i.e. minibatch_size or the whole rollout, as Safe RLHF pairs them).
+        lora_r: rank of LoRA adapters on the policy (0: off, full fine-tuning). With LoRA (needs peft:
+            ``pip install 'hcrlhf[lora]'``) the policy passed to the trainer is wrapped in place with
+            ``peft.get_peft_model``, only the adapter weights train, and the KL reference is the same
+            model with its adapters disabled (no frozen copy). Checkpoints then hold the adapter weights
+            only (a peft adapter directory, safetensors). LoRA has no dropout setting here: the trainer
+            runs the policy in eval mode, so that sampling, old log-probs and the update see one function.
+        lora_alpha: LoRA α (the adapter output is scaled by α / r).
+        lora_target_modules: names (suffixes) of the linear modules that get adapters, e.g.
+            ``["q_proj", "v_proj"]``, or "all-linear"; None: peft's default for the architecture. Must
+            not include the LM head (``ops.linear_logprobs`` needs a plain linear head).
         ama: EXPERIMENTAL. Equilibrate RLHF's adaptive message-wise alignment mask (SPEC §5):
             "off", "sign" or "hysteresis". The authors published no PPO/RLOO + AMA results (only a
             DPO-based variant); treat any effect as unvalidated.
@@ -144,6 +171,12 @@ class SafeRLConfig:
     normalize_advantages: bool = True
     whiten_advantages: bool = False
     entropy_coef: float = 0.0
+    ptx_coef: float = 0.0
+    ptx_path: str | None = None
+    ptx_batch_size: int | None = None
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_target_modules: list[str] | str | None = None
     ama: str = "off"
     ama_token_scores: str = "score_models"
     ama_upper: float = 0.3
@@ -235,13 +268,16 @@ class SafeRLConfig:
         _at_least("lambda_update_delay", self.lambda_update_delay, 0)
         _at_least("cost_window_size", self.cost_window_size, 2)
         _at_least("safety_set_size", self.safety_set_size, 2)
-        for name in ("minibatch_size", "micro_batch_tokens", "checkpoint_every", "keep_checkpoints"):
+        _at_least("lora_r", self.lora_r, 0)
+        for name in ("minibatch_size", "micro_batch_tokens", "checkpoint_every", "keep_checkpoints",
+                     "ptx_batch_size"):
             if getattr(self, name) is not None:
                 _at_least(name, getattr(self, name), 1)
 
-        for name in ("temperature", "actor_lr", "critic_lr", "lambda_init", "clip_range", "value_clip_range"):
+        for name in ("temperature", "actor_lr", "critic_lr", "lambda_init", "clip_range", "value_clip_range",
+                     "lora_alpha"):
             _positive(name, getattr(self, name))
-        for name in ("kl_coef", "lambda_lr", "weight_decay", "entropy_coef", "bound_c1", "bound_c2"):
+        for name in ("kl_coef", "lambda_lr", "weight_decay", "entropy_coef", "bound_c1", "bound_c2", "ptx_coef"):
             _nonnegative(name, getattr(self, name))
         for name in ("reward_clip", "max_grad_norm"):
             if getattr(self, name) is not None:
@@ -286,6 +322,23 @@ class SafeRLConfig:
             raise ValueError("SafeRLConfig: checkpoint_every needs output_dir")
         if self.tensorboard is True and self.output_dir is None:
             raise ValueError("SafeRLConfig: tensorboard=True needs output_dir")
+        if self.ptx_coef > 0 and not self.ptx_path:
+            raise ValueError(f"SafeRLConfig: ptx_coef={self.ptx_coef} needs ptx_path (the pretraining/SFT text of "
+                             "the PTX loss: JSON Lines of {'prompt', 'response'} or {'text'} rows)")
+        if self.ptx_coef == 0:
+            for name in ("ptx_path", "ptx_batch_size"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"SafeRLConfig: {name} is set but ptx_coef is 0 (the PTX loss is off); set "
+                                     f"ptx_coef > 0 or leave {name} at None")
+        if self.lora_target_modules is not None:
+            if self.lora_r == 0:
+                raise ValueError("SafeRLConfig: lora_target_modules is set but lora_r is 0 (LoRA is off); set "
+                                 "lora_r >= 1 or leave lora_target_modules at None")
+            names = ([self.lora_target_modules] if isinstance(self.lora_target_modules, str)
+                     else self.lora_target_modules)
+            if not names or not all(names):
+                raise ValueError(f"SafeRLConfig: lora_target_modules must name at least one module (non-empty "
+                                 f"strings), got {self.lora_target_modules!r}")
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -293,6 +346,8 @@ class SafeRLConfig:
 
 def _type_name(hint) -> str:
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is list:
+        return f"list[{_type_name(args[0])}]"
     if args:
         return " | ".join(_type_name(a) for a in args)
     return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
@@ -300,6 +355,8 @@ def _type_name(hint) -> str:
 
 def _matches(value, hint) -> bool:
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
     if args:  # a Union
         return any(_matches(value, a) for a in args)
     if hint is type(None):

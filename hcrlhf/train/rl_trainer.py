@@ -11,8 +11,9 @@ Each iteration of :meth:`SafeRLTrainer.step` reads top to bottom in numbered pha
 4. **advantages** — ``ppo``: reward and cost critics + ``ops.safe_advantages`` (c̃ as the cost scores);
    ``rloo``: ``ops.rloo_advantages``;
 5. **update** — ``rloo``: one REINFORCE step on A·Σ log π; ``ppo``: epochs × minibatches of the clipped
-   surrogate and clipped value losses for both critics; optional entropy bonus, gradient clipping and
-   (experimental) AMA mask;
+   surrogate and clipped value losses for both critics; optional entropy bonus, gradient clipping,
+   pretraining-loss mix (PTX: ``ptx_coef`` · the LM loss of a batch of ``ptx_path`` rows, added to the
+   policy loss of every optimiser step) and (experimental) AMA mask;
 6. **multiplier** — ``LagrangeMultiplier.step(μ̂ + k·σ̂, τ)`` on the host;
 7. **log** — JSON Lines (and TensorBoard when installed), progress bar, checkpoint.
 
@@ -21,6 +22,9 @@ quantities live on the **action grid** (B, T − 1): column j is the action that
 its log-prob is read from the hidden state at position j and its state value is the critic's output at
 position j (the prefix through token j). ``action_mask`` is true on response tokens up to and including
 the first EOS.
+
+Memory. The KL reference is a frozen copy of the policy or, with LoRA (``lora_r > 0``, peft), the policy
+itself with its adapters disabled: one base model serves both, and only the adapter weights train.
 
 Host syncs. HF ``generate`` synchronises by itself (it checks for EOS every token); right after it the
 action mask is copied to the host once, so that every later gather index is built on the host. After
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import random
@@ -49,7 +54,7 @@ from torch import nn
 
 import hcrlhf.train.rl_checkpoint as rl_checkpoint
 from hcrlhf import ops
-from hcrlhf.data.templates import get_template, tokenize_prompts
+from hcrlhf.data.templates import get_template, pad_sequences, tokenize_pairs, tokenize_prompts
 from hcrlhf.safety import CostWindow, LagrangeMultiplier, assert_disjoint, augmented_costs, pessimistic_coefficient
 from hcrlhf.train.rl_config import SafeRLConfig
 from hcrlhf.train.rl_losses import (
@@ -106,8 +111,14 @@ class Rollout:
         return self.input_ids.shape[1]
 
 
+def _is_peft_model(model) -> bool:
+    return type(model).__module__.split(".")[0] == "peft" and hasattr(model, "get_base_model")
+
+
 def _decoder_and_head(model: nn.Module):
     """The model's decoder (returns last hidden states) and its LM head, for the fused log-prob path."""
+    if _is_peft_model(model):  # LoRA: the adapters live inside the base model's modules
+        model = model.get_base_model()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     prefix = getattr(model, "base_model_prefix", "")
     decoder = getattr(model, prefix, None) if prefix else None
@@ -177,13 +188,17 @@ class SafeRLTrainer:
         safety_prompts: the safety set D_s, to refuse any overlap: a :class:`hcrlhf.data.PromptSplit`, the
             safety prompt texts, or their :func:`hcrlhf.safety.fingerprint`. Pass ``None`` explicitly to
             skip the check (a warning says so).
-        reference_model: the KL reference (default: a frozen copy of ``policy`` as passed in).
+        reference_model: the KL reference (default: a frozen copy of ``policy`` as passed in; with LoRA it
+            must be None: the reference is the policy with its adapters disabled).
         reward_critic, cost_critic: ppo critics (default: ``ValueModel`` copies of the reward / cost
             model, as Safe RLHF initialises them).
         template: prompt template (see :func:`hcrlhf.data.get_template`).
 
     On ``resume=True`` pass the same initial policy (and reference) as the first run: the reference
     defaults to a copy of the policy *before* the checkpoint's weights are loaded into it.
+
+    With LoRA (``config.lora_r > 0``) pass the base model (without adapters): it is wrapped in place with
+    ``peft.get_peft_model`` and ``self.policy`` is the wrapper; ``self.reference`` is None.
     """
 
     def __init__(self, config: SafeRLConfig, *, policy, tokenizer, reward_model, cost_model, train_prompts,
@@ -198,6 +213,22 @@ class SafeRLTrainer:
         self.template = get_template(template, tokenizer)
         if tokenizer.pad_token_id is None:
             raise ValueError("SafeRLTrainer: the tokenizer has no pad token; set tokenizer.pad_token")
+        # Fail fast, before any model work: the PTX text and peft.
+        self.ptx_rows, self.ptx_kind, self.ptx_fingerprint = [], None, None
+        if config.ptx_coef > 0:
+            self.ptx_rows, self.ptx_kind, self.ptx_fingerprint = _read_ptx(config.ptx_path)
+            if self.ptx_kind == "text" and tokenizer.eos_token_id is None:
+                raise ValueError("SafeRLTrainer: plain-text PTX rows end with an EOS target, but the tokenizer has "
+                                 "no eos_token")
+        self.lora = config.lora_r > 0
+        if self.lora:
+            peft = rl_checkpoint.import_peft()
+            if reference_model is not None:
+                raise ValueError("SafeRLTrainer: with LoRA (lora_r > 0) the KL reference is the policy with its "
+                                 "adapters disabled; do not pass reference_model")
+            if _is_peft_model(policy) or any(isinstance(m, peft.tuners.lora.LoraLayer) for m in policy.modules()):
+                raise ValueError("SafeRLTrainer: with lora_r > 0 pass the base model without adapters (the trainer "
+                                 "adds them; a policy wrapped by an earlier trainer cannot be reused)")
 
         self.device = torch.device(config.device) if config.device is not None else next(policy.parameters()).device
         if config.bf16 is True and self.device.type != "cuda":
@@ -206,20 +237,29 @@ class SafeRLTrainer:
                          and torch.cuda.is_bf16_supported())
         _seed_everything(config.seed)
 
-        # Models. The reference is copied before any checkpoint is loaded into the policy.
+        # Models. The reference is copied before any checkpoint is loaded into the policy; with LoRA it is
+        # the policy with its adapters disabled (no copy).
         _decoder_and_head(policy)
-        self.policy = policy.to(self.device)
-        self.reference = reference_model if reference_model is not None else copy.deepcopy(policy)
+        policy = policy.to(self.device)
+        if self.lora:
+            policy = _add_lora(policy, config)
+            self.reference = None
+        else:
+            self.reference = reference_model if reference_model is not None else copy.deepcopy(policy)
+        self.policy = policy
         self.reward_model, self.cost_model = reward_model, cost_model
         for frozen in (self.reference, self.reward_model, self.cost_model):
-            frozen.to(self.device).eval().requires_grad_(False)
+            if frozen is not None:
+                frozen.to(self.device).eval().requires_grad_(False)
         self.policy.eval()  # dropout off: rollout, old log-probs and update see the same function
         if config.gradient_checkpointing:
             if hasattr(self.policy, "activation_checkpointing_enable"):  # transformers >= 5
                 self.policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.policy.requires_grad_(True)
+        if not self.lora:  # with LoRA peft has frozen the base weights and left the adapters trainable
+            self.policy.requires_grad_(True)
+        self.actor_parameters = [p for p in self.policy.parameters() if p.requires_grad]
         self.critics = {}
         if config.estimator == "ppo":
             from hcrlhf.models import ValueModel
@@ -232,7 +272,7 @@ class SafeRLTrainer:
             for critic in self.critics.values():
                 critic.to(self.device).eval().requires_grad_(True)
 
-        self.actor_optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.actor_lr,
+        self.actor_optimizer = torch.optim.AdamW(self.actor_parameters, lr=config.actor_lr,
                                                  weight_decay=config.weight_decay)
         self.critic_optimizer = None
         if self.critics:
@@ -246,6 +286,7 @@ class SafeRLTrainer:
         self.history: list[dict] = []
         self.last_checkpoint: Path | None = None
         self._permutations: dict[int, list[int]] = {}
+        self._ptx_permutations: dict[int, list[int]] = {}
 
         self.output_dir = Path(config.output_dir) if config.output_dir is not None else None
         self._writer = None
@@ -319,7 +360,7 @@ class SafeRLTrainer:
         # 3. log-probs (rollout policy and reference; LM head on response positions only) -------
         with timer("logprobs"), torch.no_grad(), self._autocast():
             old_logprobs, old_entropy = self._grid_logprobs(self.policy, rollout, chunks, entropy=True)
-            ref_logprobs = self._grid_logprobs(self.reference, rollout, chunks)
+            ref_logprobs = self.reference_logprobs(rollout, chunks)
 
         # 4. advantages ------------------------------------------------------------------------
         with timer("advantages"), torch.no_grad():
@@ -447,6 +488,18 @@ class SafeRLTrainer:
         texts = [p for p in prompts for _ in range(repeat)]
         return Rollout(texts, input_ids, attention_mask, action_mask, action_mask.cpu(), width)
 
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout, chunks=None) -> torch.Tensor:
+        """The reference model's log-probs of ``rollout`` on the action grid (B, T − 1), 0 off the actions.
+
+        With LoRA: the policy with its adapters disabled (the base model)."""
+        if chunks is None:
+            chunks = self._chunks(rollout, list(range(rollout.rows)))
+        if self.reference is not None:
+            return self._grid_logprobs(self.reference, rollout, chunks)
+        with self.policy.disable_adapter():
+            return self._grid_logprobs(self.policy, rollout, chunks)
+
     def _grid_logprobs(self, model, rollout: Rollout, chunks, *, entropy: bool = False):
         outputs = [response_logprobs(model, rollout.input_ids[r], rollout.attention_mask[r], index,
                                      temperature=self.config.temperature, return_entropy=entropy,
@@ -480,14 +533,18 @@ class SafeRLTrainer:
                     entropy_sum = entropy_sum + bonus.detach()
                     loss = loss - config.entropy_coef * bonus
                 loss.backward()
+            if config.ptx_coef > 0:  # + ptx_coef · LM loss, accumulated into the same gradients
+                ptx_loss = self._ptx_backward(self.global_step)
         finally:
             self._train_mode(False)
-        grad_norm = _clip(self.policy.parameters(), config.max_grad_norm)
+        grad_norm = _clip(self.actor_parameters, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stats = {"policy_loss": policy_loss_sum, "grad_norm/actor": grad_norm}
         if config.entropy_coef > 0:
             stats["entropy/updated"] = entropy_sum
+        if config.ptx_coef > 0:
+            stats["ptx_loss"] = ptx_loss
         return stats
 
     def _update_ppo(self, rollout: Rollout, old_logprobs, advantages, policy_mask, reward_values, cost_values,
@@ -499,6 +556,9 @@ class SafeRLTrainer:
         zero = lambda: torch.zeros((), device=self.device)  # noqa: E731
         sums = {"policy_loss": zero(), "value_loss/reward": zero(), "value_loss/cost": zero(),
                 "grad_norm/actor": zero(), "grad_norm/critics": zero()}
+        if config.ptx_coef > 0:
+            sums["ptx_loss"] = zero()
+        updates_per_iteration = config.ppo_epochs * (rows // minibatch)
         clipped, approx_kl, policy_tokens, entropy_sum = zero(), zero(), zero(), zero()
         updates = 0
         critic_parameters = [p for critic in self.critics.values() for p in critic.parameters()]
@@ -543,7 +603,9 @@ class SafeRLTrainer:
                         sums["value_loss/cost"] += cost_value_loss.detach()
                         clipped, approx_kl = clipped + n_clipped, approx_kl + kl_sum
                         policy_tokens = policy_tokens + masked_sum(torch.ones_like(logprobs), pick(policy_mask))
-                    sums["grad_norm/actor"] += _clip(self.policy.parameters(), config.max_grad_norm)
+                    if config.ptx_coef > 0:  # + ptx_coef · LM loss of this update step's PTX batch
+                        sums["ptx_loss"] += self._ptx_backward(self.global_step * updates_per_iteration + updates)
+                    sums["grad_norm/actor"] += _clip(self.actor_parameters, config.max_grad_norm)
                     sums["grad_norm/critics"] += _clip(critic_parameters, config.max_grad_norm)
                     self.actor_optimizer.step()
                     self.critic_optimizer.step()
@@ -562,7 +624,11 @@ class SafeRLTrainer:
     # ------------------------------------------------------------------------ checkpoints
 
     def _modules(self) -> dict:
-        return {"policy": self.policy, **self.critics}
+        """Modules saved whole (with LoRA the policy is saved by its adapters only, see ``_adapters``)."""
+        return self.critics if self.lora else {"policy": self.policy, **self.critics}
+
+    def _adapters(self) -> dict:
+        return {"policy": self.policy} if self.lora else {}
 
     def _optimizers(self) -> dict:
         optimizers = {"actor_optimizer": self.actor_optimizer}
@@ -575,10 +641,10 @@ class SafeRLTrainer:
         if self.output_dir is None:
             raise ValueError("SafeRLTrainer.save_checkpoint: config.output_dir is None")
         state = {"config": self.config.to_dict(), "multiplier": self.multiplier.state_dict(),
-                 "cost_window": self.cost_window.state_dict()}
+                 "cost_window": self.cost_window.state_dict(), "ptx_fingerprint": self.ptx_fingerprint}
         self.last_checkpoint = rl_checkpoint.save_checkpoint(
             self.output_dir, self.global_step, modules=self._modules(), optimizers=self._optimizers(), state=state,
-            keep=self.config.keep_checkpoints)
+            keep=self.config.keep_checkpoints, adapters=self._adapters())
         return self.last_checkpoint
 
     def _resume(self) -> None:
@@ -589,13 +655,19 @@ class SafeRLTrainer:
             warnings.warn(f"SafeRLTrainer: resume=True but {self.output_dir} has no checkpoint; starting from step 0")
             metrics_path.write_text("", encoding="utf-8")
             return
-        saved = json.loads((path / rl_checkpoint.STATE_NAME).read_text(encoding="utf-8"))["config"]
+        saved_state = json.loads((path / rl_checkpoint.STATE_NAME).read_text(encoding="utf-8"))
+        saved = saved_state["config"]
         current = self.config.to_dict()
         changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
             raise ValueError(f"SafeRLTrainer: cannot resume from {path}: the config differs in {details}")
-        state = rl_checkpoint.load_checkpoint(path, modules=self._modules(), optimizers=self._optimizers())
+        if saved_state.get("ptx_fingerprint") != self.ptx_fingerprint:
+            raise ValueError(f"SafeRLTrainer: cannot resume from {path}: the PTX text in ptx_path="
+                             f"{self.config.ptx_path!r} differs from the one the checkpoint was trained on "
+                             f"(sha256 {saved_state.get('ptx_fingerprint')} -> {self.ptx_fingerprint})")
+        state = rl_checkpoint.load_checkpoint(path, modules=self._modules(), optimizers=self._optimizers(),
+                                              adapters=self._adapters())
         self.multiplier.load_state_dict(state["multiplier"])
         self.cost_window.load_state_dict(state["cost_window"])
         self.global_step = int(state["step"])
@@ -606,9 +678,15 @@ class SafeRLTrainer:
                      if line.strip() and json.loads(line)["step"] <= self.global_step]
             metrics_path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
-    def save_pretrained(self, path) -> None:
-        """The trained policy (and tokenizer) as a Hugging Face directory, safetensors."""
-        self.policy.save_pretrained(path, safe_serialization=True)
+    def save_pretrained(self, path, *, merge_lora: bool = True) -> None:
+        """The trained policy (and tokenizer) as a Hugging Face directory, safetensors.
+
+        With LoRA: by default the adapters merged into a copy of the base model (a plain causal LM
+        directory); ``merge_lora=False`` saves the peft adapter directory only."""
+        if self.lora and merge_lora:
+            copy.deepcopy(self.policy).merge_and_unload().save_pretrained(path, safe_serialization=True)
+        else:
+            self.policy.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
 
     # ------------------------------------------------------------------------------ helpers
@@ -643,6 +721,59 @@ class SafeRLTrainer:
             rows = slice(part[0], part[-1] + 1) if contiguous else host_rows.to(self.device, non_blocking=True)
             out.append((rows, index))
         return out
+
+    def ptx_batch(self, update_number: int) -> list[dict]:
+        """The PTX rows of policy update step ``update_number`` (counted over the whole run): a stream of
+        seeded per-epoch permutations of the PTX rows, a function of (seed, update_number) only."""
+        n = len(self.ptx_rows)
+        size = self.config.ptx_batch_size or self.config.minibatch_size or self.config.rollout_rows
+        picked = []
+        for position in range(update_number * size, (update_number + 1) * size):
+            epoch, offset = divmod(position, n)
+            if epoch not in self._ptx_permutations:
+                order = list(range(n))
+                random.Random(f"{self.config.seed}-ptx-{epoch}").shuffle(order)
+                self._ptx_permutations = {epoch: order}
+            picked.append(self.ptx_rows[self._ptx_permutations[epoch][offset]])
+        return picked
+
+    def tokenize_ptx(self, rows: list[dict]):
+        """``(input_ids, attention_mask, target_mask)`` on the CPU, right padded; ``target_mask`` (B, T − 1)
+        marks the actions whose token is an LM target (pairs: the response and its EOS; text: every token
+        after the first, and an EOS)."""
+        config, tokenizer = self.config, self.tokenizer
+        max_length = config.max_prompt_length + config.max_new_tokens
+        if self.ptx_kind == "pairs":
+            batch = tokenize_pairs(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                                   template=self.template, max_length=max_length, padding_side="right")
+            return batch.input_ids, batch.attention_mask, batch.response_mask[:, 1:]
+        encoded = tokenizer([r["text"] for r in rows], add_special_tokens=True)["input_ids"]
+        sequences = [(list(ids) + [tokenizer.eos_token_id])[:max_length] for ids in encoded]
+        input_ids, attention_mask, _ = pad_sequences(sequences, tokenizer.pad_token_id, padding_side="right")
+        return input_ids, attention_mask, attention_mask[:, 1:].bool()
+
+    def _ptx_backward(self, update_number: int) -> torch.Tensor:
+        """Backpropagate ``ptx_coef ·`` the LM loss (mean NLL per target token, temperature 1) of update step
+        ``update_number``'s PTX batch, in micro-batches within the token budget; returns the LM loss
+        (detached). The log-probs come from ``ops.linear_logprobs`` on the target positions only."""
+        config = self.config
+        input_ids, attention_mask, targets = self.tokenize_ptx(self.ptx_batch(update_number))
+        rows, width = input_ids.shape
+        n_targets = torch.tensor(float(max(int(targets.sum()), 1)), device=self.device)  # a host count
+        budget = config.micro_batch_tokens
+        per_chunk = rows if budget is None else max(1, budget // width)
+        total = torch.zeros((), device=self.device)
+        for start in range(0, rows, per_chunk):
+            part = slice(start, start + per_chunk)
+            index = targets[part].reshape(-1).nonzero().squeeze(1).to(self.device, non_blocking=True)
+            with self._autocast():
+                logprobs = response_logprobs(self.policy, input_ids[part].to(self.device),
+                                             attention_mask[part].to(self.device), index, temperature=1.0,
+                                             impl=config.impl)
+            lm_loss = -logprobs.sum() / n_targets  # 0 off the targets
+            (config.ptx_coef * lm_loss).backward()
+            total = total + lm_loss.detach()
+        return total
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
@@ -700,6 +831,59 @@ class _PhaseTimer:
 
     def total(self) -> float:
         return sum(self.seconds.values())
+
+
+def _add_lora(policy, config: SafeRLConfig):
+    """Wrap ``policy`` in LoRA adapters (peft); the LM head must stay a plain linear layer."""
+    peft = rl_checkpoint.import_peft()
+    target = config.lora_target_modules
+    lora_config = peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, bias="none",
+                                  target_modules=list(target) if isinstance(target, list) else target,
+                                  task_type="CAUSAL_LM")
+    try:
+        wrapped = peft.get_peft_model(policy, lora_config)
+    except ValueError as error:
+        raise ValueError(f"SafeRLTrainer: peft could not add LoRA adapters (lora_target_modules={target!r}): "
+                         f"{error}") from error
+    head = wrapped.get_base_model().get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"SafeRLTrainer: lora_target_modules={target!r} put an adapter on the LM head; "
+                         "ops.linear_logprobs needs a plain linear head, so leave the head out")
+    return wrapped
+
+
+def _read_ptx(path) -> tuple[list[dict], str, str]:
+    """The PTX rows of ``path`` (JSON Lines or a .json list), their kind ("pairs" | "text") and sha256."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"SafeRLConfig: ptx_path={str(path)!r} is not a file")
+    raw = file.read_bytes()
+    text = raw.decode("utf-8")
+    try:
+        if file.suffix == ".json":
+            rows = json.loads(text)
+            if not isinstance(rows, list):
+                raise ValueError("a .json file must hold a list of rows")
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (json.JSONDecodeError, ValueError) as error:
+        raise ValueError(f"SafeRLConfig: ptx_path={str(path)!r} is not valid JSON Lines / JSON: {error}") from error
+    if not rows:
+        raise ValueError(f"SafeRLConfig: ptx_path={str(path)!r} holds no rows")
+    kind = None
+    for number, row in enumerate(rows, start=1):
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+            row_kind = "pairs"
+        elif isinstance(row, dict) and isinstance(row.get("text"), str):
+            row_kind = "text"
+        else:
+            raise ValueError(f"SafeRLConfig: ptx_path={str(path)!r} row {number} must be an object with string "
+                             "'prompt' and 'response' fields, or a string 'text' field")
+        if kind is not None and row_kind != kind:
+            raise ValueError(f"SafeRLConfig: ptx_path={str(path)!r} mixes {kind!r} and {row_kind!r} rows "
+                             f"(row {number}); use one kind per file")
+        kind = row_kind
+    return rows, kind, hashlib.sha256(raw).hexdigest()
 
 
 def _clip(parameters, max_norm: float | None) -> torch.Tensor:
