@@ -1,26 +1,47 @@
 """The ``hcrlhf`` command.
 
+    hcrlhf demo [--quick] [--output DIR]          # the whole method on the built-in task, offline
+    hcrlhf run CONFIG.yaml                          # the same with your models and data
+    hcrlhf train-reward CONFIG.yaml                 # split + reward model only
+    hcrlhf train-cost CONFIG.yaml                   # split + cost model only
+    hcrlhf train CONFIG.yaml                        # split + score models + candidate selection
+    hcrlhf safety-test CANDIDATE --prompts FILE     # a saved candidate + safety prompts -> verdict
+    hcrlhf bench NAME [...]                         # a kernel benchmark, printing its table
     hcrlhf --version
-    hcrlhf bench advantages [--device cpu|cuda] [--quick]     # the advantage-kernel benchmark
-    hcrlhf bench NAME --help                                   # any benchmark in benchmarks/
 
-Exit codes: 0 success, 2 bad usage, 1 any other error.
+Exit codes: 0 success / PASS, 3 NO SOLUTION FOUND, 2 bad usage (including a bad config, rejected
+before any work, naming the key), 1 any other error.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import pkgutil
 import sys
+from pathlib import Path
 
 from hcrlhf import __version__
 
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_SOLUTION = 0, 1, 2, 3
+
 EPILOG = """examples:
-  hcrlhf bench advantages              full grid, writes benchmarks/results/<device>.md
-  hcrlhf bench advantages --quick      a smoke run on two shapes
-  hcrlhf bench advantages --device cpu --ops gae
+  hcrlhf demo --quick                         the whole method on the built-in task in about a minute
+  hcrlhf demo --output runs/demo              the full demo (a few minutes on a laptop CPU)
+  hcrlhf run configs/qwen2-1.5b-pku-saferlhf.yaml
+  hcrlhf train-reward my.yaml                 only the split and the reward model
+  hcrlhf safety-test runs/demo/candidate --prompts safety.jsonl --threshold -3 --delta 0.05
+  hcrlhf bench advantages --quick             a kernel benchmark (hcrlhf bench list: all of them)
+
+exit codes: 0 PASS / success, 3 NO SOLUTION FOUND, 2 bad usage or bad config, 1 other errors
 """
+
+CONFIG_HELP = "a YAML config (see configs/demo.yaml and configs/qwen2-1.5b-pku-saferlhf.yaml)"
+
+
+class UsageError(ValueError):
+    """Bad command-line usage found after parsing (exit code 2)."""
 
 
 def available_benchmarks() -> dict[str, str]:
@@ -36,18 +57,276 @@ def available_benchmarks() -> dict[str, str]:
     return found
 
 
+def _formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=34)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG.yaml", help=CONFIG_HELP)
+    parser.add_argument("--output", metavar="DIR", help="the report directory (overrides output_dir)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier hcrlhf report in the output directory (its ledger is kept)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hcrlhf", description="High-Confidence Safe RLHF with fused kernels.", epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="hcrlhf", description="High-Confidence Safe RLHF with fused kernels: align a language model to a "
+        "reward model under a cost constraint, and return it only if a statistical safety test passes.",
+        epilog=EPILOG, formatter_class=_formatter,
     )
     parser.add_argument("--version", action="version", version=f"hcrlhf {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo", help="the whole method on the built-in offline task", formatter_class=_formatter,
+        description="Run HC-RLHF end to end on the built-in offline task (a tiny Qwen2 policy in a synthetic "
+        "safety-dialogue world with known ground truth): split, reward model, cost model, candidate selection, "
+        "safety test, report. Nothing is downloaded.",
+        epilog="examples:\n  hcrlhf demo --quick\n  hcrlhf demo --output runs/demo --overwrite\n\n"
+        "exit codes: 0 PASS, 3 NO SOLUTION FOUND, 2 bad usage, 1 other errors")
+    demo.add_argument("--quick", action="store_true", help="a smaller run (about a minute on a 2-core CPU)")
+    demo.add_argument("--output", metavar="DIR", default="hcrlhf-demo", help="the report directory (hcrlhf-demo)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo report in DIR")
+    demo.add_argument("--cache-dir", metavar="DIR",
+                      help="where the built-in task is built and cached (~/.cache/hcrlhf/builtin)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    run = commands.add_parser(
+        "run", help="the whole method from a config", formatter_class=_formatter,
+        description="Run HC-RLHF end to end from a YAML config: split, reward model, cost model, candidate "
+        "selection, safety test (recorded in the δ ledger), report. The config is checked completely first.",
+        epilog="example:\n  hcrlhf run configs/qwen2-1.5b-pku-saferlhf.yaml --output runs/qwen2\n\n"
+        "exit codes: 0 PASS, 3 NO SOLUTION FOUND, 2 bad usage or bad config, 1 other errors")
+    _add_run_options(run)
+    for name, stage, what in (("train-reward", "reward", "the split and the reward model"),
+                              ("train-cost", "cost", "the split and the cost model"),
+                              ("train", "train", "the split, the score models and candidate selection (no "
+                                                 "safety test)")):
+        sub = commands.add_parser(name, help=f"only {what}", formatter_class=_formatter,
+                                  description=f"Run only {what}, from a config (the same format as `hcrlhf run`).",
+                                  epilog=f"example:\n  hcrlhf {name} configs/demo.yaml --output runs/{stage}")
+        _add_run_options(sub)
+        sub.set_defaults(stage=stage)
+
+    test = commands.add_parser(
+        "safety-test", help="a saved candidate + safety prompts -> PASS / NO SOLUTION FOUND",
+        formatter_class=_formatter,
+        description="Sample one response per safety prompt from a saved candidate with the deployment decoding, "
+        "score it with the cost model, and pass iff the (1 − δ) upper confidence bound on the mean cost is ≤ τ. "
+        "The test's δ is recorded in the ledger before the result is read. Settings left out are taken from the "
+        "candidate's hcrlhf_candidate.json (written by `hcrlhf train` / `hcrlhf run`).",
+        epilog="examples:\n  hcrlhf safety-test runs/demo/candidate --prompts safety.jsonl\n"
+        "  hcrlhf safety-test CANDIDATE --prompts safety.txt --cost-model COST_MODEL --threshold 0 --delta 0.05 "
+        "--method ttest --template plain\n\n"
+        "exit codes: 0 PASS, 3 NO SOLUTION FOUND, 2 bad usage, 1 other errors")
+    test.add_argument("candidate", metavar="CANDIDATE", help="the candidate policy (a Hugging Face directory or id)")
+    test.add_argument("--prompts", metavar="FILE", required=True,
+                      help="the safety prompts: JSON Lines / JSON rows with 'prompt', or one prompt a line")
+    test.add_argument("--cost-model", metavar="PATH", help="the cost model (default: from the candidate's metadata)")
+    test.add_argument("--tokenizer", metavar="PATH", help="tokenizer (default: the candidate's)")
+    test.add_argument("--threshold", type=float, help="τ (default: from the metadata, else 0)")
+    test.add_argument("--delta", type=float, help="δ in (0, 1) (default: from the metadata, else 0.1)")
+    test.add_argument("--method", choices=("ttest", "hoeffding", "bernstein", "betting", "clopper_pearson"),
+                      help="the bound (default: from the metadata, else ttest)")
+    test.add_argument("--cost-range", type=float, nargs=2, metavar=("A", "B"), help="cost range of exact methods")
+    test.add_argument("--cost-transform", choices=("none", "sigmoid", "unsafe_indicator"))
+    test.add_argument("--template", help="safe_rlhf | plain | chat | a format string with {prompt}")
+    test.add_argument("--ledger", metavar="PATH", help="the δ ledger (default: the metadata's, else "
+                                                        "<output or candidate>/safety_ledger.json)")
+    test.add_argument("--ledger-total-delta", type=float, help="budget per safety set when creating a ledger (δ)")
+    test.add_argument("--max-new-tokens", type=int)
+    test.add_argument("--temperature", type=float)
+    test.add_argument("--top-p", type=float)
+    test.add_argument("--top-k", type=int)
+    test.add_argument("--batch-size", type=int, default=64)
+    test.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    test.add_argument("--device", help="cpu | cuda (default: CUDA when available)")
+    test.add_argument("--output", metavar="DIR", help="write safety_test.json and safety_costs.png here")
+    test.add_argument("--no-progress", action="store_true")
+
     bench = commands.add_parser("bench", help="run a kernel benchmark and print its table",
-                                description="Run a benchmark; arguments after NAME go to it.", add_help=True)
+                                description="Run a benchmark; arguments after NAME go to it.", add_help=True,
+                                epilog="examples:\n  hcrlhf bench list\n  hcrlhf bench advantages --quick",
+                                formatter_class=_formatter)
     bench.add_argument("name", metavar="NAME", help="advantages | logprobs | guarantee | ... (see `hcrlhf bench list`)")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (try --help)")
     return parser
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def _verdict_exit(result) -> int:
+    if result.verdict is None:
+        return EXIT_OK
+    return EXIT_OK if result.passed else EXIT_NO_SOLUTION
+
+
+def _print_result(result) -> None:
+    out = result.output_dir
+    if result.verdict is not None:
+        print(result.safety_test.summary())
+        if result.passed:
+            print(f"returned model: {result.model_path}")
+        else:
+            print(f"no model is returned (the candidate is kept at {result.candidate_path} for inspection only)")
+        truth = result.report.get("ground_truth")
+        if truth:
+            start, cand = truth["starting_policy"], truth["candidate"]
+            print(f"ground truth on the safety prompts: unsafe rate {start['unsafe_rate']:.3f} (starting policy) -> "
+                  f"{cand['unsafe_rate']:.3f} (candidate); mean helpfulness {start['mean_helpfulness']:.3f} -> "
+                  f"{cand['mean_helpfulness']:.3f}")
+    print(f"report: {out / 'report.md'} (and report.json, plots)")
+
+
+def _config_with_overrides(args) -> object:
+    from hcrlhf.pipeline.config import config_from_dict, read_config_file
+
+    values = dict(read_config_file(args.config))
+    if args.output is not None:
+        values["output_dir"] = args.output
+    if args.overwrite:
+        values["overwrite"] = True
+    if args.no_progress:
+        values["progress"] = False
+    return config_from_dict(values)
+
+
+def cmd_demo(args) -> int:
+    from hcrlhf.pipeline import demo_config, run
+
+    config = demo_config(quick=args.quick, output_dir=args.output, task_cache=args.cache_dir,
+                         overwrite=args.overwrite, progress=not args.no_progress)
+    result = run(config)
+    _print_result(result)
+    return _verdict_exit(result)
+
+
+def cmd_run(args, stages: str = "all") -> int:
+    from hcrlhf.pipeline import run
+
+    result = run(_config_with_overrides(args), stages=stages)
+    _print_result(result)
+    return _verdict_exit(result)
+
+
+def _read_candidate_meta(candidate: str) -> dict:
+    from hcrlhf.pipeline import CANDIDATE_META
+
+    path = Path(candidate).expanduser() / CANDIDATE_META
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def cmd_safety_test(args) -> int:
+    import torch
+
+    from hcrlhf.data import PromptTemplate, get_template
+    from hcrlhf.models import ScoreModel, load_causal_lm, load_tokenizer
+    from hcrlhf.pipeline import Decoding, cost_transform, read_prompt_file, sample_and_score
+    from hcrlhf.report import plot_safety_costs
+    from hcrlhf.safety import SafetyLedger, assert_disjoint, fingerprint, safety_test
+    from hcrlhf.safety._checks import check_method_range
+
+    # 1. settings: command line > the candidate's metadata > defaults; all checked before loading models.
+    meta = _read_candidate_meta(args.candidate)
+    saved = meta.get("safety", {})
+    threshold = args.threshold if args.threshold is not None else saved.get("threshold", 0.0)
+    delta = args.delta if args.delta is not None else saved.get("delta", 0.1)
+    method = args.method or saved.get("method", "ttest")
+    transform = args.cost_transform or saved.get("cost_transform", "none")
+    cost_range = args.cost_range or saved.get("cost_range")
+    if transform in ("sigmoid", "unsafe_indicator") and cost_range is None and method != "ttest":
+        cost_range = [0.0, 1.0]
+    if not 0.0 < delta < 1.0:
+        raise UsageError(f"--delta must be in the open interval (0, 1), got {delta}")
+    try:
+        check_method_range("safety-test", method, None if cost_range is None else tuple(cost_range))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if method == "clopper_pearson" and transform != "unsafe_indicator":
+        raise UsageError("--method clopper_pearson works on 0/1 costs: add --cost-transform unsafe_indicator")
+    cost_model_path = args.cost_model or meta.get("cost_model")
+    if cost_model_path is None:
+        raise UsageError("--cost-model is required (the candidate has no hcrlhf_candidate.json naming one)")
+    if not Path(args.prompts).expanduser().is_file():
+        raise UsageError(f"--prompts: {args.prompts!r} does not exist")
+    for name, value in (("candidate", args.candidate), ("--cost-model", cost_model_path)):
+        if Path(value).expanduser().anchor or value.startswith("."):
+            if not Path(value).expanduser().exists():
+                raise UsageError(f"{name}: {value!r} does not exist")
+    prompts, _ = read_prompt_file(args.prompts)
+    safety_fingerprint = fingerprint(prompts)
+    train_file = Path(args.candidate).expanduser() / meta.get("train_prompts_file", "train_prompts.jsonl")
+    if train_file.is_file():  # SPEC §2.2: the safety prompts must be unseen by training
+        train_prompts, _ = read_prompt_file(train_file)
+        try:
+            assert_disjoint(train_prompts, prompts)
+        except ValueError as error:
+            raise UsageError(f"--prompts overlap the candidate's training prompts: {error}") from None
+    if meta.get("safety_fingerprint") and meta["safety_fingerprint"] != safety_fingerprint:
+        print(f"hcrlhf: note: these prompts (fingerprint {safety_fingerprint}) are not the safety set recorded with "
+              f"the candidate ({meta['safety_fingerprint']})", file=sys.stderr)
+    decoding_saved = meta.get("decoding", {})
+    decoding = Decoding(
+        max_new_tokens=args.max_new_tokens or decoding_saved.get("max_new_tokens", 512),
+        temperature=args.temperature if args.temperature is not None else decoding_saved.get("temperature", 1.0),
+        top_p=args.top_p if args.top_p is not None else decoding_saved.get("top_p", 1.0),
+        top_k=args.top_k if args.top_k is not None else decoding_saved.get("top_k", 0))
+    output = Path(args.output).expanduser() if args.output else None
+    ledger_path = Path(args.ledger or meta.get("ledger") or
+                       ((output or Path(args.candidate).expanduser()) / "safety_ledger.json")).expanduser()
+
+    # 2. models, sampling, the test (spent in the ledger before it is read).
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = load_tokenizer(args.tokenizer or args.candidate)
+    if args.template is not None:
+        template = get_template(args.template, tokenizer)
+    elif meta.get("template", {}).get("prompt_format"):
+        template = PromptTemplate(meta["template"]["prompt_format"], meta["template"]["response_separator"])
+    elif meta.get("template", {}).get("chat"):
+        template = get_template("chat", tokenizer)
+    else:
+        template = get_template(None, tokenizer)
+    policy = load_causal_lm(args.candidate, device=device)
+    cost_model = ScoreModel.from_pretrained(cost_model_path).to(device).eval()
+    responses, raw = sample_and_score(policy, tokenizer, prompts, template=template, decoding=decoding,
+                                      cost_model=cost_model, batch_size=args.batch_size, seed=args.seed,
+                                      max_prompt_length=meta.get("max_prompt_length"),
+                                      progress=not args.no_progress, desc="safety test")
+    costs = cost_transform(raw, transform, sigmoid_scale=saved.get("sigmoid_scale", 1.0),
+                           unsafe_above=saved.get("unsafe_above", 0.0))
+    ledger = SafetyLedger(ledger_path, args.ledger_total_delta if args.ledger_total_delta is not None
+                          else (None if ledger_path.is_file() else delta))
+    result = safety_test(costs, threshold, delta, method, cost_range=None if cost_range is None else tuple(cost_range),
+                         ledger=ledger, safety_set=safety_fingerprint, label=f"hcrlhf safety-test {args.candidate}")
+    record = {**result.to_dict(), "candidate": str(args.candidate), "cost_model": str(cost_model_path),
+              "prompts": str(args.prompts), "cost_transform": transform, "decoding": decoding.__dict__,
+              "ledger": str(ledger.path), "ledger_spent": ledger.spent(safety_fingerprint), "costs": costs}
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "safety_test.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        with open(output / "safety_samples.jsonl", "w", encoding="utf-8") as handle:
+            for prompt, response, raw_cost, cost in zip(prompts, responses, raw, costs):
+                handle.write(json.dumps({"prompt": prompt, "response": response, "raw_cost": raw_cost, "cost": cost},
+                                        ensure_ascii=False) + "\n")
+        plot_safety_costs(costs, output / "safety_costs.png", ucb=result.ucb, threshold=result.threshold,
+                          mean=result.mean, verdict=result.verdict, delta=result.delta, method=result.method)
+    print(result.summary())
+    print(json.dumps({k: v for k, v in record.items() if k != "costs"}))
+    return EXIT_OK if result.passed else EXIT_NO_SOLUTION
+
+
+def cmd_bench(parser, args) -> int:
+    benchmarks = available_benchmarks()
+    if args.name == "list":
+        print("\n".join(sorted(benchmarks)))
+        return EXIT_OK
+    if args.name not in benchmarks:
+        parser.error(f"unknown benchmark {args.name!r}; choose from {sorted(benchmarks)}")
+    return int(importlib.import_module(benchmarks[args.name]).main(args.args) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,25 +334,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
+    from hcrlhf.pipeline.config import ConfigError
+
     try:
         if args.command == "bench":
-            benchmarks = available_benchmarks()
-            if args.name == "list":
-                print("\n".join(sorted(benchmarks)))
-                return 0
-            if args.name not in benchmarks:
-                parser.error(f"unknown benchmark {args.name!r}; choose from {sorted(benchmarks)}")
-            return int(importlib.import_module(benchmarks[args.name]).main(args.args) or 0)
+            return cmd_bench(parser, args)
+        if args.command == "demo":
+            return cmd_demo(args)
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command in ("train-reward", "train-cost", "train"):
+            return cmd_run(args, stages=args.stage)
+        if args.command == "safety-test":
+            return cmd_safety_test(args)
+        parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse refuses it first
+    except (ConfigError, UsageError) as error:
+        print(f"hcrlhf: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     except SystemExit:
         raise
     except Exception as exc:  # a clean message and exit code 1 for any other failure
         print(f"hcrlhf: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -30,3 +30,85 @@ def test_bench_advantages_small_run_prints_the_table():
 @pytest.mark.parametrize("args", [("bench", "nope"), ("bench", "advantages", "--shapes", "3x"), ()])
 def test_bad_usage_exits_2(args):
     assert run_cli(*args).returncode == 2
+
+
+# ------------------------------------------------------------------------- help and safety-test
+
+@pytest.mark.parametrize("command", [(), ("demo",), ("run",), ("train-reward",), ("train-cost",), ("train",),
+                                     ("safety-test",), ("bench",)])
+def test_help_has_examples(command):
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0
+    assert "example" in result.stdout, result.stdout
+
+
+@pytest.fixture(scope="module")
+def saved_models(task, tmp_path_factory):
+    """A cost model (fresh head on the SFT backbone, saved) for testing the verdict logic."""
+    root = tmp_path_factory.mktemp("safety-cli")
+    task.new_score_model(seed=7).save_pretrained(root / "cost_model")
+    return root
+
+
+def safety_cli(task, saved_models, tmp_path, *extra):
+    args = ["safety-test", str(task.policy_path), "--prompts", str(task.prompt_paths["safety"]),
+            "--cost-model", str(saved_models / "cost_model"), "--tokenizer", str(task.tokenizer_path),
+            "--template", task.template.prompt_format, "--max-new-tokens", "16", "--delta", "0.1",
+            "--seed", "3", "--no-progress", *extra]
+    return run_cli(*args)
+
+
+def last_json(stdout):
+    import json
+
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_safety_test_pass_and_no_solution_on_either_side_of_tau(task, saved_models, tmp_path):
+    import json
+
+    high = safety_cli(task, saved_models, tmp_path, "--threshold", "1e6", "--ledger", str(tmp_path / "a.json"),
+                      "--output", str(tmp_path / "out"))
+    assert high.returncode == 0, high.stderr[-2000:]
+    record = last_json(high.stdout)
+    assert record["verdict"] == "PASS" and record["n"] == len(task.split.safety)
+    ucb = record["ucb"]
+    assert (tmp_path / "out" / "safety_costs.png").is_file()
+    assert json.loads((tmp_path / "out" / "safety_test.json").read_text())["ucb"] == ucb
+    # Same seed, same costs: τ just below the UCB fails, τ equal to it passes (UCB ≤ τ).
+    below = safety_cli(task, saved_models, tmp_path, "--threshold", repr(ucb - 1e-6), "--ledger",
+                       str(tmp_path / "b.json"))
+    assert below.returncode == 3, below.stderr[-2000:]
+    assert last_json(below.stdout)["verdict"] == "NO SOLUTION FOUND" and last_json(below.stdout)["ucb"] == ucb
+    assert below.stdout.startswith("NO SOLUTION FOUND")
+    at = safety_cli(task, saved_models, tmp_path, "--threshold", repr(ucb), "--ledger", str(tmp_path / "c.json"))
+    assert at.returncode == 0 and last_json(at.stdout)["verdict"] == "PASS"
+    # Each test is recorded in its ledger; a second test on the same set with the whole budget is refused.
+    ledger = json.loads((tmp_path / "a.json").read_text())
+    assert [s["spent"] for s in ledger["sets"].values()] == [pytest.approx(0.1)]
+    again = safety_cli(task, saved_models, tmp_path, "--threshold", "1e6", "--ledger", str(tmp_path / "a.json"))
+    assert again.returncode == 1 and "BudgetExceededError" in again.stderr
+
+
+def test_safety_test_refuses_prompts_seen_in_training(task, saved_models, tmp_path):
+    import json
+    import shutil
+
+    candidate = tmp_path / "candidate"
+    shutil.copytree(task.policy_path, candidate)
+    shutil.copytree(task.tokenizer_path, candidate, dirs_exist_ok=True)
+    leaked = task.split.safety[:1] + task.split.candidate[:5]
+    (candidate / "train_prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in leaked))
+    args = ["safety-test", str(candidate), "--prompts", str(task.prompt_paths["safety"]), "--cost-model",
+            str(saved_models / "cost_model"), "--ledger", str(tmp_path / "l.json")]
+    result = run_cli(*args)
+    assert result.returncode == 2 and "overlap" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "l.json").exists()
+
+
+@pytest.mark.parametrize("extra", [("--delta", "1.5"), ("--method", "betting"), ("--method", "zscore")])
+def test_safety_test_bad_usage_exits_2(task, saved_models, tmp_path, extra):
+    result = safety_cli(task, saved_models, tmp_path, "--threshold", "0", "--ledger", str(tmp_path / "l.json"),
+                        *extra)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert not (tmp_path / "l.json").exists()

@@ -1,0 +1,41 @@
+"""The end-to-end HC-RLHF pipeline: ``hcrlhf.pipeline.run(config)``.
+
+split → reward model → cost model → candidate selection → safety test (recorded in the δ ledger) → the
+model or NO SOLUTION FOUND, with a report directory (:mod:`hcrlhf.report`). The config format is in
+:mod:`hcrlhf.pipeline.config`; :func:`demo_config` gives the built-in offline demo's.
+"""
+
+from hcrlhf.pipeline.config import (
+    ConfigError,
+    DataConfig,
+    EvaluationConfig,
+    ModelsConfig,
+    PipelineConfig,
+    SafetyConfig,
+    config_from_dict,
+    load_config,
+)
+from hcrlhf.pipeline.core import CANDIDATE_META, STAGES, PipelineResult, default_task_cache, run
+from hcrlhf.pipeline.demo import demo_config
+from hcrlhf.pipeline.sampling import Decoding, cost_transform, read_prompt_file, sample_and_score
+
+__all__ = [
+    "run",
+    "PipelineResult",
+    "STAGES",
+    "CANDIDATE_META",
+    "ConfigError",
+    "PipelineConfig",
+    "DataConfig",
+    "ModelsConfig",
+    "SafetyConfig",
+    "EvaluationConfig",
+    "load_config",
+    "config_from_dict",
+    "demo_config",
+    "default_task_cache",
+    "Decoding",
+    "sample_and_score",
+    "cost_transform",
+    "read_prompt_file",
+]

@@ -1,0 +1,589 @@
+"""The end-to-end HC-RLHF pipeline, in numbered stages:
+
+0. **check** the config completely (:func:`~hcrlhf.pipeline.config.load_config`) and the output directory,
+   before anything is loaded or written;
+1. **data**: preference pairs, the RL prompt pool, and the candidate / safety split (SPEC.md §2.2). The
+   safety set D_s is drawn once with a recorded seed; preference pairs on a D_s prompt are removed, and
+   every training entry point is handed the split so that it *refuses* any D_s prompt;
+2. **reward model** and 3. **cost model** (trained on candidate data, or loaded);
+4. **candidate selection**: the Lagrangian RL trainer under the pessimistic cost bound (SPEC.md §2.3);
+5. **safety test** on D_s with the deployment decoding, recorded in the δ ledger before its result is
+   read (SPEC.md §2.4): PASS returns the candidate, otherwise NO SOLUTION FOUND;
+6. on the built-in task, **ground truth**: the true harm rates of the starting policy and the candidate;
+7. **report**: report.json, report.md and plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import sys
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hcrlhf.pipeline.config import ConfigError, PipelineConfig, load_config
+from hcrlhf.pipeline.sampling import Decoding, cost_transform, read_prompt_file, sample_and_score
+
+__all__ = ["run", "PipelineResult", "STAGES", "CANDIDATE_META", "REPORT_FORMAT", "default_task_cache"]
+
+STAGES = ("reward", "cost", "train", "all")
+CANDIDATE_META = "hcrlhf_candidate.json"
+REPORT_FORMAT = "hcrlhf-report"
+REPORT_VERSION = 1
+
+
+@dataclass
+class PipelineResult:
+    """What :func:`run` returns.
+
+    Attributes:
+        verdict: "PASS", "NO SOLUTION FOUND", or None when the run stopped before the safety test.
+        passed: True on PASS.
+        model_path: the returned model's directory on PASS (None otherwise: no model is returned).
+        candidate_path: the candidate's directory (kept on NO SOLUTION FOUND for inspection only).
+        output_dir: the report directory.
+        report: the report (as written to report.json).
+        safety_test: the :class:`hcrlhf.safety.SafetyTestResult` (None before the test).
+    """
+
+    verdict: str | None
+    passed: bool
+    model_path: Path | None
+    candidate_path: Path | None
+    output_dir: Path
+    report: dict
+    safety_test: object = None
+    files: dict = field(default_factory=dict)
+
+
+def default_task_cache() -> Path:
+    return Path("~/.cache/hcrlhf/builtin").expanduser()
+
+
+def _say(message: str) -> None:
+    print(f"[hcrlhf] {message}", file=sys.stderr, flush=True)
+
+
+def _canonical(text: str) -> str:
+    # The same canonical form as hcrlhf.safety.fingerprint: NFC, whitespace runs collapsed.
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def _sha256_file(path: Path) -> str | None:
+    import hashlib
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def _check_output_dir(config: PipelineConfig) -> Path:
+    out = Path(config.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError("output_dir", f"{str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not config.overwrite:
+            raise ConfigError("output_dir", f"{str(out)!r} is not empty; choose a new directory or set overwrite "
+                                            "(--overwrite) to replace an earlier hcrlhf report there")
+        if not (out / "report.json").is_file() and not (out / "config.yaml").is_file():
+            raise ConfigError("output_dir", f"{str(out)!r} is not empty and holds no earlier hcrlhf report; "
+                                            "refusing to overwrite it")
+    return out
+
+
+def _prepare_output_dir(out: Path, overwrite: bool) -> None:
+    if out.is_dir() and any(out.iterdir()) and overwrite:
+        # Only our own outputs are removed; a ledger is kept (its record must survive re-runs).
+        for name in ("report.json", "report.md", "config.yaml", "split.json", "safety_samples.jsonl",
+                     "training.png", "safety_costs.png", "score_models.png"):
+            (out / name).unlink(missing_ok=True)
+        for name in ("reward_model", "cost_model", "rl", "candidate"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _device(config: PipelineConfig):
+    import torch
+
+    if config.models.device is not None:
+        return torch.device(config.models.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------------------- stage 1
+
+
+@dataclass
+class _Inputs:
+    tokenizer: object
+    template: object
+    preferences: object  # datasets.Dataset, candidate side only
+    eval_preferences: object
+    split: object  # PromptSplit
+    safety_categories: list | None
+    train_prompts: list
+    load_policy: object  # () -> model
+    load_reference: object  # () -> model | None
+    new_score_model: object  # (seed) -> ScoreModel
+    task: object = None
+    record: dict = field(default_factory=dict)
+
+
+def _drop_safety_rows(dataset, split, name: str, record: dict):
+    """Remove preference pairs whose prompt is in D_s, then *assert* none is left (SPEC §2.2)."""
+    if dataset is None:
+        return None
+    safety = {_canonical(t) for t in split.safety}
+    keep = [i for i, p in enumerate(dataset["prompt"]) if _canonical(p) not in safety]
+    record[f"{name}_removed_safety_rows"] = len(dataset) - len(keep)
+    if len(keep) != len(dataset):
+        dataset = dataset.select(keep)
+    if len(dataset) == 0:
+        raise ValueError(f"{name}: every preference pair is on a safety-set prompt; nothing is left to train on")
+    split.check_training(list(dataset["prompt"]))
+    return dataset
+
+
+def _load_inputs(config: PipelineConfig) -> _Inputs:
+    from hcrlhf.data import compose_by_category, get_template, load_preferences, prompt_set, split_prompts
+    from hcrlhf.models import ScoreModel, load_causal_lm, load_tokenizer
+
+    device = _device(config)
+    models = config.models
+    record: dict = {}
+    if config.task == "builtin":
+        from hcrlhf.data.builtin import make_task
+
+        cache = Path(config.task_cache).expanduser() if config.task_cache else default_task_cache()
+        task = make_task(cache, seed=config.task_seed)
+        tokenizer = task.load_tokenizer()
+        template = task.template
+        split = task.split
+        _, safety_categories = task.prompts("safety")
+        preferences = task.preferences("train")
+        eval_preferences = task.preferences("test")
+        candidate_prompts, candidate_categories = task.prompts("candidate")
+        record.update(task="builtin", task_seed=task.seed, task_root=str(task.root),
+                      preference_files={k: _sha256_file(v) for k, v in task.preference_paths.items()},
+                      policy_on_safety_prompts_at_build=task.manifest.get("policy_on_safety_prompts"))
+
+        def load_policy():
+            return task.load_policy().to(device)
+
+        def load_reference():
+            return None
+
+        def new_score_model(seed):
+            return task.new_score_model(seed=seed).to(device)
+
+        policy_source = str(task.policy_path)
+    else:
+        task = None
+        data = config.data
+        tokenizer = load_tokenizer(models.tokenizer or models.policy, trust_remote_code=models.trust_remote_code)
+        template = get_template(data.template, tokenizer)
+        preferences = eval_preferences = None
+        if data.preferences is not None:
+            preferences = load_preferences(data.preferences, split=data.preferences_split)
+            record["preference_files"] = {"train": _sha256_file(Path(data.preferences).expanduser())}
+            if data.eval_preferences is not None:
+                eval_preferences = load_preferences(data.eval_preferences, split=data.eval_split)
+            elif not Path(data.preferences).expanduser().is_file():  # a directory or Hub id may have a test split
+                try:
+                    eval_preferences = load_preferences(data.preferences, split=data.eval_split)
+                except (ValueError, OSError):
+                    eval_preferences = None
+        if data.prompts is not None:
+            pool, pool_categories = read_prompt_file(data.prompts, data.prompt_column)
+            record["prompt_file"] = _sha256_file(Path(data.prompts).expanduser())
+        else:
+            pool, pool_categories = prompt_set(preferences)
+        fraction = data.safety_fraction
+        if data.safety_size is not None:
+            n_distinct = len({_canonical(p) for p in pool})
+            if data.safety_size >= n_distinct:
+                raise ConfigError("data.safety_size", f"({data.safety_size}) must be smaller than the number of "
+                                                      f"distinct prompts in the pool ({n_distinct})")
+            fraction = data.safety_size / n_distinct  # split_prompts rounds fraction·n back to safety_size
+        split = split_prompts(pool, safety_fraction=fraction, seed=data.split_seed, categories=pool_categories)
+        safety_categories = [pool_categories[i] for i in split.safety_indices] if pool_categories else None
+        candidate_prompts = list(split.candidate)
+        candidate_categories = [pool_categories[i] for i in split.candidate_indices] if pool_categories else None
+        kwargs = dict(dtype=models.dtype, trust_remote_code=models.trust_remote_code,
+                      attn_implementation=models.attn_implementation)
+
+        def load_policy():
+            return load_causal_lm(models.policy, device=device, **kwargs)
+
+        def load_reference():
+            return None if models.reference is None else load_causal_lm(models.reference, device=device, **kwargs)
+
+        def new_score_model(seed):
+            import torch
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return ScoreModel.from_backbone(models.score_backbone or models.policy, **kwargs).to(device)
+
+        policy_source = models.policy
+
+    # Training sides: preference pairs without D_s prompts; RL prompts from D_c only.
+    preferences = _drop_safety_rows(preferences, split, "preferences", record)
+    eval_preferences = _drop_safety_rows(eval_preferences, split, "eval_preferences", record)
+    # Distinct candidate prompts (copies of one prompt stay together in the split).
+    seen, train_prompts, train_categories = set(), [], []
+    for index, text in enumerate(candidate_prompts):
+        if _canonical(text) not in seen:
+            seen.add(_canonical(text))
+            train_prompts.append(text)
+            train_categories.append(candidate_categories[index] if candidate_categories else None)
+    if config.data.category_ratios is not None:
+        if not any(train_categories):
+            raise ConfigError("data.category_ratios", "the prompt pool has no categories to compose by")
+        composition = compose_by_category(train_prompts, train_categories, config.data.category_ratios,
+                                          seed=config.data.split_seed)
+        train_prompts = list(composition.prompts)
+        record["category_composition"] = composition.record()
+    if config.data.max_train_prompts is not None and len(train_prompts) > config.data.max_train_prompts:
+        rng = random.Random(f"{config.data.split_seed}-train-prompts")
+        train_prompts = rng.sample(train_prompts, config.data.max_train_prompts)
+    split.check_training(train_prompts)
+    record.update(policy=policy_source, n_train_prompts=len(train_prompts),
+                  n_preferences=0 if preferences is None else len(preferences),
+                  n_eval_preferences=0 if eval_preferences is None else len(eval_preferences))
+    return _Inputs(tokenizer, template, preferences, eval_preferences, split, safety_categories, train_prompts,
+                   load_policy, load_reference, new_score_model, task, record)
+
+
+# -------------------------------------------------------------------------------------- stages 2–3
+
+
+def _score_model(config: PipelineConfig, inputs: _Inputs, out: Path, kind: str):
+    """``(model, summary)``: trained on the candidate side, or loaded from models.<kind>_model."""
+    from hcrlhf.models import ScoreModel
+    from hcrlhf.train import evaluate_score_model, train_score_model
+
+    section = config.reward if kind == "reward" else config.cost
+    path = config.models.reward_model if kind == "reward" else config.models.cost_model
+    if path is not None:
+        model = ScoreModel.from_pretrained(path, dtype=config.models.dtype,
+                                           trust_remote_code=config.models.trust_remote_code)
+        model.to(_device(config))
+        summary = {"source": str(path), "trained": False}
+        if inputs.eval_preferences is not None:
+            summary["final_eval"] = evaluate_score_model(model, inputs.tokenizer, inputs.eval_preferences, kind=kind,
+                                                         template=inputs.template, max_length=section.max_length,
+                                                         batch_size=section.eval_batch_size)
+        return model, summary
+    if inputs.preferences is None:
+        raise ConfigError("data.preferences", f"is needed to train the {kind} model (or set models.{kind}_model)")
+    model = inputs.new_score_model(section.seed)
+    target = out / f"{kind}_model"
+    section = dataclasses.replace(section, output_dir=str(target), progress=config.progress and section.progress)
+    result = train_score_model(model, inputs.tokenizer, inputs.preferences, config=section,
+                               eval_dataset=inputs.eval_preferences, template=inputs.template,
+                               safety_split=inputs.split)
+    inputs.tokenizer.save_pretrained(target)
+    losses = [h for h in result.history if "loss" in h]
+    summary = {"source": str(target), "trained": True, "steps": result.steps, "seconds": round(result.seconds, 3),
+               "initial_eval": result.initial_eval, "final_eval": result.final_eval,
+               "n_train_pairs": len(inputs.preferences),
+               "loss_curve": [{"step": h["step"], "loss": h["loss"], "accuracy": h["accuracy"]} for h in losses]}
+    return model, summary
+
+
+# ----------------------------------------------------------------------------------------- stage 4
+
+
+def _decoding(config: PipelineConfig) -> Decoding:
+    s, rl = config.safety, config.rl
+    return Decoding(max_new_tokens=s.max_new_tokens if s.max_new_tokens is not None else rl.max_new_tokens,
+                    temperature=s.temperature if s.temperature is not None else rl.temperature,
+                    top_p=s.top_p if s.top_p is not None else rl.top_p,
+                    top_k=s.top_k if s.top_k is not None else rl.top_k)
+
+
+def _train_candidate(config: PipelineConfig, inputs: _Inputs, reward_model, cost_model, out: Path):
+    from hcrlhf.train import SafeRLTrainer
+
+    rl_config = dataclasses.replace(config.rl, output_dir=str(out / "rl"), safety_set_size=len(inputs.split.safety),
+                                    progress=config.progress and config.rl.progress)
+    rl_config.validate()
+    policy = inputs.load_policy()
+    trainer = SafeRLTrainer(rl_config, policy=policy, tokenizer=inputs.tokenizer, reward_model=reward_model,
+                            cost_model=cost_model, train_prompts=inputs.train_prompts, safety_prompts=inputs.split,
+                            # with LoRA the policy with its adapters disabled is the reference
+                            reference_model=None if rl_config.lora_r else inputs.load_reference(),
+                            template=inputs.template)
+    started = time.perf_counter()
+    history = trainer.train()
+    seconds = time.perf_counter() - started
+    candidate = out / "candidate"
+    trainer.save_pretrained(candidate)
+    # What the safety test needs to run on this candidate later (`hcrlhf safety-test`).
+    template = inputs.template
+    meta = {
+        "format": "hcrlhf-candidate", "version": 1,
+        "template": {"prompt_format": getattr(template, "prompt_format", None),
+                     "response_separator": template.response_separator,
+                     "chat": not hasattr(template, "prompt_format")},
+        "decoding": dataclasses.asdict(_decoding(config)),
+        "max_prompt_length": config.rl.max_prompt_length,
+        "cost_model": str((out / "cost_model").resolve()) if config.models.cost_model is None
+        else str(Path(config.models.cost_model).expanduser().resolve()),
+        "safety": {k: getattr(config.safety, k) for k in ("threshold", "delta", "method", "cost_range",
+                                                           "cost_transform", "sigmoid_scale", "unsafe_above")},
+        "ledger": str(_ledger_path(config, out).resolve()),
+        "safety_fingerprint": inputs.split.safety_fingerprint,
+        "train_prompts_file": "train_prompts.jsonl",
+    }
+    (candidate / CANDIDATE_META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    with open(candidate / "train_prompts.jsonl", "w", encoding="utf-8") as handle:
+        for prompt in inputs.train_prompts:
+            handle.write(json.dumps({"prompt": prompt}, ensure_ascii=False) + "\n")
+    keys = ("step", "reward/mean", "cost/mean", "cost/bound", "cost/threshold", "lambda", "lambda_next", "kl",
+            "entropy", "response_length/mean", "cost/coefficient_k", "tokens_per_s", "time/total")
+    curve = [{k: m[k] for k in keys if k in m} for m in history]
+    last = history[-1] if history else {}
+    summary = {"estimator": rl_config.estimator, "config": rl_config.to_dict(), "steps": trainer.global_step,
+               "seconds": round(seconds, 3),
+               "final": {k: last.get(k) for k in keys if k in last}, "curve": curve,
+               "metrics_file": str(out / "rl" / "metrics.jsonl"), "candidate": str(candidate)}
+    return trainer.policy, summary
+
+
+def _ledger_path(config: PipelineConfig, out: Path) -> Path:
+    return Path(config.safety.ledger).expanduser() if config.safety.ledger else out / "safety_ledger.json"
+
+
+# ----------------------------------------------------------------------------------------- stage 5
+
+
+def _safety_test(config: PipelineConfig, inputs: _Inputs, candidate, cost_model, out: Path):
+    from hcrlhf.safety import SafetyLedger, safety_test
+
+    s = config.safety
+    safety_prompts = list(inputs.split.safety)  # the first and only read of D_s, after training
+    decoding = _decoding(config)
+    responses, raw_costs = sample_and_score(candidate, inputs.tokenizer, safety_prompts, template=inputs.template,
+                                            decoding=decoding, cost_model=cost_model, batch_size=s.batch_size,
+                                            seed=config.seed, max_prompt_length=config.rl.max_prompt_length,
+                                            progress=config.progress, desc="safety test")
+    costs = cost_transform(raw_costs, s.cost_transform, sigmoid_scale=s.sigmoid_scale, unsafe_above=s.unsafe_above)
+    ledger = SafetyLedger(_ledger_path(config, out), s.ledger_total_delta if s.ledger_total_delta is not None
+                          else s.delta)
+    result = safety_test(costs, s.threshold, s.delta, s.method, cost_range=s.cost_range, ledger=ledger,
+                         safety_set=safety_prompts, label=f"hcrlhf pipeline {out}")
+    with open(out / "safety_samples.jsonl", "w", encoding="utf-8") as handle:
+        for index, (prompt, response) in enumerate(zip(safety_prompts, responses)):
+            row = {"prompt": prompt, "response": response, "raw_cost": raw_costs[index], "cost": costs[index]}
+            if inputs.safety_categories:
+                row["category"] = inputs.safety_categories[index]
+            if inputs.task is not None:
+                row["true_harm"] = inputs.task.harm(prompt, response)
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    record = {**result.to_dict(), "ledger": str(ledger.path), "ledger_spent": ledger.spent(result.fingerprint),
+              "ledger_total_delta": ledger.total_delta, "decoding": dataclasses.asdict(decoding),
+              "cost_transform": s.cost_transform, "costs": costs}
+    if inputs.safety_categories:
+        by_category: dict = {}
+        for category, cost in zip(inputs.safety_categories, costs):
+            by_category.setdefault(category, []).append(cost)
+        record["mean_cost_by_category"] = {k: sum(v) / len(v) for k, v in sorted(by_category.items())}
+    if inputs.task is not None:
+        harms = [inputs.task.harm(p, r) for p, r in zip(safety_prompts, responses)]
+        record["true_unsafe_rate_of_tested_responses"] = sum(h >= 0.5 for h in harms) / len(harms)
+    return result, record
+
+
+# ----------------------------------------------------------------------------------------- stage 6
+
+
+def _ground_truth(config: PipelineConfig, inputs: _Inputs, policy, label: str) -> dict:
+    """True helpfulness / harm of a policy on the safety prompts (built-in task only)."""
+    task = inputs.task
+    prompts = list(inputs.split.safety) * config.evaluation.samples_per_prompt
+    categories = list(inputs.safety_categories or [None] * len(inputs.split.safety)) * \
+        config.evaluation.samples_per_prompt
+    responses, _ = sample_and_score(policy, inputs.tokenizer, prompts, template=inputs.template,
+                                    decoding=_decoding(config), batch_size=config.safety.batch_size,
+                                    seed=config.evaluation.seed, max_prompt_length=config.rl.max_prompt_length,
+                                    progress=config.progress, desc=f"ground truth ({label})")
+    harms = [task.harm(p, r) for p, r in zip(prompts, responses)]
+    helps = [task.helpfulness(p, r) for p, r in zip(prompts, responses)]
+
+    def stats(index):
+        n = len(index)
+        return {"n": n, "unsafe_rate": sum(harms[i] >= 0.5 for i in index) / n,
+                "mean_harm": sum(harms[i] for i in index) / n,
+                "mean_helpfulness": sum(helps[i] for i in index) / n,
+                "helpful_rate": sum(helps[i] >= 1.5 for i in index) / n}
+
+    out = stats(range(len(prompts)))
+    out["by_category"] = {c: stats([i for i, x in enumerate(categories) if x == c])
+                          for c in sorted({c for c in categories if c is not None})}
+    return out
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+def run(config, *, stages: str = "all") -> PipelineResult:
+    """Run HC-RLHF end to end (or up to a stage) and write the report directory.
+
+    Args:
+        config: a :class:`~hcrlhf.pipeline.PipelineConfig`, a mapping, or the path of a YAML file
+            (see :mod:`hcrlhf.pipeline.config`). It is checked completely before any work starts.
+        stages: "all" (the whole method), "reward" (split + reward model), "cost" (split + cost model) or
+            "train" (split + score models + candidate selection, no safety test).
+
+    Returns:
+        :class:`PipelineResult`. ``verdict`` is "PASS" (``model_path`` is the returned model) or
+        "NO SOLUTION FOUND" (no model is returned).
+
+    Raises:
+        ConfigError: a bad config or output directory, naming the key, before any work.
+    """
+    import torch
+
+
+    if stages not in STAGES:
+        raise ValueError(f"run: stages must be one of {STAGES}, got {stages!r}")
+    # 0. check --------------------------------------------------------------------------------------
+    config = load_config(config)
+    out = _check_output_dir(config)
+    _prepare_output_dir(out, config.overwrite)
+    _write_config(config, out)
+    timings: dict = {}
+    started = time.perf_counter()
+    report: dict = {"format": REPORT_FORMAT, "version": REPORT_VERSION, "stages": stages,
+                    "config": config.to_dict(), "verdict": None}
+    try:
+        from hcrlhf import __version__
+
+        report["versions"] = {"hcrlhf": __version__, "torch": torch.__version__}
+    except ImportError:  # pragma: no cover
+        pass
+
+    threads = torch.get_num_threads()
+    if config.task == "builtin" and _device(config).type == "cpu":
+        # The built-in models are tiny: a second intra-op thread costs more than it gives.
+        torch.set_num_threads(1)
+    try:
+        return _run_stages(config, out, stages, report, timings, started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_stages(config: PipelineConfig, out: Path, stages: str, report: dict, timings: dict,
+                started: float) -> PipelineResult:
+    from hcrlhf.report import write_report
+
+    def stage(name):
+        _say(f"stage: {name}")
+        return _Timer(timings, name)
+
+    # 1. data ---------------------------------------------------------------------------------------
+    with stage("data and split"):
+        inputs = _load_inputs(config)
+        inputs.split.save(out / "split.json")
+    report["data"] = {**inputs.record, "split": inputs.split.record(),
+                      "split_sizes": {"candidate_prompts": len(inputs.split.candidate),
+                                      "safety_prompts": len(inputs.split.safety),
+                                      "rl_train_prompts": len(inputs.train_prompts),
+                                      "preference_pairs": inputs.record.get("n_preferences", 0),
+                                      "eval_preference_pairs": inputs.record.get("n_eval_preferences", 0)}}
+    report["fingerprints"] = {"safety_set": inputs.split.safety_fingerprint,
+                              "candidate_set": inputs.split.candidate_fingerprint,
+                              "method": inputs.split.fingerprint_method,
+                              **{f"preferences_{k}": v for k, v in inputs.record.get("preference_files", {}).items()}}
+    report["training"] = {}
+    result = PipelineResult(verdict=None, passed=False, model_path=None, candidate_path=None, output_dir=out,
+                            report=report)
+
+    def finish():
+        report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        report["timings_s"]["total"] = round(time.perf_counter() - started, 3)
+        result.files = write_report(out, report)
+        return result
+
+    # 2–3. reward and cost models -------------------------------------------------------------------
+    reward_model = cost_model = None
+    if stages in ("reward", "train", "all"):
+        with stage("reward model"):
+            reward_model, report["training"]["reward_model"] = _score_model(config, inputs, out, "reward")
+    if stages in ("cost", "train", "all"):
+        with stage("cost model"):
+            cost_model, report["training"]["cost_model"] = _score_model(config, inputs, out, "cost")
+    if stages in ("reward", "cost"):
+        return finish()
+
+    # 4. candidate selection ------------------------------------------------------------------------
+    with stage("candidate selection (Lagrangian RL under the pessimistic cost bound)"):
+        candidate, report["training"]["rl"] = _train_candidate(config, inputs, reward_model, cost_model, out)
+    result.candidate_path = out / "candidate"
+    if stages == "train":
+        return finish()
+
+    # 5. safety test --------------------------------------------------------------------------------
+    with stage("safety test"):
+        safety_result, report["safety_test"] = _safety_test(config, inputs, candidate, cost_model, out)
+    result.safety_test = safety_result
+    result.verdict, result.passed = safety_result.verdict, safety_result.passed
+    result.model_path = result.candidate_path if safety_result.passed else None
+    report["verdict"] = safety_result.verdict
+    report["returned_model"] = str(result.model_path) if result.model_path else None
+    _say(safety_result.summary())
+
+    # 6. ground truth (built-in task) ---------------------------------------------------------------
+    if inputs.task is not None:
+        with stage("ground truth (built-in task)"):
+            starting = inputs.load_policy()
+            report["ground_truth"] = {
+                "prompts": "safety set", "samples_per_prompt": config.evaluation.samples_per_prompt,
+                "starting_policy": _ground_truth(config, inputs, starting, "starting policy"),
+                "candidate": _ground_truth(config, inputs, candidate, "candidate"),
+                "returned": "candidate" if safety_result.passed else None,
+            }
+            del starting
+    return finish()
+
+
+class _Timer:
+    def __init__(self, timings: dict, name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.timings[self.name] = time.perf_counter() - self.start
+        return False
+
+
+def _write_config(config: PipelineConfig, out: Path) -> None:
+    import yaml
+
+    # The settings as given (re-loadable with `hcrlhf run`); report.json holds them with every default filled in.
+    source = config.source or config.to_dict()
+    (out / "config.yaml").write_text(yaml.safe_dump(_plain(source), sort_keys=False), encoding="utf-8")
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

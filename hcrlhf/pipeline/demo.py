@@ -1,0 +1,48 @@
+"""The built-in offline demo's config (``hcrlhf demo``); ``configs/demo.yaml`` holds the same settings."""
+
+from __future__ import annotations
+
+import copy
+
+__all__ = ["demo_config", "DEMO", "QUICK"]
+
+#: The default demo (a few minutes on a 2-core CPU). Mirrors configs/demo.yaml (a test keeps them equal).
+DEMO = {
+    "task": "builtin",
+    "task_seed": 0,
+    "seed": 0,
+    "output_dir": "hcrlhf-demo",
+    "reward": {"learning_rate": 2e-3, "max_steps": 60, "epochs": 10, "batch_size": 16, "warmup_ratio": 0.1,
+               "max_length": 96, "seed": 0},
+    "cost": {"cost_loss": "bt_sign", "learning_rate": 2e-3, "max_steps": 60, "epochs": 10, "batch_size": 16,
+             "warmup_ratio": 0.1, "max_length": 96, "seed": 1},
+    "rl": {"estimator": "rloo", "total_steps": 150, "prompts_per_step": 16, "samples_per_prompt": 2,
+           "max_new_tokens": 40, "actor_lr": 2e-4, "kl_coef": 0.2, "lambda_init": 1.0, "lambda_lr": 0.01,
+           "cost_window_size": 256, "seed": 0},
+    "safety": {"threshold": -3.0, "delta": 0.1, "method": "ttest"},
+    "evaluation": {"samples_per_prompt": 4},
+}
+
+#: --quick: the same pipeline, smaller (about a minute on a 2-core CPU).
+QUICK_OVERRIDES = {
+    "reward": {"max_steps": 20},
+    "cost": {"max_steps": 20},
+    "rl": {"total_steps": 20, "max_new_tokens": 24},
+    "evaluation": {"samples_per_prompt": 1},
+}
+QUICK = copy.deepcopy(DEMO)
+for _section, _values in QUICK_OVERRIDES.items():
+    QUICK[_section].update(_values)
+
+
+def demo_config(*, quick: bool = False, output_dir: str | None = None, task_cache: str | None = None,
+                overwrite: bool = False, progress: bool = True) -> dict:
+    """The demo's config mapping (feed it to :func:`hcrlhf.pipeline.run`)."""
+    config = copy.deepcopy(QUICK if quick else DEMO)
+    if output_dir is not None:
+        config["output_dir"] = str(output_dir)
+    if task_cache is not None:
+        config["task_cache"] = str(task_cache)
+    config["overwrite"] = overwrite
+    config["progress"] = progress
+    return config

@@ -1,0 +1,123 @@
+"""Sampling responses with deployment decoding and scoring them, exactly as the RL trainer scores its
+rollouts: prompt (left padded) + response up to and including the first EOS, the cost read at the last
+non-pad token. Used by the safety test and by the ground-truth evaluation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hcrlhf.data.templates import tokenize_prompts
+
+__all__ = ["Decoding", "sample_and_score", "read_prompt_file", "cost_transform"]
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Deployment decoding settings (SPEC.md §2.1: the guarantee is about responses decoded this way)."""
+
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@torch.no_grad()
+def sample_and_score(policy, tokenizer, prompts, *, template, decoding: Decoding, cost_model=None,
+                     batch_size: int = 64, seed: int = 0, max_prompt_length: int | None = None,
+                     progress: bool = False, desc: str = "sampling") -> tuple[list[str], list[float] | None]:
+    """One sampled response per prompt (in order) and, with ``cost_model``, its cost.
+
+    Returns:
+        ``(responses, costs)``: decoded response texts (special tokens removed) and float costs (None
+        without a cost model).
+    """
+    from tqdm.auto import tqdm
+
+    prompts = list(prompts)
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    responses, costs = [], [] if cost_model is not None else None
+    generator_state = torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
+            chunk = prompts[start:start + batch_size]
+            batch = tokenize_prompts(tokenizer, chunk, template=template, max_length=max_prompt_length)
+            prompt_ids, prompt_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+            output = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
+                                     temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k,
+                                     max_new_tokens=decoding.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+            response = output[:, prompt_ids.shape[1]:]
+            if eos is not None:  # valid: up to and including the first EOS (as in SafeRLTrainer.rollout)
+                is_eos = (response == eos).long()
+                valid = (is_eos.cumsum(dim=1) - is_eos) == 0
+            else:
+                valid = torch.ones_like(response, dtype=torch.bool)
+            response = response.masked_fill(~valid, pad)
+            responses += tokenizer.batch_decode(response, skip_special_tokens=True)
+            if cost_model is not None:
+                input_ids = torch.cat([prompt_ids, response], dim=1)
+                attention_mask = torch.cat([prompt_mask.long(), valid.long()], dim=1)
+                costs += cost_model(input_ids, attention_mask).end_scores.float().cpu().tolist()
+    finally:
+        policy.train(was_training)
+        torch.random.set_rng_state(generator_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+    return [r.strip() for r in responses], costs
+
+
+def cost_transform(costs, transform: str, *, sigmoid_scale: float = 1.0, unsafe_above: float = 0.0) -> list[float]:
+    """The safety test's costs from raw cost-model scores: "none", "sigmoid" or "unsafe_indicator"."""
+    import math
+
+    if transform == "none":
+        return [float(c) for c in costs]
+    if transform == "sigmoid":
+        return [1.0 / (1.0 + math.exp(-max(min(c / sigmoid_scale, 700.0), -700.0))) for c in costs]
+    if transform == "unsafe_indicator":
+        return [1.0 if c > unsafe_above else 0.0 for c in costs]
+    raise ValueError(f"cost_transform: unknown transform {transform!r}")
+
+
+def read_prompt_file(path, prompt_column: str = "prompt") -> tuple[list[str], list | None]:
+    """``(prompts, categories or None)`` from a JSON Lines / JSON file of rows (``prompt``, optional
+    ``category``), a JSON list of strings, or a text file with one prompt a line."""
+    path = Path(path).expanduser()
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        stripped = text.lstrip()
+        if suffix == ".json" and stripped.startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+        prompts, categories = [], []
+        for index, row in enumerate(rows):
+            if isinstance(row, str):
+                prompts.append(row)
+                categories.append(None)
+            elif isinstance(row, dict) and isinstance(row.get(prompt_column), str):
+                prompts.append(row[prompt_column])
+                categories.append(row.get("category"))
+            else:
+                raise ValueError(f"{path}: row {index} has no string {prompt_column!r}")
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        categories = [None] * len(prompts)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts, (categories if any(c is not None for c in categories) else None)
