@@ -14,14 +14,6 @@ from hcrlhf.train.rl_losses import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _batch(generator, rows=5, width=9):
     logprobs = -torch.rand(rows, width, generator=generator) * 3
     old = logprobs + 0.3 * torch.randn(rows, width, generator=generator)

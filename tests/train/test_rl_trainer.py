@@ -19,20 +19,6 @@ from hcrlhf.train import SafeRLConfig, SafeRLTrainer, TrainingDivergedError, res
 from hcrlhf.train import rl_trainer as rl_trainer_module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores: a second intra-op thread only fights other processes for them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(task):
-    return task.load_tokenizer()
-
-
 def make_config(**overrides):
     values = dict(total_steps=2, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=12, actor_lr=1e-3,
                   critic_lr=1e-3, progress=False, seed=3)
