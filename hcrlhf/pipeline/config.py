@@ -29,6 +29,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hcrlhf._typecheck import coerce_yaml, matches, type_name
+
 __all__ = [
     "ConfigError",
     "PipelineConfig",
@@ -246,45 +248,11 @@ class PipelineConfig:
 # ------------------------------------------------------------------------------------ checking
 
 
-def _type_name(hint) -> str:
-    args = typing.get_args(hint)
-    if args:
-        return " | ".join(_type_name(a) for a in args)
-    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
-
-
-def _matches(value, hint) -> bool:
-    args = typing.get_args(hint)
-    origin = typing.get_origin(hint)
-    if origin is typing.Union or (args and origin is not None and origin not in (list, dict)):
-        return any(_matches(value, a) for a in args)
-    if hint is typing.Any:
-        return True
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if origin in (list, dict):
-        return isinstance(value, origin)
-    return isinstance(value, hint)
-
-
 def _coerce(key: str, value, hint):
     """Check ``value`` against the type hint; YAML conveniences: "1e-6" or 3 for a float field."""
-    allowed = typing.get_args(hint) or (hint,)
-    if float in allowed and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if float in allowed and int not in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not _matches(value, hint):
-        raise ConfigError(key, f"must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    value = coerce_yaml(value, hint)
+    if not matches(value, hint):
+        raise ConfigError(key, f"must be {type_name(hint, 'null')}, got {value!r} ({type(value).__name__})")
     return value
 
 

@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from hcrlhf._typecheck import coerce_yaml, matches, type_name
+
 __all__ = ["SafeRLConfig", "ESTIMATORS", "AMA_MODES", "AMA_TOKEN_SCORES"]
 
 ESTIMATORS = ("ppo", "rloo")
@@ -344,47 +346,14 @@ class SafeRLConfig:
 # ------------------------------------------------------------------------------------- helpers
 
 
-def _type_name(hint) -> str:
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is list:
-        return f"list[{_type_name(args[0])}]"
-    if args:
-        return " | ".join(_type_name(a) for a in args)
-    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
-
-
-def _matches(value, hint) -> bool:
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is list:
-        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
-    if args:  # a Union
-        return any(_matches(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
 def _check_type(name: str, value, hint) -> None:
-    if not _matches(value, hint):
-        raise TypeError(f"SafeRLConfig: {name} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    if not matches(value, hint):
+        raise TypeError(f"SafeRLConfig: {name} must be {type_name(hint)}, got {value!r} ({type(value).__name__})")
 
 
 def _coerce(name: str, value, hint):
     """YAML conveniences: a numeric string or an int for a float field becomes a float."""
-    allowed = typing.get_args(hint) or (hint,)
-    if float in allowed and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if float in allowed and int not in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    value = coerce_yaml(value, hint)
     _check_type(name, value, hint)
     return value
 
