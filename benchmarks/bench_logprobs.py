@@ -142,6 +142,17 @@ def _row(spec, mode, timing, floor_s, work, unit, peer_s, peak):
     return row
 
 
+def _measure(spec: dict, mode: str, device, budget_s: float):
+    """(timing, peak extra bytes) of one impl in one mode; the peak only for fwd+bwd."""
+    fn, inputs, grad_out = build(spec)
+    call = _modes(fn, inputs, grad_out, mode)
+    timing = harness.time_device(call, device, reps=10, warmup=1, budget_s=budget_s)
+    peak = None
+    if mode == "fwd+bwd":
+        peak = harness.peak_memory(call, device) if device.type == "cuda" else cpu_peak_extra(spec)
+    return timing, peak
+
+
 def run_token(device, cases, budget_s, bandwidth, per_row_max_elements):
     rows = []
     for n, vocab, dtype in cases:
@@ -158,15 +169,7 @@ def run_token(device, cases, budget_s, bandwidth, per_row_max_elements):
                     continue
                 spec = dict(op="token_logprobs", device=str(device), dtype=str(dtype).split(".")[1],
                             N=n, V=vocab, impl=impl)
-                fn, inputs, grad_out = build(spec)
-                timing = harness.time_device(_modes(fn, inputs, grad_out, mode), device, reps=10, warmup=1,
-                                             budget_s=budget_s)
-                peak = None
-                if mode == "fwd+bwd":
-                    peak = (harness.peak_memory(_modes(fn, inputs, grad_out, mode), device)
-                            if device.type == "cuda" else cpu_peak_extra(spec))
-                results[impl] = (spec, timing, peak)
-                del fn, inputs
+                results[impl] = (spec, *_measure(spec, mode, device, budget_s))
             peer_s = results["log_softmax+gather (Safe RLHF)"][1].median
             for spec, timing, peak in results.values():
                 row = _row(spec, mode, timing, floor_s, moved, "GB/s", peer_s, peak)
@@ -187,15 +190,7 @@ def run_linear(device, shapes, dtypes, budget_s):
                 for impl in impls:
                     spec = dict(op="linear_logprobs", device=str(device), dtype=str(dtype).split(".")[1],
                                 N=n, V=vocab, H=hidden_size, impl=impl)
-                    fn, inputs, grad_out = build(spec)
-                    timing = harness.time_device(_modes(fn, inputs, grad_out, mode), device, reps=10, warmup=1,
-                                                 budget_s=budget_s)
-                    peak = None
-                    if mode == "fwd+bwd":
-                        peak = (harness.peak_memory(_modes(fn, inputs, grad_out, mode), device)
-                                if device.type == "cuda" else cpu_peak_extra(spec))
-                    results[impl] = (spec, timing, peak)
-                    del fn, inputs
+                    results[impl] = (spec, *_measure(spec, mode, device, budget_s))
                 floor_s = results["bare lm_head matmul (floor)"][1].median
                 peer_s = results["unfused matmul+log_softmax"][1].median
                 for spec, timing, peak in results.values():
