@@ -175,6 +175,14 @@ def render_markdown(report: dict) -> str:
     training = report.get("training", {})
     if training:
         lines += ["## Training", ""]
+        sft = training.get("sft")
+        if sft:
+            lines.append(
+                f"- SFT of the starting policy: {sft['steps']} steps (batch {sft['batch_size']}, lr "
+                f"{sft['learning_rate']:g}) in {sft['seconds']:.1f} s on {sft['n_rows']} rows of `{sft['data']}` "
+                f"({sft['removed_safety_rows']} on safety prompts removed); NLL per target token "
+                f"{sft['first_nll']:.4f} → {sft['last_nll']:.4f}; saved to `{sft['source']}` (the starting "
+                "policy and KL reference of candidate selection)")
         for name in ("reward_model", "cost_model"):
             t = training.get(name)
             if not t:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from hcrlhf.pipeline import ConfigError, demo_config, load_config
@@ -165,6 +166,81 @@ def test_preference_pairs_on_safety_prompts_are_removed(task, tmp_path):
     assert not (tmp_path / "out" / "cost_model").exists()
 
 
+# ------------------------------------------------------------------------------------------- SFT
+
+
+def _parameters(model):
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def test_sft_stage_lowers_the_nll_saves_and_never_trains_on_safety_prompts(task, tmp_path):
+    """stages="sft": the starting policy fine-tuned on user SFT rows (the one on a D_s prompt removed); the
+    NLL falls, the policy saved to <output>/sft_policy differs from the original and loads."""
+    from hcrlhf.models import load_causal_lm
+    from hcrlhf.pipeline import run
+
+    candidate = sorted(set(task.split.candidate))[:4]
+    rows = [{"prompt": p, "response": "I can help with that. Here is a short, careful answer."} for p in candidate]
+    rows.append({"prompt": task.split.safety[0], "response": "A response that must never be trained on."})
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = good_config(tmp_path, task)
+    config["sft"] = {"path": str(path), "steps": 6, "batch_size": 4, "learning_rate": 1e-2, "seed": 3}
+    started = time.perf_counter()
+    result = run(config, stages="sft")
+    assert time.perf_counter() - started < 20
+    out = tmp_path / "out"
+    sft = result.report["training"]["sft"]
+    assert sft["steps"] == 6 == len(sft["nll_curve"]) and sft["n_rows"] == 4 and sft["removed_safety_rows"] == 1
+    assert result.report["data"]["sft_removed_safety_rows"] == 1
+    assert sft["last_nll"] < sft["first_nll"] and sft["first_nll"] > 0
+    assert (out / "sft_policy" / "model.safetensors").is_file() and sft["source"] == str(out / "sft_policy")
+    assert result.verdict is None and not (out / "reward_model").exists() and not (out / "candidate").exists()
+    tuned, original = _parameters(load_causal_lm(out / "sft_policy")), _parameters(task.load_policy())
+    assert tuned.keys() == original.keys()
+    assert any(not torch.equal(tuned[k], original[k]) for k in tuned)
+    report = json.loads((out / "report.json").read_text())
+    assert report["training"]["sft"]["last_nll"] == sft["last_nll"] and report["stages"] == "sft"
+    assert "SFT of the starting policy: 6 steps" in (out / "report.md").read_text()
+
+
+def test_sft_then_candidate_selection_starts_from_the_sft_policy(task, tmp_path, monkeypatch):
+    """With an sft section (the built-in SFT corpus by default) candidate selection starts from the SFT
+    policy, and its KL reference is the SFT policy too."""
+    from hcrlhf.models import load_causal_lm
+    from hcrlhf.pipeline import run
+    from hcrlhf.train import rl_trainer
+
+    seen = {}
+    original_init = rl_trainer.SafeRLTrainer.__init__
+
+    def spy(self, config, **kwargs):
+        seen["policy"] = _parameters(kwargs["policy"])
+        seen["reference"] = kwargs["reference_model"]
+        original_init(self, config, **kwargs)
+        seen["trainer_reference"] = _parameters(self.reference)
+
+    monkeypatch.setattr(rl_trainer.SafeRLTrainer, "__init__", spy)
+    config = good_config(tmp_path, task)
+    config["reward"]["max_steps"] = config["cost"]["max_steps"] = 2
+    config["rl"]["total_steps"] = 1
+    config["sft"] = {"steps": 2, "batch_size": 4, "learning_rate": 1e-3}
+    result = run(config, stages="train")
+    out = tmp_path / "out"
+    sft = result.report["training"]["sft"]
+    assert sft["data"] == str(task.sft_path) and sft["removed_safety_rows"] == 0 and sft["steps"] == 2
+    tuned = _parameters(load_causal_lm(out / "sft_policy"))
+    assert seen["reference"] is None  # the trainer copies the (SFT) policy it is handed
+    for name in ("policy", "trainer_reference"):
+        assert all(torch.equal(seen[name][k], tuned[k]) for k in tuned), name
+    assert result.report["data"]["starting_policy"] == str(out / "sft_policy")
+    assert (out / "candidate" / "model.safetensors").is_file()
+
+
+def test_demo_has_no_sft():
+    assert "sft" not in DEMO and load_config(demo_config(quick=True)).sft is None
+
+
 # ------------------------------------------------------------------------------------ bad configs
 
 
@@ -194,6 +270,12 @@ BAD_CASES = [
     (lambda c: c["models"].__setitem__("cost_model", "/no/such/cost-model") if "models" in c
      else c.update(models={"cost_model": "/no/such/cost-model"}), "models.cost_model"),
     (lambda c: c.update(data={"preferences": "x.jsonl"}), "data.preferences"),
+    (lambda c: c.update(sft={"stepz": 3}), "sft.stepz"),
+    (lambda c: c.update(sft={"steps": "many"}), "sft.steps"),
+    (lambda c: c.update(sft={"steps": 0}), "sft.steps"),
+    (lambda c: c.update(sft={"learning_rate": 0.0}), "sft.learning_rate"),
+    (lambda c: c.update(sft={"path": "/no/such/sft.jsonl"}), "sft.path"),
+    (lambda c: c.update(sft="yes"), "sft"),
 ]
 
 
@@ -221,13 +303,18 @@ USER_DATA_BAD = [
                               "models": {"policy": "{policy}"}}),
     ("data.template", {"data": {"preferences": "{prefs}", "template": "no placeholder"},
                        "models": {"policy": "{policy}"}}),
+    ("sft.path", {"data": {"preferences": "{prefs}"}, "models": {"policy": "{policy}"}, "sft": {"steps": 2}}),
+    ("sft.path", {"data": {"preferences": "{prefs}"}, "models": {"policy": "{policy}"},
+                  "sft": {"path": "{prefs}"}}),  # rows without prompt/response or text
+    ("models.reference", {"data": {"preferences": "{prefs}"},
+                          "models": {"policy": "{policy}", "reference": "{policy}"}, "sft": {"path": "{sft}"}}),
 ]
 
 
 @pytest.mark.parametrize("key, values", USER_DATA_BAD, ids=[f"{k}-{i}" for i, (k, _) in enumerate(USER_DATA_BAD)])
 def test_bad_user_data_config_names_the_key(task, tmp_path, key, values):
     text = json.dumps(values).replace("{prefs}", str(task.preference_paths["train"])).replace(
-        "{policy}", str(task.policy_path))
+        "{policy}", str(task.policy_path)).replace("{sft}", str(task.sft_path))
     config = {"output_dir": str(tmp_path / "out"), **json.loads(text)}
     with pytest.raises(ConfigError) as error:
         load_config(config)

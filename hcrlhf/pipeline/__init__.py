@@ -1,7 +1,7 @@
 """The end-to-end HC-RLHF pipeline: ``hcrlhf.pipeline.run(config)``.
 
-split → reward model → cost model → candidate selection → safety test (recorded in the δ ledger) → the
-model or NO SOLUTION FOUND, with a report directory (:mod:`hcrlhf.report`). The config format is in
+split → (optional SFT) → reward model → cost model → candidate selection → safety test (recorded in the δ
+ledger) → the model or NO SOLUTION FOUND, with a report directory (:mod:`hcrlhf.report`). The config format is in
 :mod:`hcrlhf.pipeline.config`; :func:`demo_config` gives the built-in offline demo's.
 """
 
@@ -12,6 +12,7 @@ from hcrlhf.pipeline.config import (
     ModelsConfig,
     PipelineConfig,
     SafetyConfig,
+    SFTConfig,
     config_from_dict,
     load_config,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "ModelsConfig",
     "SafetyConfig",
     "EvaluationConfig",
+    "SFTConfig",
     "load_config",
     "config_from_dict",
     "demo_config",

@@ -9,6 +9,7 @@ Top-level keys and sections (every key is documented on the dataclass that holds
     models:   {policy, tokenizer, reference, reward_model, cost_model, dtype, ...}
     reward:   ScoreTrainingConfig fields (hcrlhf.train), for the reward model
     cost:     ScoreTrainingConfig fields, for the cost model
+    sft:      {path, steps, batch_size, learning_rate, seed, ...}   # optional SFT of the starting policy
     rl:       SafeRLConfig fields (hcrlhf.train), candidate selection
     safety:   {threshold, delta, method, cost_range, cost_transform, ledger, ...}
     evaluation: {samples_per_prompt, ...}   # ground-truth evaluation, built-in task only
@@ -38,6 +39,7 @@ __all__ = [
     "ModelsConfig",
     "SafetyConfig",
     "EvaluationConfig",
+    "SFTConfig",
     "load_config",
     "read_config_file",
     "config_from_dict",
@@ -141,6 +143,40 @@ class ModelsConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Optional supervised fine-tuning of the starting policy before candidate selection (the section
+    ``sft``; absent or null: no SFT). The fine-tuned policy is saved (safetensors) to
+    ``<output_dir>/sft_policy`` and is both the starting policy and the KL reference of candidate selection.
+    Rows whose prompt is in the safety set D_s are refused (SPEC §2.2), like preference pairs.
+
+    Attributes:
+        path: the SFT data: a JSON Lines file (or a ``.json`` list) whose rows are all
+            ``{"prompt", "response"}`` (the prompt is formatted with the data template and is context only;
+            the targets are the response tokens and an EOS) or all ``{"text"}`` (plain text: every token
+            after the first, and an EOS). Relative paths are taken from the working directory, like the
+            other data paths. None: the built-in task's SFT corpus (``task: builtin`` only).
+        steps: optimiser steps (AdamW), each on ``batch_size`` rows drawn in seeded per-epoch permutations.
+        batch_size: rows per step.
+        learning_rate: AdamW learning rate (constant).
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient-norm clipping (None: off).
+        max_length: tokens per row, longer rows are cut (None: rl.max_prompt_length + rl.max_new_tokens).
+        micro_batch_tokens: token budget of one forward/backward pass (None: the whole batch at once).
+        seed: the seed of the row order (and of torch during SFT).
+    """
+
+    path: str | None = None
+    steps: int = 100
+    batch_size: int = 16
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    max_length: int | None = None
+    micro_batch_tokens: int | None = None
+    seed: int = 0
+
+
+@dataclass
 class SafetyConfig:
     """Step 2, the safety test (SPEC.md §2.4), and the δ ledger.
 
@@ -209,6 +245,7 @@ class PipelineConfig:
         overwrite: allow a non-empty ``output_dir`` that holds an earlier hcrlhf report.
         seed: the seed of sampling in the safety test (training seeds are in their sections).
         progress: show progress bars.
+        sft: :class:`SFTConfig` when the optional SFT stage is on (section ``sft``), else None.
     """
 
     output_dir: str
@@ -224,6 +261,7 @@ class PipelineConfig:
     cost: typing.Any = None
     rl: typing.Any = None
     safety: SafetyConfig = field(default_factory=SafetyConfig)
+    sft: SFTConfig | None = None
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     #: the mapping the config came from (after defaults of the sections were filled in), for the report
     source: dict = field(default_factory=dict, repr=False)
@@ -341,7 +379,7 @@ def config_from_dict(values: dict) -> PipelineConfig:
     if not isinstance(values, dict):
         raise ConfigError("<root>", f"the config must be a mapping of settings, got {type(values).__name__}")
     source = copy.deepcopy(values)
-    sections = {"data", "models", "reward", "cost", "rl", "safety", "evaluation"}
+    sections = {"data", "models", "reward", "cost", "rl", "safety", "evaluation", "sft"}
     top_fields = {f.name for f in dataclasses.fields(PipelineConfig)} - {"source"}
     _unknown("", values, top_fields)
     top = {k: v for k, v in values.items() if k not in sections}
@@ -449,6 +487,7 @@ def config_from_dict(values: dict) -> PipelineConfig:
     evaluation = EvaluationConfig(**_section(EvaluationConfig, "evaluation.",
                                              _mapping("evaluation", values.get("evaluation"))))
     _at_least("evaluation.samples_per_prompt", evaluation.samples_per_prompt, 1)
+    sft = _sft_section(values.get("sft"), builtin, models)
 
     # reward / cost (ScoreTrainingConfig) -------------------------------------------------------------
     score_fields = {f.name for f in dataclasses.fields(ScoreTrainingConfig)}
@@ -493,9 +532,45 @@ def config_from_dict(values: dict) -> PipelineConfig:
         raise _wrap("rl.", "SafeRLConfig", error, rl_fields) from None
 
     config = PipelineConfig(**top, data=data, models=models, reward=score_sections["reward"],
-                            cost=score_sections["cost"], rl=rl, safety=safety, evaluation=evaluation)
+                            cost=score_sections["cost"], rl=rl, safety=safety, sft=sft, evaluation=evaluation)
     config.source = source
     return config
+
+
+def _sft_section(value, builtin: bool, models: ModelsConfig) -> SFTConfig | None:
+    """The ``sft`` section (None when absent or null): keys, types, ranges and the data file checked."""
+    if value is None:
+        return None
+    sft = SFTConfig(**_section(SFTConfig, "sft.", _mapping("sft", value)))
+    if sft.path is None:
+        if not builtin:
+            raise ConfigError("sft.path", "is required (the SFT data: JSON Lines of prompt/response or text rows); "
+                                          "only the built-in task has a default")
+    else:
+        if not sft.path.strip():
+            raise ConfigError("sft.path", "must not be empty")
+        path = Path(sft.path).expanduser()
+        if not path.is_file():
+            raise ConfigError("sft.path", f"path {sft.path!r} does not exist or is not a file")
+        from hcrlhf.train.rl_trainer import read_lm_rows
+
+        try:
+            read_lm_rows(path, name="sft.path")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ConfigError("sft.path", str(error)) from None
+    _at_least("sft.steps", sft.steps, 1)
+    _at_least("sft.batch_size", sft.batch_size, 1)
+    _positive("sft.learning_rate", sft.learning_rate)
+    if not (math.isfinite(sft.weight_decay) and sft.weight_decay >= 0):
+        raise ConfigError("sft.weight_decay", f"must be a finite number >= 0, got {sft.weight_decay!r}")
+    _positive("sft.max_grad_norm", sft.max_grad_norm)
+    _at_least("sft.max_length", sft.max_length, 2)
+    _at_least("sft.micro_batch_tokens", sft.micro_batch_tokens, 1)
+    _at_least("sft.seed", sft.seed, 0)
+    if models.reference is not None:
+        raise ConfigError("models.reference", "with an sft section the KL reference is the SFT policy; remove "
+                                              "models.reference (or the sft section)")
+    return sft
 
 
 def read_config_file(path) -> dict:

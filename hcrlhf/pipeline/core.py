@@ -5,6 +5,8 @@
 1. **data**: preference pairs, the RL prompt pool, and the candidate / safety split (SPEC.md §2.2). The
    safety set D_s is drawn once with a recorded seed; preference pairs on a D_s prompt are removed, and
    every training entry point is handed the split so that it *refuses* any D_s prompt;
+1b. optional **SFT** (section ``sft``): the starting policy fine-tuned on SFT rows (rows on a D_s prompt
+   removed), saved to ``<output_dir>/sft_policy``; it is then the starting policy and the KL reference;
 2. **reward model** and 3. **cost model** (trained on candidate data, or loaded);
 4. **candidate selection**: the Lagrangian RL trainer under the pessimistic cost bound (SPEC.md §2.3);
 5. **safety test** on D_s with the deployment decoding, recorded in the δ ledger before its result is
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import shutil
 import sys
@@ -30,7 +33,7 @@ from hcrlhf.pipeline.sampling import Decoding, cost_transform, read_prompt_file,
 
 __all__ = ["run", "PipelineResult", "STAGES", "CANDIDATE_META", "REPORT_FORMAT", "default_task_cache"]
 
-STAGES = ("reward", "cost", "train", "all")
+STAGES = ("sft", "reward", "cost", "train", "all")
 CANDIDATE_META = "hcrlhf_candidate.json"
 REPORT_FORMAT = "hcrlhf-report"
 REPORT_VERSION = 1
@@ -106,7 +109,7 @@ def _prepare_output_dir(out: Path, overwrite: bool) -> None:
         for name in ("report.json", "report.md", "config.yaml", "split.json", "safety_samples.jsonl",
                      "training.png", "safety_costs.png", "score_models.png"):
             (out / name).unlink(missing_ok=True)
-        for name in ("reward_model", "cost_model", "rl", "candidate"):
+        for name in ("sft_policy", "reward_model", "cost_model", "rl", "candidate"):
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -136,6 +139,9 @@ class _Inputs:
     new_score_model: object  # (seed) -> ScoreModel
     task: object = None
     record: dict = field(default_factory=dict)
+    sft_rows: list = field(default_factory=list)  # the SFT rows (D_s prompts removed); empty without SFT
+    sft_kind: str | None = None  # "pairs" | "text"
+    load_sft_base: object = None  # () -> the policy SFT starts from (load_policy before SFT replaces it)
 
 
 def _drop_safety_rows(dataset, split, name: str, record: dict):
@@ -257,11 +263,113 @@ def _load_inputs(config: PipelineConfig) -> _Inputs:
         rng = random.Random(f"{config.data.split_seed}-train-prompts")
         train_prompts = rng.sample(train_prompts, config.data.max_train_prompts)
     split.check_training(train_prompts)
+    sft_rows, sft_kind = [], None
+    if config.sft is not None:
+        sft_path = Path(config.sft.path).expanduser() if config.sft.path is not None else Path(task.sft_path)
+        sft_rows, sft_kind = _sft_rows(sft_path, split, record)
+        if sft_kind == "text" and tokenizer.eos_token_id is None:
+            raise ConfigError("sft.path", "plain-text SFT rows end with an EOS target, but the tokenizer has no "
+                                          "eos_token")
     record.update(policy=policy_source, n_train_prompts=len(train_prompts),
                   n_preferences=0 if preferences is None else len(preferences),
                   n_eval_preferences=0 if eval_preferences is None else len(eval_preferences))
     return _Inputs(tokenizer, template, preferences, eval_preferences, split, safety_categories, train_prompts,
-                   load_policy, load_reference, new_score_model, task, record)
+                   load_policy, load_reference, new_score_model, task, record, sft_rows, sft_kind, load_policy)
+
+
+def _sft_rows(path: Path, split, record: dict) -> tuple[list[dict], str]:
+    """The SFT rows of ``path`` without any on a D_s prompt (a text row is dropped when it contains a D_s
+    prompt), then *asserted* free of them (SPEC §2.2), like the preference pairs."""
+    from hcrlhf.train.rl_trainer import read_lm_rows
+
+    rows, kind, digest = read_lm_rows(path, name="sft.path")
+    safety = {_canonical(t) for t in split.safety}
+    if kind == "pairs":
+        keep = [r for r in rows if _canonical(r["prompt"]) not in safety]
+    else:
+        keep = [r for r in rows if not any(s in _canonical(r["text"]) for s in safety)]
+    record.update(sft_file=str(path), sft_sha256="sha256:" + digest, sft_kind=kind, n_sft_rows=len(keep),
+                  sft_removed_safety_rows=len(rows) - len(keep))
+    if not keep:
+        raise ValueError(f"sft.path={str(path)!r}: every row is on a safety-set prompt; nothing is left to train on")
+    if kind == "pairs":
+        split.check_training([r["prompt"] for r in keep])
+    return keep, kind
+
+
+# ----------------------------------------------------------------------------------------- stage 1b
+
+
+def _sft(config: PipelineConfig, inputs: _Inputs, out: Path) -> dict:
+    """Fine-tune the starting policy on the SFT rows (AdamW; mean NLL per target token, the PTX loss code of
+    :mod:`hcrlhf.train.rl_trainer`), save it to ``<out>/sft_policy`` and make it the starting policy (and
+    so the KL reference) of what follows. Returns the summary for the report."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from hcrlhf.models import load_causal_lm
+    from hcrlhf.train.rl_trainer import lm_loss_backward, tokenize_lm_rows
+
+    sft, rows = config.sft, inputs.sft_rows
+    max_length = sft.max_length or (config.rl.max_prompt_length + config.rl.max_new_tokens)
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sft.seed)
+        policy = inputs.load_sft_base()
+        device = next(policy.parameters()).device
+        policy.requires_grad_(True)
+        policy.train()
+        parameters = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=sft.learning_rate, weight_decay=sft.weight_decay)
+        permutations: dict[int, list[int]] = {}
+        curve = []
+        bar = tqdm(total=sft.steps, disable=not config.progress, desc="sft", unit="step", dynamic_ncols=True)
+        for step in range(sft.steps):
+            batch = []
+            for position in range(step * sft.batch_size, (step + 1) * sft.batch_size):
+                epoch, offset = divmod(position, len(rows))
+                if epoch not in permutations:
+                    order = list(range(len(rows)))
+                    random.Random(f"{sft.seed}-sft-{epoch}").shuffle(order)
+                    permutations = {epoch: order}
+                batch.append(rows[permutations[epoch][offset]])
+            input_ids, attention_mask, targets = tokenize_lm_rows(inputs.tokenizer, batch, inputs.sft_kind,
+                                                                  template=inputs.template, max_length=max_length)
+            optimizer.zero_grad(set_to_none=True)
+            nll = lm_loss_backward(policy, input_ids, attention_mask, targets, device=device,
+                                   micro_batch_tokens=sft.micro_batch_tokens, impl=config.rl.impl)
+            nll = float(nll)
+            if not math.isfinite(nll):
+                raise FloatingPointError(f"sft: the NLL is {nll} at step {step + 1}; lower sft.learning_rate")
+            if sft.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(parameters, sft.max_grad_norm)
+            optimizer.step()
+            curve.append({"step": step + 1, "nll": nll})
+            bar.update(1)
+            bar.set_postfix(nll=f"{nll:.3f}")
+        bar.close()
+    policy.eval()
+    target = out / "sft_policy"
+    policy.save_pretrained(target, safe_serialization=True)
+    inputs.tokenizer.save_pretrained(target)
+    seconds = time.perf_counter() - started
+    del policy, optimizer
+    kwargs = {} if config.task == "builtin" else dict(dtype=config.models.dtype,
+                                                      trust_remote_code=config.models.trust_remote_code,
+                                                      attn_implementation=config.models.attn_implementation)
+
+    def load_sft_policy():
+        return load_causal_lm(target, device=device, **kwargs)
+
+    inputs.load_policy = load_sft_policy  # the starting policy from here on; the reference copies it
+    stride = max(1, len(curve) // 200)
+    return {"source": str(target), "trained": True, "data": inputs.record.get("sft_file"),
+            "data_kind": inputs.sft_kind, "n_rows": len(rows),
+            "removed_safety_rows": inputs.record.get("sft_removed_safety_rows", 0), "steps": sft.steps,
+            "batch_size": sft.batch_size, "learning_rate": sft.learning_rate, "seed": sft.seed,
+            "max_length": max_length, "seconds": round(seconds, 3), "first_nll": curve[0]["nll"],
+            "last_nll": curve[-1]["nll"], "nll_curve": curve[::stride] + ([curve[-1]] if (len(curve) - 1) % stride
+                                                                           else [])}
 
 
 # -------------------------------------------------------------------------------------- stages 2–3
@@ -443,8 +551,9 @@ def run(config, *, stages: str = "all") -> PipelineResult:
     Args:
         config: a :class:`~hcrlhf.pipeline.PipelineConfig`, a mapping, or the path of a YAML file
             (see :mod:`hcrlhf.pipeline.config`). It is checked completely before any work starts.
-        stages: "all" (the whole method), "reward" (split + reward model), "cost" (split + cost model) or
-            "train" (split + score models + candidate selection, no safety test).
+        stages: "all" (the whole method), "sft" (split + SFT; needs an ``sft`` section), "reward" (split +
+            reward model), "cost" (split + cost model) or "train" (split + SFT when configured + score models
+            + candidate selection, no safety test).
 
     Returns:
         :class:`PipelineResult`. ``verdict`` is "PASS" (``model_path`` is the returned model) or
@@ -460,6 +569,8 @@ def run(config, *, stages: str = "all") -> PipelineResult:
         raise ValueError(f"run: stages must be one of {STAGES}, got {stages!r}")
     # 0. check --------------------------------------------------------------------------------------
     config = load_config(config)
+    if stages == "sft" and config.sft is None:
+        raise ConfigError("sft", "stages='sft' needs an sft section in the config")
     out = _check_output_dir(config)
     _prepare_output_dir(out, config.overwrite)
     _write_config(config, out)
@@ -516,6 +627,14 @@ def _run_stages(config: PipelineConfig, out: Path, stages: str, report: dict, ti
         result.files = write_report(out, report)
         return result
 
+    # 1b. optional SFT ------------------------------------------------------------------------------
+    if config.sft is not None and stages in ("sft", "train", "all"):
+        with stage("SFT of the starting policy"):
+            report["training"]["sft"] = _sft(config, inputs, out)
+        report["data"]["starting_policy"] = str(out / "sft_policy")
+    if stages == "sft":
+        return finish()
+
     # 2–3. reward and cost models -------------------------------------------------------------------
     reward_model = cost_model = None
     if stages in ("reward", "train", "all"):
@@ -549,7 +668,9 @@ def _run_stages(config: PipelineConfig, out: Path, stages: str, report: dict, ti
         with stage("ground truth (built-in task)"):
             starting = inputs.load_policy()
             report["ground_truth"] = {
-                "prompts": "safety set", "samples_per_prompt": config.evaluation.samples_per_prompt,
+                "prompts": "safety set",
+                "starting_policy_is": "sft_policy" if "sft" in report["training"] else "policy",
+                "samples_per_prompt": config.evaluation.samples_per_prompt,
                 "starting_policy": _ground_truth(config, inputs, starting, "starting policy"),
                 "candidate": _ground_truth(config, inputs, candidate, "candidate"),
                 "returned": "candidate" if safety_result.passed else None,

@@ -67,7 +67,8 @@ from hcrlhf.train.rl_losses import (
     reinforce_loss,
 )
 
-__all__ = ["SafeRLTrainer", "TrainingDivergedError", "Rollout", "response_logprobs"]
+__all__ = ["SafeRLTrainer", "TrainingDivergedError", "Rollout", "response_logprobs", "read_lm_rows", "tokenize_lm_rows",
+           "lm_loss_backward"]
 
 # Settings that may change between a run and its resumption (they do not change the trajectory).
 RESUMABLE_CHANGES = frozenset({"total_steps", "checkpoint_every", "keep_checkpoints", "resume", "progress",
@@ -741,16 +742,9 @@ class SafeRLTrainer:
         """``(input_ids, attention_mask, target_mask)`` on the CPU, right padded; ``target_mask`` (B, T − 1)
         marks the actions whose token is an LM target (pairs: the response and its EOS; text: every token
         after the first, and an EOS)."""
-        config, tokenizer = self.config, self.tokenizer
-        max_length = config.max_prompt_length + config.max_new_tokens
-        if self.ptx_kind == "pairs":
-            batch = tokenize_pairs(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                                   template=self.template, max_length=max_length, padding_side="right")
-            return batch.input_ids, batch.attention_mask, batch.response_mask[:, 1:]
-        encoded = tokenizer([r["text"] for r in rows], add_special_tokens=True)["input_ids"]
-        sequences = [(list(ids) + [tokenizer.eos_token_id])[:max_length] for ids in encoded]
-        input_ids, attention_mask, _ = pad_sequences(sequences, tokenizer.pad_token_id, padding_side="right")
-        return input_ids, attention_mask, attention_mask[:, 1:].bool()
+        config = self.config
+        return tokenize_lm_rows(self.tokenizer, rows, self.ptx_kind, template=self.template,
+                                max_length=config.max_prompt_length + config.max_new_tokens)
 
     def _ptx_backward(self, update_number: int) -> torch.Tensor:
         """Backpropagate ``ptx_coef ·`` the LM loss (mean NLL per target token, temperature 1) of update step
@@ -758,22 +752,9 @@ class SafeRLTrainer:
         (detached). The log-probs come from ``ops.linear_logprobs`` on the target positions only."""
         config = self.config
         input_ids, attention_mask, targets = self.tokenize_ptx(self.ptx_batch(update_number))
-        rows, width = input_ids.shape
-        n_targets = torch.tensor(float(max(int(targets.sum()), 1)), device=self.device)  # a host count
-        budget = config.micro_batch_tokens
-        per_chunk = rows if budget is None else max(1, budget // width)
-        total = torch.zeros((), device=self.device)
-        for start in range(0, rows, per_chunk):
-            part = slice(start, start + per_chunk)
-            index = targets[part].reshape(-1).nonzero().squeeze(1).to(self.device, non_blocking=True)
-            with self._autocast():
-                logprobs = response_logprobs(self.policy, input_ids[part].to(self.device),
-                                             attention_mask[part].to(self.device), index, temperature=1.0,
-                                             impl=config.impl)
-            lm_loss = -logprobs.sum() / n_targets  # 0 off the targets
-            (config.ptx_coef * lm_loss).backward()
-            total = total + lm_loss.detach()
-        return total
+        return lm_loss_backward(self.policy, input_ids, attention_mask, targets, coef=config.ptx_coef,
+                                device=self.device, micro_batch_tokens=config.micro_batch_tokens,
+                                impl=config.impl, autocast=self._autocast)
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
@@ -852,11 +833,54 @@ def _add_lora(policy, config: SafeRLConfig):
     return wrapped
 
 
-def _read_ptx(path) -> tuple[list[dict], str, str]:
+def tokenize_lm_rows(tokenizer, rows: list[dict], kind: str, *, template, max_length: int):
+    """LM rows (as :func:`read_lm_rows` returns them) as ``(input_ids, attention_mask, target_mask)`` on the
+    CPU, right padded, cut to ``max_length`` tokens; ``target_mask`` (B, T − 1) marks the actions whose
+    token is an LM target (pairs: the response and its EOS; text: every token after the first, and an EOS)."""
+    if kind == "pairs":
+        batch = tokenize_pairs(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                               template=template, max_length=max_length, padding_side="right")
+        return batch.input_ids, batch.attention_mask, batch.response_mask[:, 1:]
+    encoded = tokenizer([r["text"] for r in rows], add_special_tokens=True)["input_ids"]
+    sequences = [(list(ids) + [tokenizer.eos_token_id])[:max_length] for ids in encoded]
+    input_ids, attention_mask, _ = pad_sequences(sequences, tokenizer.pad_token_id, padding_side="right")
+    return input_ids, attention_mask, attention_mask[:, 1:].bool()
+
+
+def lm_loss_backward(model, input_ids, attention_mask, targets, *, coef: float = 1.0, device=None,
+                     micro_batch_tokens: int | None = None, impl: str = "auto", autocast=None) -> torch.Tensor:
+    """Backpropagate ``coef ·`` the LM loss (mean NLL per target token, temperature 1) of one batch (as
+    :func:`tokenize_lm_rows` gives it), in micro-batches of at most ``micro_batch_tokens`` tokens; returns
+    the LM loss (detached). The log-probs come from ``ops.linear_logprobs`` on the target positions only."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    rows, width = input_ids.shape
+    n_targets = torch.tensor(float(max(int(targets.sum()), 1)), device=device)  # a host count
+    per_chunk = rows if micro_batch_tokens is None else max(1, micro_batch_tokens // width)
+    total = torch.zeros((), device=device)
+    for start in range(0, rows, per_chunk):
+        part = slice(start, start + per_chunk)
+        index = targets[part].reshape(-1).nonzero().squeeze(1).to(device, non_blocking=True)
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            logprobs = response_logprobs(model, input_ids[part].to(device), attention_mask[part].to(device), index,
+                                         temperature=1.0, impl=impl)
+        lm_loss = -logprobs.sum() / n_targets  # 0 off the targets
+        (coef * lm_loss).backward()
+        total = total + lm_loss.detach()
+    return total
+
+
+def read_lm_rows(path, *, name: str = "SafeRLConfig: ptx_path") -> tuple[list[dict], str, str]:
+    """The LM rows of ``path`` (JSON Lines or a .json list): all ``{"prompt", "response"}`` or all
+    ``{"text"}``; returns them, their kind ("pairs" | "text") and the file's sha256. ``name`` is the setting
+    errors name."""
+    return _read_ptx(path, name=name)
+
+
+def _read_ptx(path, *, name: str = "SafeRLConfig: ptx_path") -> tuple[list[dict], str, str]:
     """The PTX rows of ``path`` (JSON Lines or a .json list), their kind ("pairs" | "text") and sha256."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"SafeRLConfig: ptx_path={str(path)!r} is not a file")
+        raise FileNotFoundError(f"{name}={str(path)!r} is not a file")
     raw = file.read_bytes()
     text = raw.decode("utf-8")
     try:
@@ -867,9 +891,9 @@ def _read_ptx(path) -> tuple[list[dict], str, str]:
         else:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     except (json.JSONDecodeError, ValueError) as error:
-        raise ValueError(f"SafeRLConfig: ptx_path={str(path)!r} is not valid JSON Lines / JSON: {error}") from error
+        raise ValueError(f"{name}={str(path)!r} is not valid JSON Lines / JSON: {error}") from error
     if not rows:
-        raise ValueError(f"SafeRLConfig: ptx_path={str(path)!r} holds no rows")
+        raise ValueError(f"{name}={str(path)!r} holds no rows")
     kind = None
     for number, row in enumerate(rows, start=1):
         if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
@@ -877,10 +901,10 @@ def _read_ptx(path) -> tuple[list[dict], str, str]:
         elif isinstance(row, dict) and isinstance(row.get("text"), str):
             row_kind = "text"
         else:
-            raise ValueError(f"SafeRLConfig: ptx_path={str(path)!r} row {number} must be an object with string "
+            raise ValueError(f"{name}={str(path)!r} row {number} must be an object with string "
                              "'prompt' and 'response' fields, or a string 'text' field")
         if kind is not None and row_kind != kind:
-            raise ValueError(f"SafeRLConfig: ptx_path={str(path)!r} mixes {kind!r} and {row_kind!r} rows "
+            raise ValueError(f"{name}={str(path)!r} mixes {kind!r} and {row_kind!r} rows "
                              f"(row {number}); use one kind per file")
         kind = row_kind
     return rows, kind, hashlib.sha256(raw).hexdigest()
