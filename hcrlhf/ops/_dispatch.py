@@ -64,11 +64,13 @@ def cpp_available() -> bool:
     return _load_cpp()[0] is not None
 
 
-def resolve_impl(impl: str, device: torch.device, *, op: str, float64: bool = False) -> str:
+def resolve_impl(impl: str, device: torch.device, *, op: str, float64: bool = False,
+                 float64_impls: tuple[str, ...] = ("torch", "cpp")) -> str:
     """Return the concrete impl ("triton" | "cpp" | "torch") to run `op` on `device`.
 
-    ``float64`` marks float64 inputs: only the reference and the C++ kernels compute in float64,
-    so ``auto`` routes float64 CUDA inputs to the reference and an explicit Triton request raises.
+    ``float64`` marks float64 inputs and ``float64_impls`` names the impls of `op` that compute in
+    float64 (always the reference): ``auto`` routes float64 inputs to one of them, and an explicit
+    request for another raises TypeError.
     """
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
@@ -80,11 +82,16 @@ def resolve_impl(impl: str, device: torch.device, *, op: str, float64: bool = Fa
                 raise ValueError(f"{op}: environment variable HCRLHF_IMPL must be one of {IMPLS}, got {env!r}")
             impl, source = env, "HCRLHF_IMPL"
     if impl == "auto":
-        if device.type == "cuda" and triton_available() and not float64:
+        if device.type == "cuda" and triton_available() and not (float64 and "triton" not in float64_impls):
             return "triton"
-        if device.type == "cpu" and cpp_available():
+        if device.type == "cpu" and cpp_available() and not (float64 and "cpp" not in float64_impls):
             return "cpp"
         return "torch"
+    if float64 and impl not in float64_impls:
+        raise TypeError(
+            f"{op}: {source}={impl!r} computes in float32 and does not take float64 inputs; use "
+            f"{' or '.join(repr(i) for i in float64_impls)} (float64), impl='auto', or float32/bf16/fp16 inputs"
+        )
     if impl == "triton":
         if not triton_available():
             raise ImplUnavailableError(
@@ -96,11 +103,6 @@ def resolve_impl(impl: str, device: torch.device, *, op: str, float64: bool = Fa
                 f"{op}: {source}='triton' needs CUDA tensors (got device {device}); on a CPU set "
                 "TRITON_INTERPRET=1 before importing triton to use the (slow) interpreter, or use "
                 "impl='cpp' / 'torch' / 'auto'"
-            )
-        if float64:
-            raise TypeError(
-                f"{op}: the Triton kernels compute in float32 and do not take float64 inputs; "
-                "use impl='torch' (float64 reference) or impl='cpp', or pass float32/bf16/fp16"
             )
         return "triton"
     if impl == "cpp":

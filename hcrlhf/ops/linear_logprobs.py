@@ -177,12 +177,7 @@ def linear_logprobs(
                          read_values=device.type == "cpu" or check_labels_on_device())
     temperature = _checks.check_positive_scalar(OP, "temperature", temperature)
     float64 = hidden.dtype == torch.float64
-    chosen = resolve_impl(impl, device, op=OP, float64=float64)
-    if chosen == "cpp" and float64:
-        if impl != "auto":
-            raise TypeError(f"{OP}: impl='cpp' takes float32/bfloat16/float16, got float64; "
-                            "use impl='torch' or impl='auto'")
-        chosen = "torch"
+    chosen = resolve_impl(impl, device, op=OP, float64=float64, float64_impls=("torch",))
     hidden_2d = hidden.reshape(-1, hidden_size)
     n_tokens = hidden_2d.shape[0]
     if chunk_size is None:

@@ -244,12 +244,7 @@ def token_logprobs(
                          read_values=device.type == "cpu" or check_labels_on_device())
     temperature = _checks.check_positive_scalar(OP, "temperature", temperature)
     float64 = logits.dtype == torch.float64
-    chosen = resolve_impl(impl, device, op=OP, float64=float64)
-    if chosen == "cpp" and float64:
-        if impl != "auto":
-            raise TypeError(f"{OP}: impl='cpp' takes float32/bfloat16/float16 logits, got float64; "
-                            "use impl='torch' (float64 reference) or impl='auto'")
-        chosen = "torch"
+    chosen = resolve_impl(impl, device, op=OP, float64=float64, float64_impls=("torch",))
     if chosen == "torch":
         return reference.token_logprobs(logits, labels, temperature, return_entropy, ignore_index)
 

@@ -59,3 +59,11 @@ def test_outputs_do_not_require_grad():
     rewards = torch.randn(2, 4, requires_grad=True)
     adv, ret = ops.gae(rewards, torch.randn(2, 4), torch.ones(2, 4, dtype=torch.bool), impl="torch")
     assert not adv.requires_grad and not ret.requires_grad
+
+
+def test_float64_goes_only_to_impls_that_compute_in_float64():
+    if ops.cpp_available():
+        assert resolve_impl("auto", CPU, op="x", float64=True) == "cpp"
+    assert resolve_impl("auto", CPU, op="x", float64=True, float64_impls=("torch",)) == "torch"
+    with pytest.raises(TypeError, match=r"x: impl='cpp' computes in float32.*'torch'"):
+        resolve_impl("cpp", CPU, op="x", float64=True, float64_impls=("torch",))
