@@ -45,16 +45,26 @@ class UsageError(ValueError):
 
 
 def available_benchmarks() -> dict[str, str]:
-    """{name: module} for benchmarks/bench_<name>.py and benchmarks/guarantee.py."""
+    """{name: module} for benchmarks/bench_<name>.py, benchmarks/guarantee.py and benchmarks/method.py."""
     import hcrlhf.benchmarks as package
 
     found = {}
     for info in pkgutil.iter_modules(package.__path__):
         if info.name.startswith("bench_"):
             found[info.name.removeprefix("bench_")] = f"hcrlhf.benchmarks.{info.name}"
-        elif info.name == "guarantee":
-            found["guarantee"] = "hcrlhf.benchmarks.guarantee"
+        elif info.name in ("guarantee", "method"):
+            found[info.name] = f"hcrlhf.benchmarks.{info.name}"
     return found
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
 
 
 def _formatter(prog):
@@ -83,9 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run HC-RLHF end to end on the built-in offline task (a tiny Qwen2 policy in a synthetic "
         "safety-dialogue world with known ground truth): split, reward model, cost model, candidate selection, "
         "safety test, report. Nothing is downloaded.",
-        epilog="examples:\n  hcrlhf demo --quick\n  hcrlhf demo --output runs/demo --overwrite\n\n"
+        epilog="examples:\n  hcrlhf demo --quick\n  hcrlhf demo --output runs/demo --overwrite\n"
+        "  hcrlhf demo --seed 3 --output runs/demo-seed3\n\n"
         "exit codes: 0 PASS, 3 NO SOLUTION FOUND, 2 bad usage, 1 other errors")
     demo.add_argument("--quick", action="store_true", help="a smaller run (about a minute on a 2-core CPU)")
+    demo.add_argument("--seed", type=_non_negative_int, metavar="N",
+                      help="re-draw the candidate/safety split and seed training and the test with N (the built-in "
+                           "task stays the same; default: the task's own split, the same as --seed 0)")
     demo.add_argument("--output", metavar="DIR", default="hcrlhf-demo", help="the report directory (hcrlhf-demo)")
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo report in DIR")
     demo.add_argument("--cache-dir", metavar="DIR",
@@ -197,7 +211,7 @@ def cmd_demo(args) -> int:
     from hcrlhf.pipeline import demo_config, run
 
     config = demo_config(quick=args.quick, output_dir=args.output, task_cache=args.cache_dir,
-                         overwrite=args.overwrite, progress=not args.no_progress)
+                         overwrite=args.overwrite, progress=not args.no_progress, seed=args.seed)
     result = run(config)
     _print_result(result)
     return _verdict_exit(result)

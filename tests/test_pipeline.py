@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from hcrlhf.pipeline import ConfigError, demo_config, load_config
+from hcrlhf.pipeline import ConfigError, demo_config, load_config, run
 from hcrlhf.pipeline.demo import DEMO
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,3 +353,56 @@ def test_configs_qwen_yaml_is_valid_and_follows_spec():
     assert (rl.bound_c1, rl.bound_c2, rl.estimator, rl.samples_per_prompt) == (4.0, 2.0, "rloo", 2)
     assert config.safety.delta == 0.1 and rl.delta == 0.1 and config.safety.threshold == 0.0
     assert config.models.policy.startswith("Qwen/") and "PKU-SafeRLHF" in config.data.preferences
+
+
+def test_demo_seed_redraws_the_split_and_seeds_every_stage(task):
+    config = load_config(demo_config(quick=True, seed=7))
+    assert config.data.split_seed == 7 and config.seed == 7
+    assert (config.reward.seed, config.cost.seed, config.rl.seed) == (7, 8, 7)
+    default = load_config(demo_config(quick=True))
+    assert default.data.split_seed is None and (default.reward.seed, default.cost.seed, default.rl.seed) == (0, 1, 0)
+    # The task's own split is the one drawn with its build seed, so `--seed 0` is the default demo.
+    same, _, _ = task.resplit(task.seed)
+    assert same.safety == task.split.safety and same.safety_fingerprint == task.split.safety_fingerprint
+    other, candidate_categories, safety_categories = task.resplit(7)
+    assert other.safety_fingerprint != task.split.safety_fingerprint
+    assert len(other.safety) == len(task.split.safety) and not set(other.safety) & set(other.candidate)
+    assert len(safety_categories) == len(other.safety) and len(candidate_categories) == len(other.candidate)
+    with pytest.raises(ValueError, match="seed"):
+        demo_config(seed=-1)
+
+
+def _tiny_seeded_demo(task, out, seed):
+    config = demo_config(quick=True, output_dir=out, task_cache=task.root.parent, progress=False, seed=seed)
+    config["reward"]["max_steps"] = config["cost"]["max_steps"] = 4
+    config["rl"].update(total_steps=3, prompts_per_step=4, max_new_tokens=8)
+    config["data"]["holdout_fraction"] = 0.1
+    return run(config)
+
+
+def test_same_seed_same_verdict_and_ucb_and_holdout_is_untouched(task, tmp_path, monkeypatch):
+    from hcrlhf.pipeline import core
+
+    seen = []
+    original = core._load_inputs
+
+    def spy(config):
+        inputs = original(config)
+        seen.append(inputs)
+        return inputs
+
+    monkeypatch.setattr(core, "_load_inputs", spy)
+    first = _tiny_seeded_demo(task, tmp_path / "a", 5)
+    second = _tiny_seeded_demo(task, tmp_path / "b", 5)
+    assert first.verdict == second.verdict
+    assert first.safety_test.ucb == second.safety_test.ucb  # bitwise, on the same machine
+    assert first.report["fingerprints"]["safety_set"] == second.report["fingerprints"]["safety_set"] \
+        != task.split.safety_fingerprint
+    # The held-out prompts are in neither training nor the safety set, nor in any preference pair.
+    inputs = seen[0]
+    holdout = [json.loads(line)["prompt"] for line in (tmp_path / "a" / "holdout_prompts.jsonl").read_text().splitlines()]
+    assert len(holdout) == round(0.1 * inputs.split.n_distinct) == inputs.record["n_holdout_prompts"]
+    held = set(holdout)
+    assert not held & set(inputs.train_prompts) and not held & set(inputs.split.safety)
+    for dataset in (inputs.preferences, inputs.eval_preferences):
+        assert not held & set(dataset["prompt"])

@@ -316,6 +316,21 @@ class BuiltinTask:
         rows = _read_jsonl(self.prompt_paths[which])
         return [r["prompt"] for r in rows], [r["category"] for r in rows]
 
+    def resplit(self, seed: int) -> tuple[PromptSplit, list[str], list[str]]:
+        """A fresh candidate / safety split of this world's prompts, drawn with ``seed`` exactly as the task's
+        own split was drawn with the build seed (so ``resplit(task.seed)`` gives ``task.split``); returns
+        ``(split, candidate_categories, safety_categories)``.
+
+        The task's files (preference pairs, SFT corpus and policy) stay as built: the SFT policy is then a
+        fixed starting point, like any pretrained model, and preference pairs on the new safety prompts must
+        be dropped before training (the pipeline does so)."""
+        world = all_prompts()
+        texts, categories = [t for t, _, _ in world], [c for _, c, _ in world]
+        split = split_prompts(texts, safety_fraction=self.manifest["params"]["safety_fraction"], seed=seed,
+                              categories=categories)
+        return (split, [categories[i] for i in split.candidate_indices],
+                [categories[i] for i in split.safety_indices])
+
     def new_score_model(self, seed: int = 0):
         """A :class:`hcrlhf.models.ScoreModel` on the SFT policy's backbone with a fresh head (seeded)."""
         import torch

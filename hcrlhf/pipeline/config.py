@@ -75,7 +75,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Where the data come from and how the prompts are split (SPEC.md §2.2). Ignored with ``task: builtin``.
+    """Where the data come from and how the prompts are split (SPEC.md §2.2). With ``task: builtin`` only
+    ``split_seed`` applies.
 
     Attributes:
         preferences: preference pairs in the PKU-SafeRLHF schema: a local JSON / JSONL / Parquet file or
@@ -91,8 +92,14 @@ class DataConfig:
         prompt_column: the column holding the prompt text in ``prompts``.
         safety_fraction: the fraction of distinct pool prompts put in D_s, in (0, 1).
         safety_size: the number of distinct pool prompts put in D_s (overrides ``safety_fraction``).
-        split_seed: the seed of the one shuffle that makes the split (recorded in the report).
+        split_seed: the seed of the one shuffle that makes the split (recorded in the report); None: 0.
+            With ``task: builtin``, None keeps the task's own split (drawn with ``task_seed``) and a number
+            re-draws the split of the task's prompts with that seed (``hcrlhf demo --seed N``).
         max_train_prompts: cap on the RL prompts (None: all candidate prompts).
+        holdout_fraction: ``task: builtin`` only: this fraction of the world's prompts, drawn from the
+            candidate side (seeded by the split seed), is withheld from all training (RL prompts and
+            preference pairs) and from D_s, and written to ``holdout_prompts.jsonl``, so that the truth
+            can be measured on fresh prompts (``hcrlhf bench method``). 0: none.
         category_ratios: FDC composition of the RL prompts (e.g. ``"EHD:10,IHD:3,MHD:1,benign:10"``,
             SPEC.md §5); needs categories in the pool. None: all candidate prompts.
         template: "safe_rlhf" (default), "plain", "chat" or a format string with ``{prompt}``.
@@ -106,10 +113,16 @@ class DataConfig:
     prompt_column: str = "prompt"
     safety_fraction: float = 0.2
     safety_size: int | None = None
-    split_seed: int = 0
+    split_seed: int | None = None
     max_train_prompts: int | None = None
+    holdout_fraction: float = 0.0
     category_ratios: str | dict | None = None
     template: str = "safe_rlhf"
+
+    @property
+    def seed(self) -> int:
+        """The split seed in force (0 when ``split_seed`` is None)."""
+        return 0 if self.split_seed is None else self.split_seed
 
 
 @dataclass
@@ -399,8 +412,9 @@ def config_from_dict(values: dict) -> PipelineConfig:
     models_values = _mapping("models", values.get("models"))
     if builtin:
         for key in data_values:
-            raise ConfigError(f"data.{key}", "the built-in task supplies the data; remove the data section "
-                                             "(or set task: null)")
+            if key not in ("split_seed", "holdout_fraction"):
+                raise ConfigError(f"data.{key}", "the built-in task supplies the data; only data.split_seed and "
+                                                 "data.holdout_fraction apply (or set task: null)")
         for key in models_values:
             if key not in ("reward_model", "cost_model", "device"):
                 raise ConfigError(f"models.{key}", "the built-in task supplies the policy and tokenizer; only "
@@ -426,6 +440,12 @@ def config_from_dict(values: dict) -> PipelineConfig:
         raise ConfigError("data.safety_fraction", f"must be in the open interval (0, 1), got {data.safety_fraction!r}")
     _at_least("data.safety_size", data.safety_size, 2)
     _at_least("data.max_train_prompts", data.max_train_prompts, 1)
+    _at_least("data.split_seed", data.split_seed, 0)
+    if not 0.0 <= data.holdout_fraction < 0.5:
+        raise ConfigError("data.holdout_fraction", f"must be in [0, 0.5), got {data.holdout_fraction!r}")
+    if data.holdout_fraction > 0 and not builtin:
+        raise ConfigError("data.holdout_fraction", "applies to task: builtin only (hold prompts out of your own "
+                                                   "data files instead)")
     if data.category_ratios is not None:
         from hcrlhf.data.prompts import parse_ratios
 

@@ -106,7 +106,7 @@ def _check_output_dir(config: PipelineConfig) -> Path:
 def _prepare_output_dir(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and overwrite:
         # Only our own outputs are removed; a ledger is kept (its record must survive re-runs).
-        for name in ("report.json", "report.md", "config.yaml", "split.json", "safety_samples.jsonl",
+        for name in ("report.json", "report.md", "config.yaml", "split.json", "safety_samples.jsonl", "holdout_prompts.jsonl",
                      "training.png", "safety_costs.png", "score_models.png"):
             (out / name).unlink(missing_ok=True)
         for name in ("sft_policy", "reward_model", "cost_model", "rl", "candidate"):
@@ -142,6 +142,7 @@ class _Inputs:
     sft_rows: list = field(default_factory=list)  # the SFT rows (D_s prompts removed); empty without SFT
     sft_kind: str | None = None  # "pairs" | "text"
     load_sft_base: object = None  # () -> the policy SFT starts from (load_policy before SFT replaces it)
+    holdout: list = field(default_factory=list)  # built-in task: prompts neither trained on nor tested
 
 
 def _drop_safety_rows(dataset, split, name: str, record: dict):
@@ -173,11 +174,15 @@ def _load_inputs(config: PipelineConfig) -> _Inputs:
         task = make_task(cache, seed=config.task_seed)
         tokenizer = task.load_tokenizer()
         template = task.template
-        split = task.split
-        _, safety_categories = task.prompts("safety")
         preferences = task.preferences("train")
         eval_preferences = task.preferences("test")
-        candidate_prompts, candidate_categories = task.prompts("candidate")
+        if config.data.split_seed is None:  # the task's own split
+            split = task.split
+            _, safety_categories = task.prompts("safety")
+            candidate_prompts, candidate_categories = task.prompts("candidate")
+        else:  # a fresh split; pairs on the new safety prompts are dropped below
+            split, candidate_categories, safety_categories = task.resplit(config.data.split_seed)
+            candidate_prompts = list(split.candidate)
         record.update(task="builtin", task_seed=task.seed, task_root=str(task.root),
                       preference_files={k: _sha256_file(v) for k, v in task.preference_paths.items()},
                       policy_on_safety_prompts_at_build=task.manifest.get("policy_on_safety_prompts"))
@@ -220,7 +225,7 @@ def _load_inputs(config: PipelineConfig) -> _Inputs:
                 raise ConfigError("data.safety_size", f"({data.safety_size}) must be smaller than the number of "
                                                       f"distinct prompts in the pool ({n_distinct})")
             fraction = data.safety_size / n_distinct  # split_prompts rounds fraction·n back to safety_size
-        split = split_prompts(pool, safety_fraction=fraction, seed=data.split_seed, categories=pool_categories)
+        split = split_prompts(pool, safety_fraction=fraction, seed=data.seed, categories=pool_categories)
         safety_categories = [pool_categories[i] for i in split.safety_indices] if pool_categories else None
         candidate_prompts = list(split.candidate)
         candidate_categories = [pool_categories[i] for i in split.candidate_indices] if pool_categories else None
@@ -245,6 +250,21 @@ def _load_inputs(config: PipelineConfig) -> _Inputs:
     # Training sides: preference pairs without D_s prompts; RL prompts from D_c only.
     preferences = _drop_safety_rows(preferences, split, "preferences", record)
     eval_preferences = _drop_safety_rows(eval_preferences, split, "eval_preferences", record)
+    holdout: list[str] = []
+    if config.task == "builtin" and config.data.holdout_fraction > 0:
+        # Fresh prompts for measuring the truth: out of training (prompts and preference pairs) and out of D_s.
+        rng = random.Random(f"{config.data.seed}-holdout")
+        distinct = sorted({_canonical(t) for t in candidate_prompts})
+        holdout = sorted(rng.sample(distinct, round(config.data.holdout_fraction * split.n_distinct)))
+        held = set(holdout)
+        keep = [i for i, t in enumerate(candidate_prompts) if _canonical(t) not in held]
+        candidate_prompts = [candidate_prompts[i] for i in keep]
+        if candidate_categories is not None:
+            candidate_categories = [candidate_categories[i] for i in keep]
+        preferences, eval_preferences = (
+            None if d is None else d.select([i for i, p in enumerate(d["prompt"]) if _canonical(p) not in held])
+            for d in (preferences, eval_preferences))
+        record["n_holdout_prompts"] = len(holdout)
     # Distinct candidate prompts (copies of one prompt stay together in the split).
     seen, train_prompts, train_categories = set(), [], []
     for index, text in enumerate(candidate_prompts):
@@ -256,11 +276,11 @@ def _load_inputs(config: PipelineConfig) -> _Inputs:
         if not any(train_categories):
             raise ConfigError("data.category_ratios", "the prompt pool has no categories to compose by")
         composition = compose_by_category(train_prompts, train_categories, config.data.category_ratios,
-                                          seed=config.data.split_seed)
+                                          seed=config.data.seed)
         train_prompts = list(composition.prompts)
         record["category_composition"] = composition.record()
     if config.data.max_train_prompts is not None and len(train_prompts) > config.data.max_train_prompts:
-        rng = random.Random(f"{config.data.split_seed}-train-prompts")
+        rng = random.Random(f"{config.data.seed}-train-prompts")
         train_prompts = rng.sample(train_prompts, config.data.max_train_prompts)
     split.check_training(train_prompts)
     sft_rows, sft_kind = [], None
@@ -274,7 +294,8 @@ def _load_inputs(config: PipelineConfig) -> _Inputs:
                   n_preferences=0 if preferences is None else len(preferences),
                   n_eval_preferences=0 if eval_preferences is None else len(eval_preferences))
     return _Inputs(tokenizer, template, preferences, eval_preferences, split, safety_categories, train_prompts,
-                   load_policy, load_reference, new_score_model, task, record, sft_rows, sft_kind, load_policy)
+                   load_policy, load_reference, new_score_model, task, record, sft_rows, sft_kind, load_policy,
+                   holdout)
 
 
 def _sft_rows(path: Path, split, record: dict) -> tuple[list[dict], str]:
@@ -607,6 +628,9 @@ def _run_stages(config: PipelineConfig, out: Path, stages: str, report: dict, ti
     with stage("data and split"):
         inputs = _load_inputs(config)
         inputs.split.save(out / "split.json")
+        if inputs.holdout:
+            with open(out / "holdout_prompts.jsonl", "w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in inputs.holdout)
     report["data"] = {**inputs.record, "split": inputs.split.record(),
                       "split_sizes": {"candidate_prompts": len(inputs.split.candidate),
                                       "safety_prompts": len(inputs.split.safety),

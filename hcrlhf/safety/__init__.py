@@ -4,7 +4,8 @@
   (the paper's default, asymptotic), ``hoeffding``, ``bernstein``, ``betting`` and
   ``clopper_pearson`` (exact), and :func:`predicted_upper_bound` for candidate selection.
 * Candidate selection (:mod:`hcrlhf.safety.candidate`): :func:`pessimistic_coefficient`,
-  :func:`augmented_costs`, :class:`CostWindow`, :class:`LagrangeMultiplier`.
+  :func:`augmented_costs`, :class:`CostWindow`, the multiplier rules :class:`PIDLagrangeMultiplier`
+  (default) and :class:`LagrangeMultiplier` (official), :func:`make_multiplier`.
 * The safety test (:mod:`hcrlhf.safety.test`): :func:`safety_test` → :class:`SafetyTestResult`.
 * Keeping D_s honest (:mod:`hcrlhf.safety.ledger`): :func:`fingerprint`, :func:`assert_disjoint`,
   :class:`SafetyLedger`.
@@ -16,7 +17,15 @@ a tensor is asked for (:meth:`LagrangeMultiplier.tensor`).
 
 from hcrlhf.safety._checks import EXACT_METHODS, METHODS, validity
 from hcrlhf.safety.bounds import predicted_upper_bound, predicted_upper_bounds, upper_bound, upper_bounds
-from hcrlhf.safety.candidate import CostWindow, LagrangeMultiplier, augmented_costs, pessimistic_coefficient
+from hcrlhf.safety.candidate import (
+    MULTIPLIER_RULES,
+    CostWindow,
+    LagrangeMultiplier,
+    PIDLagrangeMultiplier,
+    augmented_costs,
+    make_multiplier,
+    pessimistic_coefficient,
+)
 from hcrlhf.safety.ledger import BudgetExceededError, SafetyLedger, assert_disjoint, fingerprint
 from hcrlhf.safety.test import NO_SOLUTION_FOUND, PASS, SafetyTestResult, safety_test
 
@@ -32,6 +41,9 @@ __all__ = [
     "augmented_costs",
     "CostWindow",
     "LagrangeMultiplier",
+    "PIDLagrangeMultiplier",
+    "make_multiplier",
+    "MULTIPLIER_RULES",
     "safety_test",
     "SafetyTestResult",
     "PASS",

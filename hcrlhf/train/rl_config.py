@@ -4,8 +4,10 @@
 construction (so an invalid config never exists), and :meth:`SafeRLConfig.from_dict` /
 :meth:`SafeRLConfig.from_yaml` refuse unknown keys and wrong types, naming the key. Defaults follow the
 official HC-RLHF code where it fixes a value (SPEC.md §2.3: β = 0.1, reward clip ±50, λ_init 1,
-η_λ 0.01, λ_max 1e6, window 256, actor lr 5e-6, C1 = 4, C2 = 2, δ = 0.1, n_s = 100, τ = 0) and Safe
-RLHF otherwise (clip ratio 0.2, value clip 5, GAE λ 0.95, γ = 1).
+η_λ 0.01, λ_max 1e6, window 256, actor lr 5e-6, C1 = 4, C2 = 2, δ = 0.1, n_s = 100, τ = 0, the actor's k
+from the rows of one update) and Safe RLHF otherwise (clip ratio 0.2, value clip 5, GAE λ 0.95, γ = 1),
+with one deliberate exception: λ moves by the "pid" rule by default, because the official rule blows
+up and dies (``lambda_update: official`` restores it).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from hcrlhf._typecheck import coerce_yaml, matches, type_name
 __all__ = ["SafeRLConfig", "ESTIMATORS", "AMA_MODES", "AMA_TOKEN_SCORES"]
 
 ESTIMATORS = ("ppo", "rloo")
+LAMBDA_UPDATES = ("pid", "official")
+ACTOR_COEFFICIENTS = ("rollout", "window")
 AMA_MODES = ("off", "sign", "hysteresis")
 AMA_TOKEN_SCORES = ("score_models", "critics")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -58,8 +62,25 @@ class SafeRLConfig:
         bound_c1, bound_c2: C1, C2 of k = C1·t/√n_c + C2·t/√n_s (official: 4, 2; Seldonian: 0, 2;
             both 0: optimise the plain mean cost).
         cost_window_size: how many recent per-response costs μ̂, σ̂ are computed from.
+        actor_coefficient: the n_c of the actor's k (the k inside the augmented costs the policy
+            follows): "rollout" (the official code: the rows of one update, prompts_per_step ·
+            samples_per_prompt, e.g. 16 · 2 = 32 → k ≈ 1.18) or "window" (the costs in the window, e.g.
+            256 → k ≈ 0.58, half the σ-penalty). The bound U that moves λ always uses the window's n_c.
+        lambda_update: the rule that moves λ (SPEC §2.3): "pid" (default: a PID controller on log λ
+            with the error (U − τ)/σ̂ clipped to ±1 and an anti-windup integral, λ ∈ [lambda_min,
+            lambda_max]; bounded steps, cannot blow up or die; see
+            :class:`hcrlhf.safety.PIDLagrangeMultiplier`) or "official" (the official code's
+            log λ ← min(log λ + lambda_lr·λ·(U − τ), log lambda_max): its step grows with λ and λ = 0 is
+            absorbing; kept for fidelity and comparison).
         lambda_init: initial Lagrange multiplier λ > 0.
-        lambda_lr: η_λ, the learning rate of log λ.
+        lambda_lr: η_λ of the "official" rule (unused by "pid").
+        lambda_ki, lambda_kp, lambda_kd: integral, proportional and derivative gains of the "pid" rule
+            (in log λ per unit of the normalised error; unused by "official").
+        lambda_min: the floor of λ under the "pid" rule (0 < lambda_min <= lambda_init).
+        lambda_error_clip: [below, above]: the "pid" rule's error (U − τ)/σ̂ is clipped to [−below, +above].
+            The default [0.25, 1] makes λ rise up to four times faster than it falls: a run that ends with
+            U above τ costs the whole run (No Solution Found), one that ends a little too safe costs some
+            helpfulness, and a policy that has just become safe tends to drift back once λ has fallen.
         lambda_max: cap on λ (None: no cap).
         lambda_update_delay: iterations before λ starts to move.
         actor_lr: AdamW learning rate of the policy.
@@ -155,8 +176,15 @@ class SafeRLConfig:
     bound_c1: float = 4.0
     bound_c2: float = 2.0
     cost_window_size: int = 256
+    actor_coefficient: str = "rollout"
+    lambda_update: str = "pid"
     lambda_init: float = 1.0
     lambda_lr: float = 0.01
+    lambda_ki: float = 0.05
+    lambda_kp: float = 0.5
+    lambda_kd: float = 0.0
+    lambda_min: float = 0.01
+    lambda_error_clip: list[float] = dataclasses.field(default_factory=lambda: [0.25, 1.0])
     lambda_max: float | None = 1e6
     lambda_update_delay: int = 0
     actor_lr: float = 5e-6
@@ -256,6 +284,8 @@ class SafeRLConfig:
             _check_type(f.name, getattr(self, f.name), hints[f.name])
 
         _choice("estimator", self.estimator, ESTIMATORS)
+        _choice("lambda_update", self.lambda_update, LAMBDA_UPDATES)
+        _choice("actor_coefficient", self.actor_coefficient, ACTOR_COEFFICIENTS)
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _choice("ama", self.ama, AMA_MODES)
         _choice("ama_token_scores", self.ama_token_scores, AMA_TOKEN_SCORES)
@@ -276,10 +306,11 @@ class SafeRLConfig:
             if getattr(self, name) is not None:
                 _at_least(name, getattr(self, name), 1)
 
-        for name in ("temperature", "actor_lr", "critic_lr", "lambda_init", "clip_range", "value_clip_range",
-                     "lora_alpha"):
+        for name in ("temperature", "actor_lr", "critic_lr", "lambda_init", "lambda_min", "clip_range",
+                     "value_clip_range", "lora_alpha"):
             _positive(name, getattr(self, name))
-        for name in ("kl_coef", "lambda_lr", "weight_decay", "entropy_coef", "bound_c1", "bound_c2", "ptx_coef"):
+        for name in ("kl_coef", "lambda_lr", "lambda_ki", "lambda_kp", "lambda_kd", "weight_decay", "entropy_coef",
+                     "bound_c1", "bound_c2", "ptx_coef"):
             _nonnegative(name, getattr(self, name))
         for name in ("reward_clip", "max_grad_norm"):
             if getattr(self, name) is not None:
@@ -299,6 +330,9 @@ class SafeRLConfig:
         if self.lambda_max is not None and not self.lambda_max >= self.lambda_init:
             raise ValueError(f"SafeRLConfig: lambda_max ({self.lambda_max}) must be >= lambda_init "
                              f"({self.lambda_init}), or None")
+        if self.lambda_update == "pid" and not self.lambda_min <= self.lambda_init:
+            raise ValueError(f"SafeRLConfig: lambda_min ({self.lambda_min}) must be <= lambda_init "
+                             f"({self.lambda_init})")
         if self.rollout_rows < 2:
             raise ValueError("SafeRLConfig: prompts_per_step · samples_per_prompt must be >= 2 (the cost window "
                              "needs two costs for σ̂)")

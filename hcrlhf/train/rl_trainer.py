@@ -5,7 +5,8 @@ Each iteration of :meth:`SafeRLTrainer.step` reads top to bottom in numbered pha
 1. **rollout** — ``samples_per_prompt`` responses per prompt with HF ``generate``; rows of one prompt are
    adjacent (the layout ``ops.rloo_advantages`` expects);
 2. **score** — reward and cost models at each row's end token; the cost window's μ̂, σ̂, the pessimistic
-   coefficient k and the augmented costs c̃ = c + k·(c² − 2cμ̂)/(2σ̂);
+   coefficients k (of the bound, from the window's n_c; of the actor, from the rollout's rows by default, as
+   in the official code) and the augmented costs c̃ = c + k_actor·((c − μ̂)² − σ̂²)/(2σ̂);
 3. **log-probs** — the rollout policy and the reference, no grad, with ``ops.linear_logprobs`` applied to
    the hidden states of response positions only (the LM head never sees a prompt position);
 4. **advantages** — ``ppo``: reward and cost critics + ``ops.safe_advantages`` (c̃ as the cost scores);
@@ -14,7 +15,8 @@ Each iteration of :meth:`SafeRLTrainer.step` reads top to bottom in numbered pha
    surrogate and clipped value losses for both critics; optional entropy bonus, gradient clipping,
    pretraining-loss mix (PTX: ``ptx_coef`` · the LM loss of a batch of ``ptx_path`` rows, added to the
    policy loss of every optimiser step) and (experimental) AMA mask;
-6. **multiplier** — ``LagrangeMultiplier.step(μ̂ + k·σ̂, τ)`` on the host;
+6. **multiplier** — ``multiplier.step(U = μ̂ + k·σ̂, τ, scale=σ̂)`` on the host (the PID rule by default,
+   the official rule with ``lambda_update="official"``);
 7. **log** — JSON Lines (and TensorBoard when installed), progress bar, checkpoint.
 
 Coordinates. A sequence is ``prompt (left padded) + response (right padded)``, width T. Per-token
@@ -55,7 +57,7 @@ from torch import nn
 import hcrlhf.train.rl_checkpoint as rl_checkpoint
 from hcrlhf import ops
 from hcrlhf.data.templates import get_template, pad_sequences, tokenize_pairs, tokenize_prompts
-from hcrlhf.safety import CostWindow, LagrangeMultiplier, assert_disjoint, augmented_costs, pessimistic_coefficient
+from hcrlhf.safety import CostWindow, assert_disjoint, augmented_costs, make_multiplier, pessimistic_coefficient
 from hcrlhf.train.rl_config import SafeRLConfig
 from hcrlhf.train.rl_losses import (
     ama_mask,
@@ -280,8 +282,10 @@ class SafeRLTrainer:
             critic_parameters = [p for critic in self.critics.values() for p in critic.parameters()]
             self.critic_optimizer = torch.optim.AdamW(critic_parameters, lr=config.critic_lr,
                                                       weight_decay=config.weight_decay)
-        self.multiplier = LagrangeMultiplier(config.lambda_init, config.lambda_lr, config.lambda_max,
-                                             config.lambda_update_delay)
+        self.multiplier = make_multiplier(
+            config.lambda_update, init=config.lambda_init, lr=config.lambda_lr, ki=config.lambda_ki,
+            kp=config.lambda_kp, kd=config.lambda_kd, min_value=config.lambda_min, max_value=config.lambda_max,
+            error_clip=tuple(config.lambda_error_clip), update_delay=config.lambda_update_delay)
         self.cost_window = CostWindow(config.cost_window_size)
         self.global_step = 0  # completed iterations
         self.history: list[dict] = []
@@ -353,9 +357,11 @@ class SafeRLTrainer:
             window = torch.cat([previous, costs.double()])[-config.cost_window_size:]
             n_costs = min(self.cost_window.n + rows, config.cost_window_size)
             cost_mean, cost_std = window.mean(), window.std()
-            coefficient = pessimistic_coefficient(n_costs, config.safety_set_size, config.delta,
-                                                  config.bound_c1, config.bound_c2)
-            cost_scores = augmented_costs(costs, cost_mean, cost_std.clamp(min=_STD_FLOOR), coefficient)
+            coefficient = self.pessimistic_coefficient(n_costs)  # k of the bound U that moves λ
+            # The actor's k: the official code counts the rows of one update, not the window.
+            actor_coefficient = self.pessimistic_coefficient(rows if config.actor_coefficient == "rollout"
+                                                             else n_costs)
+            cost_scores = augmented_costs(costs, cost_mean, cost_std.clamp(min=_STD_FLOOR), actor_coefficient)
             bound_device = cost_mean + coefficient * cost_std
 
         # 3. log-probs (rollout policy and reference; LM head on response positions only) -------
@@ -438,7 +444,8 @@ class SafeRLTrainer:
             bound = self.cost_window.pessimistic_bound(coefficient)
             if not math.isfinite(bound):
                 self._diverged("the pessimistic cost bound", bound)
-            self.multiplier.step(bound, config.cost_threshold)
+            # The PID rule measures U − τ in units of the window's σ̂ (the official rule ignores it).
+            self.multiplier.step(bound, config.cost_threshold, scale=self.cost_window.std)
             if not math.isfinite(self.multiplier.value):
                 self._diverged("the Lagrange multiplier λ", self.multiplier.value)
 
@@ -448,6 +455,7 @@ class SafeRLTrainer:
         metrics.update({
             "step": self.global_step, "lambda": lagrange_value, "lambda_next": self.multiplier.value,
             "cost/bound": bound, "cost/threshold": config.cost_threshold, "cost/coefficient_k": coefficient,
+            "cost/actor_coefficient_k": actor_coefficient,
             "cost/window_mean": self.cost_window.mean, "cost/window_std": self.cost_window.std,
             "cost/window_n": self.cost_window.n, "tokens_per_s": metrics["tokens"] / max(total, 1e-9),
             **{f"time/{name}": seconds for name, seconds in timer.seconds.items()}, "time/total": total,
@@ -455,6 +463,12 @@ class SafeRLTrainer:
         metrics.pop("cost/bound_device")
         self._log(metrics)
         return metrics
+
+    def pessimistic_coefficient(self, n_candidate: int) -> float:
+        """k of SPEC §2.3 for ``n_candidate`` costs, with this config's δ, n_s, C1 and C2."""
+        config = self.config
+        return pessimistic_coefficient(n_candidate, config.safety_set_size, config.delta, config.bound_c1,
+                                       config.bound_c2)
 
     # ------------------------------------------------------------------------------- phases
 

@@ -89,24 +89,91 @@ def test_first_ppo_minibatch_has_ratio_one(task, tokenizer):
     assert abs(metrics["approx_kl"]) < 1e-6 and metrics["clip_fraction"] == 0.0
 
 
-def test_lambda_follows_the_pessimistic_bound(task, tokenizer):
-    trainer = make_trainer(task, tokenizer, make_config(estimator="rloo", cost_threshold=-50.0, lambda_lr=0.002,
-                                                        total_steps=4, bound_c1=1.0))
+def _student_k(n_candidate, n_safety, delta, c1, c2):
+    """SPEC §2.3's k, written out here from scipy's t quantiles (independent of hcrlhf.safety)."""
+    from scipy import stats
+
+    return (c1 * stats.t.ppf(1 - delta, n_candidate - 1) / math.sqrt(n_candidate)
+            + c2 * stats.t.ppf(1 - delta, n_safety - 1) / math.sqrt(n_safety))
+
+
+@pytest.mark.parametrize("rule", ["official", "pid"])
+def test_lambda_follows_the_pessimistic_bound(task, tokenizer, rule):
+    """U = μ̂ + k·σ̂ over the window with k from the window's n_c, and λ moved by exactly the chosen rule's
+    step: up while U > τ, down while U < τ."""
+    config = make_config(estimator="rloo", cost_threshold=-50.0, lambda_update=rule, lambda_lr=0.002,
+                         lambda_ki=0.3, lambda_kp=0.2, lambda_min=0.01, total_steps=4, bound_c1=1.0)
+    trainer = make_trainer(task, tokenizer, config)
+    integral, last_error = 0.0, 0.0
     for phase, threshold in ((0, -50.0), (1, 50.0)):
         trainer.config.cost_threshold = threshold
         for _ in range(2):
             metrics = trainer.step()
-            window = trainer.cost_window
-            # U = μ̂ + k·σ̂ over the window, and the SPEC §2.3 log-space step.
-            assert metrics["cost/bound"] == pytest.approx(window.mean + metrics["cost/coefficient_k"] * window.std)
-            lam, bound = metrics["lambda"], metrics["cost/bound"]
-            assert math.log(metrics["lambda_next"]) == pytest.approx(math.log(lam) + 0.002 * lam * (bound - threshold))
+            window = trainer.cost_window.values()
+            mean, std = window.mean(), window.std(ddof=1)
+            k = _student_k(len(window), config.safety_set_size, config.delta, 1.0, config.bound_c2)
+            assert metrics["cost/coefficient_k"] == pytest.approx(k, rel=1e-12)
+            bound = metrics["cost/bound"]
+            assert bound == pytest.approx(mean + k * std, rel=1e-9)
+            lam = metrics["lambda"]
+            if rule == "official":
+                expected_log = math.log(lam) + 0.002 * lam * (bound - threshold)
+            else:  # error in σ̂ units, clipped to [-1, 1] (the default clip), anti-windup integral
+                error = min(max((bound - threshold) / std, -1.0), 1.0)
+                integral = min(max(integral + 0.3 * error, math.log(0.01)), math.log(1e6))
+                expected_log = integral + 0.2 * error  # λ_0 = 1, kd = 0
+                last_error = error
+            assert math.log(metrics["lambda_next"]) == pytest.approx(expected_log, rel=1e-9, abs=1e-12)
             if phase == 0:
                 assert bound > threshold and metrics["lambda_next"] > lam
             else:
                 assert bound < threshold and metrics["lambda_next"] < lam
+    assert last_error <= 0.0
     lambdas = [m["lambda"] for m in trainer.history] + [trainer.history[-1]["lambda_next"]]
     assert lambdas[0] < lambdas[1] < lambdas[2] > lambdas[3] > lambdas[4]
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "ppo"])
+@pytest.mark.parametrize("actor_coefficient", ["rollout", "window"])
+def test_the_advantage_op_receives_the_augmented_costs(task, tokenizer, monkeypatch, estimator, actor_coefficient):
+    """The cost scores reaching the advantage kernel are c + k·((c − μ̂)² − σ̂²)/(2σ̂) with the raw costs of
+    the cost model, μ̂, σ̂ of the window including them, and the actor's k from the rows of the update
+    (official) or the window — every piece recomputed here, not read from the trainer. Dropping the σ̂ term,
+    using the other n_c or flipping a sign fails this test."""
+    config = make_config(estimator=estimator, actor_coefficient=actor_coefficient, total_steps=3)
+    trainer = make_trainer(task, tokenizer, config)
+    raw_costs, received = [], []
+    cost_forward = trainer.cost_model.forward
+
+    def record_costs(*args, **kwargs):
+        out = cost_forward(*args, **kwargs)
+        raw_costs.append(out.end_scores.detach().double().clone())
+        return out
+
+    monkeypatch.setattr(trainer.cost_model, "forward", record_costs)
+    name = "rloo_advantages" if estimator == "rloo" else "safe_advantages"
+    original = getattr(ops, name)
+
+    def spy(*args, **kwargs):
+        received.append(args[4].detach().double().clone())  # cost_scores, the fifth positional argument
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rl_trainer_module.ops, name, spy)
+    window = []
+    rows = config.prompts_per_step * config.samples_per_prompt
+    for step in range(3):
+        trainer.step()
+        costs = torch.cat(raw_costs)
+        raw_costs.clear()
+        window = (window + costs.tolist())[-config.cost_window_size:]
+        values = torch.tensor(window, dtype=torch.float64)
+        mean, std = values.mean(), values.std()
+        n_c = rows if actor_coefficient == "rollout" else len(window)
+        k = _student_k(n_c, config.safety_set_size, config.delta, config.bound_c1, config.bound_c2)
+        expected = costs + k * ((costs - mean) ** 2 - std**2) / (2 * std)
+        torch.testing.assert_close(received[step], expected, rtol=1e-5, atol=1e-5)
+        assert (received[step] - costs).abs().max() > 1e-3  # the augmentation is really there
+    assert trainer.history[-1]["cost/actor_coefficient_k"] == pytest.approx(k, rel=1e-12)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -218,7 +285,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(task, tokenizer, tmp_
 
 def test_infinite_lambda_stops(task, tokenizer):
     trainer = make_trainer(task, tokenizer, make_config(estimator="rloo", cost_threshold=-1e6, lambda_lr=1e3,
-                                                        lambda_max=None))
+                                                        lambda_update="official", lambda_max=None))
     with pytest.raises(TrainingDivergedError, match="Lagrange multiplier"):
         trainer.step()
 
