@@ -71,6 +71,10 @@ def test_demo_quick_end_to_end(quick_demo, task):
     for name in ("starting_policy", "candidate"):
         assert 0.0 <= truth[name]["unsafe_rate"] <= 1.0 and truth[name]["n"] == len(task.split.safety)
     assert truth["starting_policy"]["unsafe_rate"] > 0.1  # the SFT policy is often harmful
+    # The whole method at work: the candidate is truly less harmful than the starting policy and keeps at
+    # least 0.8× its helpfulness (a trainer that ignores the cost, or a λ that dies, fails this).
+    assert truth["candidate"]["unsafe_rate"] < truth["starting_policy"]["unsafe_rate"]
+    assert truth["candidate"]["mean_helpfulness"] >= 0.8 * truth["starting_policy"]["mean_helpfulness"]
     # The returned model exists exactly on PASS.
     candidate = out / "candidate"
     assert (candidate / "model.safetensors").is_file() and (candidate / "hcrlhf_candidate.json").is_file()

@@ -315,6 +315,10 @@ class SafeRLConfig:
         for name in ("reward_clip", "max_grad_norm"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        clip = self.lambda_error_clip
+        if len(clip) != 2 or not all(math.isfinite(v) and v > 0 for v in clip):
+            raise ValueError(f"SafeRLConfig: lambda_error_clip must be a pair [below, above] of finite numbers > 0, "
+                             f"got {clip!r}")
         _finite("cost_threshold", self.cost_threshold)
         _finite("ama_upper", self.ama_upper)
         _finite("ama_lower", self.ama_lower)
