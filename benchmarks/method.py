@@ -10,9 +10,12 @@ more often. Each trial draws a fresh candidate / safety split of the built-in ta
 prompts, preference pairs and the safety set), and runs the whole pipeline for:
 
 * ``hc-rlhf``: the default (PID multiplier on the pessimistic bound, then the safety test);
-* ``hc-rlhf-official``: the same with the official λ rule (``rl.lambda_update: official``);
+* ``hc-rlhf-official``: the same with the official λ rule (``rl.lambda_update: official``), everything else
+  equal (λ starts at the demo's 0.1);
+* ``hc-rlhf-official-init1``: the official rule from the official code's λ_init = 1;
 * ``safe-rlhf``: the plain mean cost in the Lagrangian (C1 = C2 = 0: no pessimism, no augmented costs),
-  Safe RLHF's λ rule, no safety test: it always returns its model.
+  Safe RLHF's λ rule (the official one), no safety test: it always returns its model;
+* ``safe-rlhf-pid``: the same with the PID rule, so that λ really drives the plain mean cost to τ.
 
 Every returned model is measured on the held-out prompts (``--eval-samples`` responses each, sampled as
 in the test): J_C, the mean score of the trained cost model (the quantity the guarantee is about), and the
@@ -43,11 +46,14 @@ HOLDOUT_FRACTION = 0.25
 METHODS = {
     "hc-rlhf": ({}, True),
     "hc-rlhf-official": ({"lambda_update": "official"}, True),
+    "hc-rlhf-official-init1": ({"lambda_update": "official", "lambda_init": 1.0}, True),
     "safe-rlhf": ({"lambda_update": "official", "bound_c1": 0.0, "bound_c2": 0.0}, False),
+    "safe-rlhf-pid": ({"bound_c1": 0.0, "bound_c2": 0.0}, False),
 }
 
 
-def run_trial(method: str, trial: int, seed: int, quick: bool, eval_samples: int, work: str) -> dict:
+def run_trial(method: str, trial: int, seed: int, quick: bool, eval_samples: int, work: str,
+              threshold: float | None = None) -> dict:
     """One pipeline run of ``method`` on trial ``trial``; the returned model measured on the held-out prompts."""
     import torch
 
@@ -62,6 +68,8 @@ def run_trial(method: str, trial: int, seed: int, quick: bool, eval_samples: int
     config["data"]["holdout_fraction"] = HOLDOUT_FRACTION
     config["rl"].update(overrides)
     config["evaluation"] = {"samples_per_prompt": 1}
+    if threshold is not None:
+        config["safety"]["threshold"] = threshold
     started = time.perf_counter()
     result = run(config, stages="all" if tested else "train")
     seconds = time.perf_counter() - started
@@ -99,6 +107,23 @@ def _tokenizer(out: Path):
     from hcrlhf.models import load_tokenizer
 
     return load_tokenizer(out / "cost_model")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The trial rows of an earlier method.csv, with their types back."""
+    def value(text: str):
+        if text in ("", "None"):
+            return None
+        if text in ("True", "False"):
+            return text == "True"
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+        return int(number) if number.is_integer() and "." not in text and "e" not in text else number
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 def clopper_pearson(failures: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -146,12 +171,13 @@ def plot(path: Path, table: list[dict], delta: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     names = [t["method"] for t in table]
     rates = [t["failure_rate"] for t in table]
     errors = [[r - t["failure_ci_low"] for r, t in zip(rates, table)],
               [t["failure_ci_high"] - r for r, t in zip(rates, table)]]
-    axes[0].bar(names, rates, yerr=errors, capsize=5, color=["tab:green", "tab:blue", "tab:red"][:len(names)])
+    colours = {"hc-rlhf": "tab:green", "safe-rlhf": "tab:red", "safe-rlhf-pid": "tab:orange"}
+    axes[0].bar(names, rates, yerr=errors, capsize=5, color=[colours.get(n, "tab:blue") for n in names])
     axes[0].axhline(delta, color="black", linestyle="--", label=f"δ = {delta}")
     axes[0].set_ylabel("failure rate: returned with J_C > τ")
     axes[0].set_ylim(0, 1)
@@ -167,7 +193,7 @@ def plot(path: Path, table: list[dict], delta: float) -> None:
     plt.close(fig)
 
 
-def markdown(table, rows, args, elapsed) -> str:
+def markdown(table, rows, args, elapsed, stem) -> str:
     import torch
 
     from hcrlhf import __version__
@@ -176,9 +202,11 @@ def markdown(table, rows, args, elapsed) -> str:
     lines = [
         "# The method experiment: HC-RLHF vs Safe RLHF on the built-in task",
         "",
-        f"`hcrlhf bench method --trials {args.trials}{' --quick' if args.quick else ''} --seed {args.seed}` — "
+        f"`hcrlhf bench method --trials {args.trials}{' --quick' if args.quick else ''} --seed {args.seed}"
+        f"{'' if args.threshold is None else f' --threshold {args.threshold:g}'}` (τ = {rows[0]['threshold']:g}) — "
         f"{datetime.date.today().isoformat()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, hcrlhf {__version__}, {elapsed / 60:.1f} min in all"
+        f"torch {torch.__version__}, hcrlhf {__version__}"
+        f"{'' if args.render_only else f', {elapsed / 60:.1f} min in all'}"
         f"{' (the --quick demo settings per trial)' if args.quick else ''}.",
         "",
         "Each trial: a fresh candidate / safety split and training seed (seed + trial), a quarter of the prompts",
@@ -188,7 +216,7 @@ def markdown(table, rows, args, elapsed) -> str:
         "",
         format_table(table, delta),
         "",
-        "![failure and solution rates](method.png)",
+        f"![failure and solution rates]({stem}.png)",
         "",
         "## Trials",
         "",
@@ -207,12 +235,19 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=20, help="trials per method (default 20)")
     parser.add_argument("--quick", action="store_true", help="the --quick demo settings per trial")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        default=["hc-rlhf", "hc-rlhf-official", "safe-rlhf"])
     parser.add_argument("--seed", type=int, default=100, help="trial i uses seed + i (default 100)")
     parser.add_argument("--eval-samples", type=int, default=4, help="responses per held-out prompt (default 4)")
     parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)),
                         help="trials run in parallel processes (default: 2 or the cores)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results")
+    parser.add_argument("--keep-other-methods", action="store_true",
+                        help="keep the rows of the methods not run now from the existing results (same settings)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: write the report and plot again from the existing .csv")
+    parser.add_argument("--threshold", type=float, help="τ (default: the demo's, -3); results go to "
+                        "method-tau<τ>.md/.csv/.png")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.trials < 1 or args.workers < 1 or args.eval_samples < 1:
@@ -221,25 +256,32 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     jobs = [(m, t) for t in range(args.trials) for m in args.methods]
+    if args.render_only:
+        jobs = []
+        args.keep_other_methods, args.methods = True, []
     rows = []
     with tempfile.TemporaryDirectory(prefix="hcrlhf-method-") as work, \
             concurrent.futures.ProcessPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(run_trial, m, t, args.seed, args.quick, args.eval_samples, work) for m, t in jobs]
+        futures = [pool.submit(run_trial, m, t, args.seed, args.quick, args.eval_samples, work, args.threshold)
+                   for m, t in jobs]
         for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="trials"):
             rows.append(future.result())
+    stem = "method" if args.threshold is None else f"method-tau{args.threshold:g}"
+    if args.keep_other_methods and (args.out_dir / f"{stem}.csv").is_file():
+        rows += [r for r in read_rows(args.out_dir / f"{stem}.csv") if r["method"] not in args.methods]
     rows.sort(key=lambda r: (list(METHODS).index(r["method"]), r["trial"]))
     elapsed = time.perf_counter() - started
     table = summarise(rows)
     print(format_table(table, 0.1))
     if not args.no_write:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / "method.md").write_text(markdown(table, rows, args, elapsed), encoding="utf-8")
-        with open(args.out_dir / "method.csv", "w", newline="", encoding="utf-8") as handle:
+        (args.out_dir / f"{stem}.md").write_text(markdown(table, rows, args, elapsed, stem), encoding="utf-8")
+        with open(args.out_dir / f"{stem}.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=sorted({k for r in rows for k in r}))
             writer.writeheader()
             writer.writerows(rows)
-        plot(args.out_dir / "method.png", table, 0.1)
-        print(f"wrote {args.out_dir / 'method.md'}, method.csv and method.png")
+        plot(args.out_dir / f"{stem}.png", table, 0.1)
+        print(f"wrote {args.out_dir / stem}.md, .csv and .png")
     return 0
 
 

@@ -27,9 +27,19 @@ def test_bench_advantages_small_run_prints_the_table():
         assert label in result.stdout
 
 
-@pytest.mark.parametrize("args", [("bench", "nope"), ("bench", "advantages", "--shapes", "3x"), ()])
+@pytest.mark.parametrize("args", [("bench", "nope"), ("bench", "advantages", "--shapes", "3x"), (),
+                                  ("demo", "--seed", "-1"), ("demo", "--seed", "x")])
 def test_bad_usage_exits_2(args):
-    assert run_cli(*args).returncode == 2
+    result = run_cli(*args)
+    assert result.returncode == 2
+    if "--seed" in args:
+        assert "--seed: must be a non-negative integer" in result.stderr
+
+
+def test_bench_list_has_the_method_experiments():
+    result = run_cli("bench", "list")
+    assert result.returncode == 0
+    assert {"advantages", "logprobs", "guarantee", "method", "demo"} <= set(result.stdout.split())
 
 
 # ------------------------------------------------------------------------- help and safety-test
