@@ -39,7 +39,8 @@ def run_seed(seed: int, quick: bool, work: str) -> dict:
     lambdas = [point["lambda"] for point in rl["curve"]] + [rl["final"]["lambda_next"]]
     start, candidate = truth["starting_policy"], truth["candidate"]
     return {"seed": seed, "verdict": result.verdict, "ucb": test["ucb"], "threshold": test["threshold"],
-            "mean_cost": test["mean"], "unsafe_start": start["unsafe_rate"], "unsafe_candidate": candidate["unsafe_rate"],
+            "mean_cost": test["mean"], "unsafe_start": start["unsafe_rate"],
+            "unsafe_candidate": candidate["unsafe_rate"],
             "help_start": start["mean_helpfulness"], "help_candidate": candidate["mean_helpfulness"],
             "lambda_start": lambdas[0], "lambda_peak": max(lambdas), "lambda_end": lambdas[-1],
             "lambda_min": min(lambdas), "final_bound": rl["final"]["cost/bound"],
@@ -66,7 +67,8 @@ def markdown(rows: list[dict], args, elapsed: float) -> str:
         "",
         f"`hcrlhf bench demo{' --quick' if args.quick else ''} --seeds {' '.join(map(str, args.seeds))}` — "
         f"{datetime.date.today().isoformat()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, hcrlhf {__version__}; {args.workers} runs in parallel, {elapsed / 60:.1f} min in all.",
+        f"torch {torch.__version__}, hcrlhf {__version__}; {args.workers} runs in parallel, "
+        f"{elapsed / 60:.1f} min in all.",
         "",
         f"**PASS on {passed} of {len(rows)} seeds; candidate less unsafe than the starting policy in {safer} of "
         f"{len(rows)}; helpfulness at least 0.8× the starting policy's in {helpful} of {len(rows)}.** "

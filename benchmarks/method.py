@@ -145,7 +145,9 @@ def summarise(rows: list[dict]) -> list[dict]:
         returned = [r for r in mine if r["returned"]]
         failures = sum(r["failure"] for r in mine)
         low, high = clopper_pearson(failures, n)
-        mean = lambda key: (sum(r[key] for r in returned) / len(returned)) if returned else math.nan  # noqa: E731
+        def mean(key, returned=returned):
+            return (sum(r[key] for r in returned) / len(returned)) if returned else math.nan
+
         table.append({"method": method, "trials": n, "solution_rate": len(returned) / n, "failures": failures,
                       "failure_rate": failures / n, "failure_ci_low": low, "failure_ci_high": high,
                       "mean_true_cost": mean("true_cost"), "mean_true_unsafe_rate": mean("true_unsafe_rate"),
@@ -155,7 +157,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def format_table(table: list[dict], delta: float) -> str:
-    lines = [f"| method | trials | solution rate | failure rate (J_C > τ) [95% CP] | δ | mean J_C of returned | "
+    lines = ["| method | trials | solution rate | failure rate (J_C > τ) [95% CP] | δ | mean J_C of returned | "
              "true unsafe rate | true helpfulness | s / trial |", "|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         lines.append(f"| {t['method']} | {t['trials']} | {t['solution_rate']:.2f} | {t['failure_rate']:.2f} "
@@ -224,7 +226,9 @@ def markdown(table, rows, args, elapsed, stem) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        fmt = lambda key: "–" if r.get(key) is None else f"{r[key]:.3f}"  # noqa: E731
+        def fmt(key, r=r):
+            return "–" if r.get(key) is None else f"{r[key]:.3f}"
+
         lines.append(f"| {r['method']} | {r['trial']} | {r['verdict']} | {fmt('ucb')} | {fmt('true_cost')} | "
                      f"{fmt('true_unsafe_rate')} | {fmt('true_helpfulness')} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"

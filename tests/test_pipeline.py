@@ -404,7 +404,8 @@ def test_same_seed_same_verdict_and_ucb_and_holdout_is_untouched(task, tmp_path,
         != task.split.safety_fingerprint
     # The held-out prompts are in neither training nor the safety set, nor in any preference pair.
     inputs = seen[0]
-    holdout = [json.loads(line)["prompt"] for line in (tmp_path / "a" / "holdout_prompts.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "a" / "holdout_prompts.jsonl").read_text().splitlines()
+    holdout = [json.loads(line)["prompt"] for line in lines]
     assert len(holdout) == round(0.1 * inputs.split.n_distinct) == inputs.record["n_holdout_prompts"]
     held = set(holdout)
     assert not held & set(inputs.train_prompts) and not held & set(inputs.split.safety)

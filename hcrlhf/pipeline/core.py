@@ -106,8 +106,8 @@ def _check_output_dir(config: PipelineConfig) -> Path:
 def _prepare_output_dir(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and overwrite:
         # Only our own outputs are removed; a ledger is kept (its record must survive re-runs).
-        for name in ("report.json", "report.md", "config.yaml", "split.json", "safety_samples.jsonl", "holdout_prompts.jsonl",
-                     "training.png", "safety_costs.png", "score_models.png"):
+        for name in ("report.json", "report.md", "config.yaml", "split.json", "safety_samples.jsonl",
+                     "holdout_prompts.jsonl", "training.png", "safety_costs.png", "score_models.png"):
             (out / name).unlink(missing_ok=True)
         for name in ("sft_policy", "reward_model", "cost_model", "rl", "candidate"):
             shutil.rmtree(out / name, ignore_errors=True)

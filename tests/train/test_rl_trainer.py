@@ -102,7 +102,8 @@ def test_lambda_follows_the_pessimistic_bound(task, tokenizer, rule):
     """U = μ̂ + k·σ̂ over the window with k from the window's n_c, and λ moved by exactly the chosen rule's
     step: up while U > τ, down while U < τ."""
     config = make_config(estimator="rloo", cost_threshold=-50.0, lambda_update=rule, lambda_lr=0.002,
-                         lambda_ki=0.3, lambda_kp=0.2, lambda_min=0.01, total_steps=4, bound_c1=1.0)
+                         lambda_ki=0.3, lambda_kp=0.2, lambda_min=0.01, lambda_error_clip=[0.5, 1.0], total_steps=4,
+                         bound_c1=1.0)
     trainer = make_trainer(task, tokenizer, config)
     integral, last_error = 0.0, 0.0
     for phase, threshold in ((0, -50.0), (1, 50.0)):
@@ -118,8 +119,8 @@ def test_lambda_follows_the_pessimistic_bound(task, tokenizer, rule):
             lam = metrics["lambda"]
             if rule == "official":
                 expected_log = math.log(lam) + 0.002 * lam * (bound - threshold)
-            else:  # error in σ̂ units, clipped to [-1, 1] (the default clip), anti-windup integral
-                error = min(max((bound - threshold) / std, -1.0), 1.0)
+            else:  # error in σ̂ units, clipped to [-0.5, 1], anti-windup integral
+                error = min(max((bound - threshold) / std, -0.5), 1.0)
                 integral = min(max(integral + 0.3 * error, math.log(0.01)), math.log(1e6))
                 expected_log = integral + 0.2 * error  # λ_0 = 1, kd = 0
                 last_error = error
