@@ -1,6 +1,6 @@
 """The ``hcrlhf`` command.
 
-    hcrlhf demo [--quick] [--output DIR]          # the whole method on the built-in task, offline
+    hcrlhf demo [--quick] [--seed N] [--output DIR]  # the whole method on the built-in task, offline
     hcrlhf run CONFIG.yaml                          # the same with your models and data
     hcrlhf train-reward CONFIG.yaml                 # split + reward model only
     hcrlhf train-cost CONFIG.yaml                   # split + cost model only
@@ -33,6 +33,7 @@ EPILOG = """examples:
   hcrlhf train-reward my.yaml                 only the split and the reward model
   hcrlhf safety-test runs/demo/candidate --prompts safety.jsonl --threshold -3 --delta 0.05
   hcrlhf bench advantages --quick             a kernel benchmark (hcrlhf bench list: all of them)
+  hcrlhf bench method --quick                 the method experiment: HC-RLHF vs Safe RLHF over 20 trials
 
 exit codes: 0 PASS / success, 3 NO SOLUTION FOUND, 2 bad usage or bad config, 1 other errors
 """
