@@ -295,9 +295,9 @@ class PIDLagrangeMultiplier(_LogSpaceMultiplier):
         I_t     = clip(I_{t−1} + ki·e_t,  log λ_min − log λ_0,  log λ_max − log λ_0)     # anti-windup
         log λ_t = clip(log λ_0 + I_t + kp·e_t + kd·(e_t − e_{t−1}),  log λ_min,  log λ_max)
 
-    Why this rule (measured on the built-in demo, see the docs): the official step λ·η·(U − τ) grows with
-    λ and dies at 0; here one step moves log λ by at most ki·above + (kp + 2·kd)·(below + above),
-    whatever λ is, so λ cannot blow up in a few steps, and never reaches 0 or ∞. The integral is clamped
+    Why this rule (measured on the built-in demo, see the README): the official step λ·η·(U − τ) grows
+    with λ and dies at 0; here one step moves log λ by at most ki·above + (kp + 2·kd)·(below + above),
+    whatever λ is, so λ cannot blow up in a few steps, never reaches 0, and never exceeds λ_max. The integral is clamped
     to the range λ can take, so it holds no hidden "debt": when U crosses τ, the very next step moves
     λ the other way (the integral term at once; the proportional term adds the size of the change of e).
     With kp = kd = 0 it is a bounded exponentiated-gradient step on log λ with a floor.
@@ -335,7 +335,7 @@ class PIDLagrangeMultiplier(_LogSpaceMultiplier):
         return math.log(self.min_value), (math.inf if self.max_value is None else math.log(self.max_value))
 
     def error(self, bound: float, threshold: float, scale: float | None) -> float:
-        """e = clip((U − τ)/s, ±error_clip); s = 1 when ``scale`` is None, floored at 1e-8."""
+        """e = clip((U − τ)/s, −below, +above); s = 1 when ``scale`` is None, floored at 1e-8."""
         scale = 1.0 if scale is None else max(scale, 1e-8)
         below, above = self.error_clip
         return min(max((bound - threshold) / scale, -below), above)

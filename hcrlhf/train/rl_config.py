@@ -67,7 +67,7 @@ class SafeRLConfig:
             samples_per_prompt, e.g. 16 · 2 = 32 → k ≈ 1.18) or "window" (the costs in the window, e.g.
             256 → k ≈ 0.58, half the σ-penalty). The bound U that moves λ always uses the window's n_c.
         lambda_update: the rule that moves λ (SPEC §2.3): "pid" (default: a PID controller on log λ
-            with the error (U − τ)/σ̂ clipped to ±1 and an anti-windup integral, λ ∈ [lambda_min,
+            with the error (U − τ)/σ̂ clipped to lambda_error_clip and an anti-windup integral, λ ∈ [lambda_min,
             lambda_max]; bounded steps, cannot blow up or die; see
             :class:`hcrlhf.safety.PIDLagrangeMultiplier`) or "official" (the official code's
             log λ ← min(log λ + lambda_lr·λ·(U − τ), log lambda_max): its step grows with λ and λ = 0 is
