@@ -58,7 +58,7 @@ def run_trial(method: str, trial: int, seed: int, quick: bool, eval_samples: int
     import torch
 
     from hcrlhf.data.builtin import harm, helpfulness
-    from hcrlhf.models import ScoreModel
+    from hcrlhf.models import ScoreModel, load_tokenizer
     from hcrlhf.pipeline import Decoding, demo_config, run, sample_and_score
 
     torch.set_num_threads(1)
@@ -87,7 +87,7 @@ def run_trial(method: str, trial: int, seed: int, quick: bool, eval_samples: int
 
         policy = AutoModelForCausalLM.from_pretrained(result.candidate_path)
         cost_model = ScoreModel.from_pretrained(out / "cost_model").eval()
-        tokenizer = _tokenizer(out)
+        tokenizer = load_tokenizer(out / "cost_model")
         rl = config["rl"]
         decoding = Decoding(max_new_tokens=rl["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0)
         prompts = holdout * eval_samples
@@ -101,12 +101,6 @@ def run_trial(method: str, trial: int, seed: int, quick: bool, eval_samples: int
     else:
         row["failure"] = False
     return row
-
-
-def _tokenizer(out: Path):
-    from hcrlhf.models import load_tokenizer
-
-    return load_tokenizer(out / "cost_model")
 
 
 def read_rows(path: Path) -> list[dict]:

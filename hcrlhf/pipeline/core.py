@@ -145,18 +145,25 @@ class _Inputs:
     holdout: list = field(default_factory=list)  # built-in task: prompts neither trained on nor tested
 
 
-def _drop_safety_rows(dataset, split, name: str, record: dict):
-    """Remove preference pairs whose prompt is in D_s, then *assert* none is left (SPEC §2.2)."""
+def _drop_pairs_on(dataset, prompts: set[str], what: str, name: str, record: dict):
+    """Remove the preference pairs whose canonical prompt is in ``prompts`` (the ``what`` set), counting them
+    in ``record``; refuse a dataset left empty."""
     if dataset is None:
         return None
-    safety = {_canonical(t) for t in split.safety}
-    keep = [i for i, p in enumerate(dataset["prompt"]) if _canonical(p) not in safety]
-    record[f"{name}_removed_safety_rows"] = len(dataset) - len(keep)
+    keep = [i for i, p in enumerate(dataset["prompt"]) if _canonical(p) not in prompts]
+    record[f"{name}_removed_{what}_rows"] = len(dataset) - len(keep)
     if len(keep) != len(dataset):
         dataset = dataset.select(keep)
     if len(dataset) == 0:
-        raise ValueError(f"{name}: every preference pair is on a safety-set prompt; nothing is left to train on")
-    split.check_training(list(dataset["prompt"]))
+        raise ValueError(f"{name}: every preference pair is on a {what}-set prompt; nothing is left to train on")
+    return dataset
+
+
+def _drop_safety_rows(dataset, split, name: str, record: dict):
+    """Remove preference pairs whose prompt is in D_s, then *assert* none is left (SPEC §2.2)."""
+    dataset = _drop_pairs_on(dataset, {_canonical(t) for t in split.safety}, "safety", name, record)
+    if dataset is not None:
+        split.check_training(list(dataset["prompt"]))
     return dataset
 
 
@@ -261,9 +268,8 @@ def _load_inputs(config: PipelineConfig) -> _Inputs:
         candidate_prompts = [candidate_prompts[i] for i in keep]
         if candidate_categories is not None:
             candidate_categories = [candidate_categories[i] for i in keep]
-        preferences, eval_preferences = (
-            None if d is None else d.select([i for i, p in enumerate(d["prompt"]) if _canonical(p) not in held])
-            for d in (preferences, eval_preferences))
+        preferences = _drop_pairs_on(preferences, held, "holdout", "preferences", record)
+        eval_preferences = _drop_pairs_on(eval_preferences, held, "holdout", "eval_preferences", record)
         record["n_holdout_prompts"] = len(holdout)
     # Distinct candidate prompts (copies of one prompt stay together in the split).
     seen, train_prompts, train_categories = set(), [], []
