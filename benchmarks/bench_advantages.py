@@ -48,7 +48,7 @@ def calls(op: str, x: dict[str, torch.Tensor]):
     ours = ["triton"] if device.type == "cuda" else (["cpp"] if ops.cpp_available() else [])
     if x["mask"].numel() <= 64 * 1024:
         ours.append("torch")
-    lam = torch.tensor(LAGRANGE, device=device)  # a device tensor: no host sync in our path
+    multiplier = torch.tensor(LAGRANGE, device=device)  # a device tensor: no host sync in our path
     if op == "gae":
         table = {impl: (lambda impl=impl: ops.gae(x["reward_values"], x["cost_values"], x["mask"], impl=impl))
                  for impl in ours}
@@ -56,13 +56,13 @@ def calls(op: str, x: dict[str, torch.Tensor]):
                                                                      1.0, 0.95)
     elif op == "safe_advantages":
         table = {impl: (lambda impl=impl: ops.safe_advantages(
-            *per_token, x["reward_values"], x["cost_values"], kl_coef=KL_COEF, lagrange_multiplier=lam,
+            *per_token, x["reward_values"], x["cost_values"], kl_coef=KL_COEF, lagrange_multiplier=multiplier,
             score_clip=50.0, impl=impl)) for impl in ours}
         table["peer (Safe RLHF)"] = lambda: peers.safe_rlhf_advantages(
             *per_token, x["reward_values"], x["cost_values"], kl_coef=KL_COEF, lagrange_multiplier=LAGRANGE)
     else:
         table = {impl: (lambda impl=impl: ops.rloo_advantages(
-            *per_token, group_size=GROUP, kl_coef=KL_COEF, lagrange_multiplier=lam, score_clip=50.0, impl=impl))
+            *per_token, group_size=GROUP, kl_coef=KL_COEF, lagrange_multiplier=multiplier, score_clip=50.0, impl=impl))
             for impl in ours}
         table["peer (Python)"] = lambda: peers.rloo_python(
             *per_token, group_size=GROUP, kl_coef=KL_COEF, lagrange_multiplier=LAGRANGE)

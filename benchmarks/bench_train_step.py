@@ -76,14 +76,15 @@ class PeerOps:
 
     @staticmethod
     def safe_advantages(logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values, *,
-                        kl_coef, lagrange_multiplier, gamma=1.0, lam=0.95, score_clip=50.0, **_):
+                        kl_coef, lagrange_multiplier, gamma=1.0, gae_lambda=0.95, score_clip=50.0, **_):
         from hcrlhf.benchmarks.peers import safe_rlhf_advantages
         from hcrlhf.ops import SafeAdvantages
 
         mask = mask.bool()
         out = safe_rlhf_advantages(logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values,
                                    cost_values, kl_coef=kl_coef, lagrange_multiplier=lagrange_multiplier,
-                                   gamma=gamma, lam=lam, score_clip=score_clip if score_clip is not None else 1e30)
+                                   gamma=gamma, gae_lambda=gae_lambda,
+                                   score_clip=score_clip if score_clip is not None else 1e30)
         kl = (logprobs - ref_logprobs) * mask
         return SafeAdvantages(*(x * mask for x in out), kl)
 

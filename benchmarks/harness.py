@@ -1,4 +1,4 @@
-"""One timing/memory/floor harness for every benchmark (DESIGN.md "Benchmarks").
+"""One timing/memory/floor harness for every benchmark (docs/architecture.md#tests-and-benchmarks).
 
 GPU: device time from CUDA events with the L2 flushed between repetitions, full-call time from
 the wall clock around call + synchronize, peak memory from the CUDA allocator. CPU: wall-clock

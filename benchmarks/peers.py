@@ -1,4 +1,4 @@
-"""Peer-style baselines, written the way the field's RLHF code does it today (ANCHORS.md).
+"""Peer-style baselines, written the way the field's RLHF code does it today (Safe RLHF, OpenRLHF, TRL).
 
 These are the "before" side of every benchmark. Advantages: a reverse Python loop over T with
 small tensor ops per step, a per-row ``nonzero()`` for each row's end (a host sync per row),
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 
-def python_loop_gae(rewards, values, mask, gamma, lam):
+def python_loop_gae(rewards, values, mask, gamma, gae_lambda):
     """TRL / Safe RLHF style GAE: zero rewards and values with the mask, one loop over T."""
     mask = mask.to(rewards.dtype)
     values = values * mask
@@ -23,14 +23,14 @@ def python_loop_gae(rewards, values, mask, gamma, lam):
     for t in reversed(range(length)):
         next_values = values[:, t + 1] if t < length - 1 else 0.0
         delta = rewards[:, t] + gamma * next_values - values[:, t]
-        last = delta + gamma * lam * last
+        last = delta + gamma * gae_lambda * last
         reversed_advantages.append(last)
     advantages = torch.stack(reversed_advantages[::-1], dim=1)
     return advantages, advantages + values
 
 
 def safe_rlhf_advantages(logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values,
-                         *, kl_coef, lagrange_multiplier, gamma=1.0, lam=0.95, score_clip=50.0):
+                         *, kl_coef, lagrange_multiplier, gamma=1.0, gae_lambda=0.95, score_clip=50.0):
     """Safe RLHF's reward/cost shaping and two GAE loops, then the λ-combination."""
     end_index = torch.cat([row.nonzero()[-1] for row in mask])  # one host sync per row
     kl_divergence = -kl_coef * (logprobs - ref_logprobs)
@@ -40,8 +40,8 @@ def safe_rlhf_advantages(logprobs, ref_logprobs, mask, reward_scores, cost_score
     cost_clip = torch.clamp(cost_scores, min=-score_clip, max=score_clip)
     rewards = torch.scatter_add(rewards, dim=-1, index=end_index.unsqueeze(-1), src=reward_clip.unsqueeze(-1))
     costs = torch.scatter_add(costs, dim=-1, index=end_index.unsqueeze(-1), src=cost_clip.unsqueeze(-1))
-    reward_advantages, reward_returns = python_loop_gae(rewards, reward_values, mask, gamma, lam)
-    cost_advantages, cost_returns = python_loop_gae(costs, cost_values, mask, gamma, lam)
+    reward_advantages, reward_returns = python_loop_gae(rewards, reward_values, mask, gamma, gae_lambda)
+    cost_advantages, cost_returns = python_loop_gae(costs, cost_values, mask, gamma, gae_lambda)
     advantages = (reward_advantages - lagrange_multiplier * cost_advantages) / (1 + lagrange_multiplier)
     return advantages, reward_advantages, cost_advantages, reward_returns, cost_returns
 

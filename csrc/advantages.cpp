@@ -1,4 +1,4 @@
-// CPU kernels for the advantage ops (SPEC.md §1.1–1.3): gae, safe_advantages, rloo_advantages.
+// CPU kernels for the advantage ops (docs/ops.md): gae, safe_advantages, rloo_advantages.
 //
 // The math mirrors hcrlhf/reference/{gae,safe_advantages,rloo_advantages}.py operation by
 // operation (same evaluation order, same compute dtype), so float32 results agree with the
@@ -239,14 +239,15 @@ struct GaeArgs {
     T* advantages;
     T* returns;
     index_t batch, length;
-    double gamma, lam;
+    double gamma, gae_lambda;
 };
 
 template <typename T>
 void gae_kernel(const GaeArgs<T>& a) {
     const index_t n = a.length, chunk = rows_per_chunk(n);
     const T gamma = static_cast<T>(a.gamma);
-    const T gamma_lam = static_cast<T>(a.gamma * a.lam);  // the reference multiplies the Python floats first
+    // The reference multiplies the Python floats first.
+    const T gamma_gae_lambda = static_cast<T>(a.gamma * a.gae_lambda);
 #pragma omp parallel for schedule(dynamic, chunk) if (a.batch * n >= kParallelMinWork)
     for (index_t b = 0; b < a.batch; ++b) {
         const T* rewards = a.rewards.row(b);
@@ -264,7 +265,7 @@ void gae_kernel(const GaeArgs<T>& a) {
             }
             const T value = values[t * vs];
             const T delta = rewards[t * rs] + gamma * next_value - value;
-            running = delta + gamma_lam * running;
+            running = delta + gamma_gae_lambda * running;
             advantages[t] = running;
             returns[t] = running + value;
             next_value = value;
@@ -275,7 +276,7 @@ void gae_kernel(const GaeArgs<T>& a) {
 template <typename T>
 void gae_typed(const py::object& rewards, const py::object& values, const py::object& mask,
                const py::object& advantages_out, const py::object& returns_out, index_t batch, index_t length,
-               double gamma, double lam) {
+               double gamma, double gae_lambda) {
     const char* op = "gae";
     GaeArgs<T> a;
     a.rewards = input_matrix<T>(op, "rewards", rewards, batch, length);
@@ -286,23 +287,23 @@ void gae_typed(const py::object& rewards, const py::object& values, const py::ob
     a.batch = batch;
     a.length = length;
     a.gamma = gamma;
-    a.lam = lam;
+    a.gae_lambda = gae_lambda;
     py::gil_scoped_release nogil;
     gae_kernel(a);
 }
 
 void gae(const py::object& rewards, const py::object& values, const py::object& mask,
-         const py::object& advantages_out, const py::object& returns_out, double gamma, double lam) {
+         const py::object& advantages_out, const py::object& returns_out, double gamma, double gae_lambda) {
     const char* op = "gae";
     py::array first = get_array(op, "rewards", rewards);
     check_finite(op, "gamma", gamma);
-    check_finite(op, "lam", lam);
+    check_finite(op, "gae_lambda", gae_lambda);
     const std::pair<index_t, index_t> shape = batch_and_length(op, "rewards", first);
     const index_t batch = shape.first, length = shape.second;
     if (is_float64(op, "rewards", first)) {
-        gae_typed<double>(rewards, values, mask, advantages_out, returns_out, batch, length, gamma, lam);
+        gae_typed<double>(rewards, values, mask, advantages_out, returns_out, batch, length, gamma, gae_lambda);
     } else {
-        gae_typed<float>(rewards, values, mask, advantages_out, returns_out, batch, length, gamma, lam);
+        gae_typed<float>(rewards, values, mask, advantages_out, returns_out, batch, length, gamma, gae_lambda);
     }
 }
 
@@ -316,8 +317,8 @@ struct SafeArgs {
     Vector<T> reward_scores, cost_scores;
     T *advantages, *reward_advantages, *cost_advantages, *reward_returns, *cost_returns, *kl;
     index_t batch, length;
-    double kl_coef, multiplier, gamma, lam, score_clip;
-    bool kl_in_cost, normalize, whiten;
+    double kl_coef, multiplier, gamma, gae_lambda, score_clip;
+    bool kl_in_cost, divide_by_one_plus_lambda, whiten;
 };
 
 // Per-row statistics of the combined advantages over the valid tokens, for whitening.
@@ -328,7 +329,7 @@ struct RowMoments {
 // The per-token scalars of one call, in the compute type.
 template <typename T>
 struct SafeCoefficients {
-    T neg_kl_coef, kl_coef, gamma, gamma_lam, multiplier, denominator, clip;
+    T neg_kl_coef, kl_coef, gamma, gamma_gae_lambda, multiplier, denominator, clip;
 };
 
 // One right-to-left sweep over row b: KL, shaped reward/cost, both GAE streams, combination.
@@ -353,7 +354,8 @@ RowMoments safe_row(const SafeArgs<T>& a, const SafeCoefficients<T> k, index_t b
     T* __restrict reward_returns = a.reward_returns + b * n;
     T* __restrict cost_returns = a.cost_returns + b * n;
     T* __restrict kl_out = a.kl + b * n;
-    const T neg_kl_coef = k.neg_kl_coef, kl_coef = k.kl_coef, gamma = k.gamma, gamma_lam = k.gamma_lam;
+    const T neg_kl_coef = k.neg_kl_coef, kl_coef = k.kl_coef, gamma = k.gamma;
+    const T gamma_gae_lambda = k.gamma_gae_lambda;
     const T multiplier = k.multiplier, denominator = k.denominator, clip = k.clip;
     const bool whiten = a.whiten;
 
@@ -388,12 +390,12 @@ RowMoments safe_row(const SafeArgs<T>& a, const SafeCoefficients<T> k, index_t b
 
         const T reward_value = reward_values[t * rvs];
         const T cost_value = cost_values[t * cvs];
-        reward_running = (reward + gamma * reward_next_value - reward_value) + gamma_lam * reward_running;
-        cost_running = (cost + gamma * cost_next_value - cost_value) + gamma_lam * cost_running;
+        reward_running = (reward + gamma * reward_next_value - reward_value) + gamma_gae_lambda * reward_running;
+        cost_running = (cost + gamma * cost_next_value - cost_value) + gamma_gae_lambda * cost_running;
         reward_next_value = reward_value;
         cost_next_value = cost_value;
 
-        // denominator is 1 + λ when normalising, else exactly 1.
+        // denominator is 1 + λ with divide_by_one_plus_lambda, else exactly 1.
         const T advantage = (reward_running - multiplier * cost_running) / denominator;
         advantages[t] = advantage;
         reward_advantages[t] = reward_running;
@@ -467,9 +469,9 @@ void safe_kernel(const SafeArgs<T>& a) {
     k.neg_kl_coef = static_cast<T>(-a.kl_coef);
     k.kl_coef = static_cast<T>(a.kl_coef);
     k.gamma = static_cast<T>(a.gamma);
-    k.gamma_lam = static_cast<T>(a.gamma * a.lam);
+    k.gamma_gae_lambda = static_cast<T>(a.gamma * a.gae_lambda);
     k.multiplier = multiplier;
-    k.denominator = a.normalize ? T(1) + multiplier : T(1);
+    k.denominator = a.divide_by_one_plus_lambda ? T(1) + multiplier : T(1);
     k.clip = static_cast<T>(a.score_clip);
 
     std::vector<RowMoments> moments(a.whiten ? static_cast<size_t>(a.batch) : 0);
@@ -488,8 +490,8 @@ void safe_typed(const py::object& logprobs, const py::object& ref_logprobs, cons
                 const py::object& cost_values, const py::object& advantages, const py::object& reward_advantages,
                 const py::object& cost_advantages, const py::object& reward_returns,
                 const py::object& cost_returns, const py::object& kl, index_t batch, index_t length,
-                double kl_coef, double multiplier, double gamma, double lam, KlEstimator estimator,
-                double score_clip, bool kl_in_cost, bool normalize, bool whiten) {
+                double kl_coef, double multiplier, double gamma, double gae_lambda, KlEstimator estimator,
+                double score_clip, bool kl_in_cost, bool divide_by_one_plus_lambda, bool whiten) {
     const char* op = "safe_advantages";
     SafeArgs<T> a;
     a.logprobs = input_matrix<T>(op, "logprobs", logprobs, batch, length);
@@ -510,10 +512,10 @@ void safe_typed(const py::object& logprobs, const py::object& ref_logprobs, cons
     a.kl_coef = kl_coef;
     a.multiplier = multiplier;
     a.gamma = gamma;
-    a.lam = lam;
+    a.gae_lambda = gae_lambda;
     a.score_clip = score_clip;
     a.kl_in_cost = kl_in_cost;
-    a.normalize = normalize;
+    a.divide_by_one_plus_lambda = divide_by_one_plus_lambda;
     a.whiten = whiten;
 
     py::gil_scoped_release nogil;
@@ -533,14 +535,14 @@ void safe_advantages(const py::object& logprobs, const py::object& ref_logprobs,
                      const py::object& advantages, const py::object& reward_advantages,
                      const py::object& cost_advantages, const py::object& reward_returns,
                      const py::object& cost_returns, const py::object& kl, double kl_coef,
-                     double lagrange_multiplier, double gamma, double lam, const std::string& kl_estimator,
-                     double score_clip, bool kl_in_cost, bool normalize, bool whiten) {
+                     double lagrange_multiplier, double gamma, double gae_lambda, const std::string& kl_estimator,
+                     double score_clip, bool kl_in_cost, bool divide_by_one_plus_lambda, bool whiten) {
     const char* op = "safe_advantages";
     py::array first = get_array(op, "logprobs", logprobs);
     const KlEstimator estimator = parse_estimator(op, kl_estimator);
     check_finite(op, "kl_coef", kl_coef);
     check_finite(op, "gamma", gamma);
-    check_finite(op, "lam", lam);
+    check_finite(op, "gae_lambda", gae_lambda);
     check_score_clip(op, score_clip);
     const std::pair<index_t, index_t> shape = batch_and_length(op, "logprobs", first);
     const index_t batch = shape.first, length = shape.second;
@@ -548,8 +550,8 @@ void safe_advantages(const py::object& logprobs, const py::object& ref_logprobs,
         using T = decltype(type_tag);
         safe_typed<T>(logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values,
                       advantages, reward_advantages, cost_advantages, reward_returns, cost_returns, kl, batch,
-                      length, kl_coef, lagrange_multiplier, gamma, lam, estimator, score_clip, kl_in_cost,
-                      normalize, whiten);
+                      length, kl_coef, lagrange_multiplier, gamma, gae_lambda, estimator, score_clip, kl_in_cost,
+                      divide_by_one_plus_lambda, whiten);
     };
     if (is_float64(op, "logprobs", first)) {
         run(double{});
@@ -681,24 +683,24 @@ void rloo_advantages(const py::object& logprobs, const py::object& ref_logprobs,
 }  // namespace
 
 void register_advantages(py::module_& m) {
-    m.def("gae", &gae, py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("advantages_out"),
-          py::arg("returns_out"), py::arg("gamma"), py::arg("lam"),
-          "GAE over the valid positions of each row (SPEC.md §1.1), written into the contiguous outputs.\n"
+    m.def("gae", &gae, py::kw_only(), py::arg("rewards"), py::arg("values"), py::arg("mask"),
+          py::arg("advantages_out"), py::arg("returns_out"), py::arg("gamma"), py::arg("gae_lambda"),
+          "GAE over the valid positions of each row (docs/ops.md#gae), written into the contiguous outputs.\n"
           "rewards, values: (B, T) float32/float64, any strides; mask: (B, T) bool.");
-    m.def("safe_advantages", &safe_advantages, py::arg("logprobs"), py::arg("ref_logprobs"), py::arg("mask"),
-          py::arg("reward_scores"), py::arg("cost_scores"), py::arg("reward_values"), py::arg("cost_values"),
-          py::arg("advantages"), py::arg("reward_advantages"), py::arg("cost_advantages"),
+    m.def("safe_advantages", &safe_advantages, py::kw_only(), py::arg("logprobs"), py::arg("ref_logprobs"),
+          py::arg("mask"), py::arg("reward_scores"), py::arg("cost_scores"), py::arg("reward_values"),
+          py::arg("cost_values"), py::arg("advantages"), py::arg("reward_advantages"), py::arg("cost_advantages"),
           py::arg("reward_returns"), py::arg("cost_returns"), py::arg("kl"), py::arg("kl_coef"),
-          py::arg("lagrange_multiplier"), py::arg("gamma"), py::arg("lam"), py::arg("kl_estimator"),
-          py::arg("score_clip"), py::arg("kl_in_cost"), py::arg("normalize"), py::arg("whiten"),
-          "KL-penalised reward - λ·cost advantages (SPEC.md §1.2) in one sweep per row, written into the six\n"
-          "contiguous (B, T) outputs. score_clip=math.inf disables clipping.");
-    m.def("rloo_advantages", &rloo_advantages, py::arg("logprobs"), py::arg("ref_logprobs"), py::arg("mask"),
-          py::arg("reward_scores"), py::arg("cost_scores"), py::arg("advantages"), py::arg("returns"),
-          py::arg("kl"), py::arg("group_size"), py::arg("kl_coef"), py::arg("lagrange_multiplier"),
+          py::arg("lagrange_multiplier"), py::arg("gamma"), py::arg("gae_lambda"), py::arg("kl_estimator"),
+          py::arg("score_clip"), py::arg("kl_in_cost"), py::arg("divide_by_one_plus_lambda"), py::arg("whiten"),
+          "KL-penalised reward - λ·cost advantages (docs/ops.md#safe_advantages) in one sweep per row, written\n"
+          "into the six contiguous (B, T) outputs. score_clip=math.inf disables clipping.");
+    m.def("rloo_advantages", &rloo_advantages, py::kw_only(), py::arg("logprobs"), py::arg("ref_logprobs"),
+          py::arg("mask"), py::arg("reward_scores"), py::arg("cost_scores"), py::arg("advantages"),
+          py::arg("returns"), py::arg("kl"), py::arg("group_size"), py::arg("kl_coef"), py::arg("lagrange_multiplier"),
           py::arg("kl_estimator"), py::arg("score_clip"),
-          "Sequence-level leave-one-out advantages (SPEC.md §1.3), written into the three contiguous (B,) outputs.\n"
-          "score_clip=math.inf disables clipping.");
+          "Sequence-level leave-one-out advantages (docs/ops.md#rloo_advantages), written into the three\n"
+          "contiguous (B,) outputs. score_clip=math.inf disables clipping.");
 }
 
 }  // namespace hcrlhf

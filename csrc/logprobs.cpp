@@ -1,4 +1,4 @@
-// Token log-probabilities and entropy from logits, on the CPU (SPEC.md §1.4).
+// Token log-probabilities and entropy from logits, on the CPU (docs/ops.md#token_logprobs).
 //
 // One pass over each row of V logits, rows in parallel with OpenMP. Each row is processed in
 // chunks that stay in L1: a max over the chunk, then exp/sum over the same (cached) chunk with an
@@ -484,15 +484,15 @@ void register_logprobs(py::module_& m) {
     m.def("token_logprobs_forward", &token_logprobs_forward,
           "Per-row log-prob of the label, stats (max z, log Σ exp(z - max)) and (optionally) entropy of "
           "softmax(z), z = logits * inv_temp.",
-          py::arg("logits"), py::arg("kind"), py::arg("rows"), py::arg("inner"), py::arg("stride_outer"),
-          py::arg("stride_inner"), py::arg("vocab"), py::arg("labels"), py::arg("inv_temp"),
+          py::kw_only(), py::arg("logits"), py::arg("kind"), py::arg("rows"), py::arg("inner"),
+          py::arg("stride_outer"), py::arg("stride_inner"), py::arg("vocab"), py::arg("labels"), py::arg("inv_temp"),
           py::arg("ignore_index"), py::arg("logp"), py::arg("stats"), py::arg("entropy"));
     m.def("token_logprobs_backward", &token_logprobs_backward,
           "Gradient w.r.t. the logits of Σ g_lp·logp + g_H·entropy, recomputing softmax from stats (may alias logits).",
-          py::arg("logits"), py::arg("kind"), py::arg("rows"), py::arg("inner"), py::arg("stride_outer"),
-          py::arg("stride_inner"), py::arg("vocab"), py::arg("labels"), py::arg("stats"), py::arg("entropy"),
-          py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("inv_temp"), py::arg("ignore_index"),
-          py::arg("grad"), py::arg("grad_stride_outer"), py::arg("grad_stride_inner"));
+          py::kw_only(), py::arg("logits"), py::arg("kind"), py::arg("rows"), py::arg("inner"),
+          py::arg("stride_outer"), py::arg("stride_inner"), py::arg("vocab"), py::arg("labels"), py::arg("stats"),
+          py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("inv_temp"),
+          py::arg("ignore_index"), py::arg("grad"), py::arg("grad_stride_outer"), py::arg("grad_stride_inner"));
     m.attr("logprobs_simd") = cpu_has_avx2();
 }
 

@@ -1,7 +1,7 @@
 """The ``hcrlhf`` command.
 
-    hcrlhf demo [--quick] [--seed N] [--output DIR]  # the whole method on the built-in task, offline
-    hcrlhf run CONFIG.yaml                          # the same with your models and data
+    hcrlhf demo [--quick] [--seed N] [--output DIR] [KEY=VALUE ...]  # the whole method on the built-in task
+    hcrlhf run CONFIG.yaml [KEY=VALUE ...]          # the same with your models and data
     hcrlhf train-reward CONFIG.yaml                 # split + reward model only
     hcrlhf train-cost CONFIG.yaml                   # split + cost model only
     hcrlhf train CONFIG.yaml                        # split + score models + candidate selection
@@ -9,7 +9,8 @@
     hcrlhf bench NAME [...]                         # a kernel benchmark, printing its table
     hcrlhf --version
 
-Exit codes: 0 success / PASS, 3 NO SOLUTION FOUND, 2 bad usage (including a bad config, rejected
+KEY=VALUE arguments override any config key by its dotted name (``rl.kl_coef=0.05``; values are read as
+YAML). Exit codes: 0 success / PASS, 3 NO SOLUTION FOUND, 2 bad usage (including a bad config, rejected
 before any work, naming the key), 1 any other error.
 """
 
@@ -21,8 +22,12 @@ import json
 import pkgutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hcrlhf import __version__
+
+if TYPE_CHECKING:
+    from hcrlhf.pipeline.config import SafetyConfig
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_SOLUTION = 0, 1, 2, 3
 
@@ -30,6 +35,7 @@ EPILOG = """examples:
   hcrlhf demo --quick                         the whole method on the built-in task in about a minute
   hcrlhf demo --output runs/demo              the full demo (a few minutes on a laptop CPU)
   hcrlhf run configs/qwen2-1.5b-pku-saferlhf.yaml
+  hcrlhf run configs/demo.yaml rl.total_steps=20 safety.delta=0.05   any config key, by its dotted name
   hcrlhf train-reward my.yaml                 only the split and the reward model
   hcrlhf safety-test runs/demo/candidate --prompts safety.jsonl --threshold -3 --delta 0.05
   hcrlhf bench advantages --quick             a kernel benchmark (hcrlhf bench list: all of them)
@@ -38,7 +44,9 @@ EPILOG = """examples:
 exit codes: 0 PASS / success, 3 NO SOLUTION FOUND, 2 bad usage or bad config, 1 other errors
 """
 
-CONFIG_HELP = "a YAML config (see configs/demo.yaml and configs/qwen2-1.5b-pku-saferlhf.yaml)"
+CONFIG_HELP = "a YAML config (see configs/demo.yaml, configs/qwen2-1.5b-pku-saferlhf.yaml and docs/config.md)"
+OVERRIDES_HELP = ("config overrides by dotted key, e.g. rl.kl_coef=0.05 safety.delta=0.05 (values are read as YAML: "
+                  "null, true, [0, 1]); see docs/config.md for every key")
 
 
 class UsageError(ValueError):
@@ -74,6 +82,7 @@ def _formatter(prog):
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG.yaml", help=CONFIG_HELP)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     parser.add_argument("--output", metavar="DIR", help="the report directory (overrides output_dir)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier hcrlhf report in the output directory (its ledger is kept)")
@@ -95,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "safety-dialogue world with known ground truth): split, reward model, cost model, candidate selection, "
         "safety test, report. Nothing is downloaded.",
         epilog="examples:\n  hcrlhf demo --quick\n  hcrlhf demo --output runs/demo --overwrite\n"
-        "  hcrlhf demo --seed 3 --output runs/demo-seed3\n\n"
+        "  hcrlhf demo --seed 3 --output runs/demo-seed3\n  hcrlhf demo --quick rl.total_steps=20 safety.delta=0.05\n\n"
         "exit codes: 0 PASS, 3 NO SOLUTION FOUND, 2 bad usage, 1 other errors")
     demo.add_argument("--quick", action="store_true", help="a smaller run (about a minute on a 2-core CPU)")
     demo.add_argument("--seed", type=_non_negative_int, metavar="N",
@@ -106,12 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", metavar="DIR",
                       help="where the built-in task is built and cached (~/.cache/hcrlhf/builtin)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
 
     run = commands.add_parser(
         "run", help="the whole method from a config", formatter_class=_formatter,
         description="Run HC-RLHF end to end from a YAML config: split, reward model, cost model, candidate "
         "selection, safety test (recorded in the δ ledger), report. The config is checked completely first.",
-        epilog="example:\n  hcrlhf run configs/qwen2-1.5b-pku-saferlhf.yaml --output runs/qwen2\n\n"
+        epilog="examples:\n  hcrlhf run configs/qwen2-1.5b-pku-saferlhf.yaml --output runs/qwen2\n"
+        "  hcrlhf run configs/demo.yaml rl.total_steps=2 --output runs/smoke\n\n"
         "exit codes: 0 PASS, 3 NO SOLUTION FOUND, 2 bad usage or bad config, 1 other errors")
     _add_run_options(run)
     for name, stage, what in (("train-reward", "reward", "the split and the reward model"),
@@ -159,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--device", help="cpu | cuda (default: CUDA when available)")
     test.add_argument("--output", metavar="DIR", help="write safety_test.json and safety_costs.png here")
     test.add_argument("--no-progress", action="store_true")
+    test.add_argument("overrides", nargs="*", metavar="safety.KEY=VALUE",
+                      help="overrides of the safety settings by their config names, e.g. safety.unsafe_above=0.5 "
+                           "safety.sigmoid_scale=2 (see docs/config.md); they win over the flags")
 
     bench = commands.add_parser("bench", help="run a kernel benchmark and print its table",
                                 description="Run a benchmark; arguments after NAME go to it.", add_help=True,
@@ -195,25 +209,27 @@ def _print_result(result) -> None:
     print(f"report: {out / 'report.md'} (and report.json, plots)")
 
 
-def _config_with_overrides(args) -> object:
-    from hcrlhf.pipeline.config import config_from_dict, read_config_file
+def _run_config(args):
+    """The checked pipeline config of `hcrlhf run` / `train*`: the file, the flags, then the KEY=VALUE overrides."""
+    from hcrlhf.config import read_yaml
+    from hcrlhf.pipeline.config import load_config
 
-    values = dict(read_config_file(args.config))
+    values = read_yaml(args.config)
     if args.output is not None:
         values["output_dir"] = args.output
     if args.overwrite:
         values["overwrite"] = True
     if args.no_progress:
         values["progress"] = False
-    return config_from_dict(values)
+    return load_config(values, args.overrides)
 
 
 def cmd_demo(args) -> int:
-    from hcrlhf.pipeline import demo_config, run
+    from hcrlhf.pipeline import demo_config, load_config, run
 
-    config = demo_config(quick=args.quick, output_dir=args.output, task_cache=args.cache_dir,
+    values = demo_config(quick=args.quick, output_dir=args.output, task_cache=args.cache_dir,
                          overwrite=args.overwrite, progress=not args.no_progress, seed=args.seed)
-    result = run(config)
+    result = run(load_config(values, args.overrides))
     _print_result(result)
     return _verdict_exit(result)
 
@@ -221,7 +237,7 @@ def cmd_demo(args) -> int:
 def cmd_run(args, stages: str = "all") -> int:
     from hcrlhf.pipeline import run
 
-    result = run(_config_with_overrides(args), stages=stages)
+    result = run(_run_config(args), stages=stages)
     _print_result(result)
     return _verdict_exit(result)
 
@@ -235,20 +251,15 @@ def _read_candidate_meta(candidate: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def cmd_safety_test(args) -> int:
-    import torch
-
-    from hcrlhf.data import PromptTemplate, get_template
-    from hcrlhf.models import ScoreModel, load_causal_lm, load_tokenizer
-    from hcrlhf.pipeline import Decoding, cost_transform, read_prompt_file, sample_and_score
-    from hcrlhf.report import plot_safety_costs
-    from hcrlhf.safety import SafetyLedger, assert_disjoint, fingerprint, safety_test
+def _safety_settings(args, meta: dict) -> SafetyConfig:
+    """The safety test's settings: the command line > the candidate's metadata (hcrlhf_candidate.json, from
+    `hcrlhf train` / `hcrlhf run`) > defaults, with the deployment decoding and the ledger path resolved.
+    The test's own flags are checked first (UsageError naming the flag); SafetyConfig checks every value."""
+    from hcrlhf.config import ConfigError, apply_overrides
+    from hcrlhf.pipeline.config import SafetyConfig
     from hcrlhf.safety._checks import check_method_range
 
-    # 1. settings: command line > the candidate's metadata > defaults; all checked before loading models.
-    meta = _read_candidate_meta(args.candidate)
-    saved = meta.get("safety", {})
-    threshold = args.threshold if args.threshold is not None else saved.get("threshold", 0.0)
+    saved, decoding = meta.get("safety", {}), meta.get("decoding", {})
     delta = args.delta if args.delta is not None else saved.get("delta", 0.1)
     method = args.method or saved.get("method", "ttest")
     transform = args.cost_transform or saved.get("cost_transform", "none")
@@ -263,6 +274,41 @@ def cmd_safety_test(args) -> int:
         raise UsageError(str(error)) from None
     if method == "clopper_pearson" and transform != "unsafe_indicator":
         raise UsageError("--method clopper_pearson works on 0/1 costs: add --cost-transform unsafe_indicator")
+    output = Path(args.output).expanduser() if args.output else None
+    ledger = args.ledger or meta.get("ledger") or str((output or Path(args.candidate).expanduser()) /
+                                                      "safety_ledger.json")
+    settings = SafetyConfig(
+        threshold=args.threshold if args.threshold is not None else saved.get("threshold", 0.0),
+        delta=delta, method=method, cost_range=None if cost_range is None else list(cost_range),
+        cost_transform=transform,
+        sigmoid_scale=saved.get("sigmoid_scale", 1.0), unsafe_above=saved.get("unsafe_above", 0.0),
+        ledger=ledger, ledger_total_delta=args.ledger_total_delta,
+        max_new_tokens=args.max_new_tokens or decoding.get("max_new_tokens", 512),
+        temperature=args.temperature if args.temperature is not None else decoding.get("temperature", 1.0),
+        top_p=args.top_p if args.top_p is not None else decoding.get("top_p", 1.0),
+        top_k=args.top_k if args.top_k is not None else decoding.get("top_k", 0),
+        batch_size=args.batch_size)
+    if args.overrides:  # safety.KEY=VALUE, the keys of the pipeline config's safety section
+        values = apply_overrides({"safety": settings.to_dict()}, args.overrides)
+        for key in values:
+            if key != "safety":
+                raise ConfigError(key, "safety-test takes overrides of the safety section only: safety.KEY=VALUE "
+                                       "(docs/config.md#safety-safetyconfig)")
+        settings = SafetyConfig.from_dict(values["safety"], prefix="safety.")
+    return settings
+
+
+def cmd_safety_test(args) -> int:
+    import torch
+
+    from hcrlhf.data import PromptTemplate, get_template
+    from hcrlhf.models import ScoreModel, load_causal_lm, load_tokenizer
+    from hcrlhf.pipeline import Decoding, read_prompt_file, run_safety_test
+    from hcrlhf.safety import SafetyLedger, assert_disjoint, fingerprint
+
+    # 1. settings: command line > the candidate's metadata > defaults; all checked before loading models.
+    meta = _read_candidate_meta(args.candidate)
+    settings = _safety_settings(args, meta)
     cost_model_path = args.cost_model or meta.get("cost_model")
     if cost_model_path is None:
         raise UsageError("--cost-model is required (the candidate has no hcrlhf_candidate.json naming one)")
@@ -275,7 +321,7 @@ def cmd_safety_test(args) -> int:
     prompts, _ = read_prompt_file(args.prompts)
     safety_fingerprint = fingerprint(prompts)
     train_file = Path(args.candidate).expanduser() / meta.get("train_prompts_file", "train_prompts.jsonl")
-    if train_file.is_file():  # SPEC §2.2: the safety prompts must be unseen by training
+    if train_file.is_file():  # the safety prompts must be unseen by training (docs/method.md#data-split)
         train_prompts, _ = read_prompt_file(train_file)
         try:
             assert_disjoint(train_prompts, prompts)
@@ -284,17 +330,12 @@ def cmd_safety_test(args) -> int:
     if meta.get("safety_fingerprint") and meta["safety_fingerprint"] != safety_fingerprint:
         print(f"hcrlhf: note: these prompts (fingerprint {safety_fingerprint}) are not the safety set recorded with "
               f"the candidate ({meta['safety_fingerprint']})", file=sys.stderr)
-    decoding_saved = meta.get("decoding", {})
-    decoding = Decoding(
-        max_new_tokens=args.max_new_tokens or decoding_saved.get("max_new_tokens", 512),
-        temperature=args.temperature if args.temperature is not None else decoding_saved.get("temperature", 1.0),
-        top_p=args.top_p if args.top_p is not None else decoding_saved.get("top_p", 1.0),
-        top_k=args.top_k if args.top_k is not None else decoding_saved.get("top_k", 0))
-    output = Path(args.output).expanduser() if args.output else None
-    ledger_path = Path(args.ledger or meta.get("ledger") or
-                       ((output or Path(args.candidate).expanduser()) / "safety_ledger.json")).expanduser()
+    decoding = Decoding(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                        top_p=settings.top_p, top_k=settings.top_k)
+    ledger_path = Path(settings.ledger).expanduser()
 
-    # 2. models, sampling, the test (spent in the ledger before it is read).
+    # 2. models, then the pipeline's safety test stage: sampling, the test (spent in the ledger before it is
+    # read), safety_test.json / safety_samples.jsonl / safety_costs.png under --output.
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(args.tokenizer or args.candidate)
     if args.template is not None:
@@ -307,28 +348,15 @@ def cmd_safety_test(args) -> int:
         template = get_template(None, tokenizer)
     policy = load_causal_lm(args.candidate, device=device)
     cost_model = ScoreModel.from_pretrained(cost_model_path).to(device).eval()
-    responses, raw = sample_and_score(policy, tokenizer, prompts, template=template, decoding=decoding,
-                                      cost_model=cost_model, batch_size=args.batch_size, seed=args.seed,
-                                      max_prompt_length=meta.get("max_prompt_length"),
-                                      progress=not args.no_progress, desc="safety test")
-    costs = cost_transform(raw, transform, sigmoid_scale=saved.get("sigmoid_scale", 1.0),
-                           unsafe_above=saved.get("unsafe_above", 0.0))
-    ledger = SafetyLedger(ledger_path, args.ledger_total_delta if args.ledger_total_delta is not None
-                          else (None if ledger_path.is_file() else delta))
-    result = safety_test(costs, threshold, delta, method, cost_range=None if cost_range is None else tuple(cost_range),
-                         ledger=ledger, safety_set=safety_fingerprint, label=f"hcrlhf safety-test {args.candidate}")
-    record = {**result.to_dict(), "candidate": str(args.candidate), "cost_model": str(cost_model_path),
-              "prompts": str(args.prompts), "cost_transform": transform, "decoding": decoding.__dict__,
-              "ledger": str(ledger.path), "ledger_spent": ledger.spent(safety_fingerprint), "costs": costs}
-    if output is not None:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "safety_test.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        with open(output / "safety_samples.jsonl", "w", encoding="utf-8") as handle:
-            for prompt, response, raw_cost, cost in zip(prompts, responses, raw, costs):
-                handle.write(json.dumps({"prompt": prompt, "response": response, "raw_cost": raw_cost, "cost": cost},
-                                        ensure_ascii=False) + "\n")
-        plot_safety_costs(costs, output / "safety_costs.png", ucb=result.ucb, threshold=result.threshold,
-                          mean=result.mean, verdict=result.verdict, delta=result.delta, method=result.method)
+    ledger = SafetyLedger(ledger_path, settings.ledger_total_delta if settings.ledger_total_delta is not None
+                          else (None if ledger_path.is_file() else settings.delta))
+    result, record = run_safety_test(
+        policy, tokenizer, prompts, cost_model, settings=settings, decoding=decoding, template=template,
+        ledger=ledger, label=f"hcrlhf safety-test {args.candidate}", seed=args.seed,
+        max_prompt_length=meta.get("max_prompt_length"), progress=not args.no_progress,
+        output_dir=Path(args.output).expanduser() if args.output else None,
+        record_extra={"candidate": str(args.candidate), "cost_model": str(cost_model_path),
+                      "prompts": str(args.prompts)})
     print(result.summary())
     print(json.dumps({k: v for k, v in record.items() if k != "costs"}))
     return EXIT_OK if result.passed else EXIT_NO_SOLUTION
@@ -346,11 +374,16 @@ def cmd_bench(parser, args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides after an option (`run cfg.yaml --output o rl.kl_coef=0.05`) land here
+        if hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from hcrlhf.pipeline.config import ConfigError
+    from hcrlhf.config import ConfigError
 
     try:
         if args.command == "bench":

@@ -198,8 +198,9 @@ def render_markdown(report: dict) -> str:
             lines.append(f"- candidate selection ({rl['estimator']}): {rl['steps']} iterations in "
                          f"{_fmt(rl['seconds'])} s; last iteration: reward {_fmt(final.get('reward/mean'))}, cost "
                          f"{_fmt(final.get('cost/mean'))}, bound {_fmt(final.get('cost/bound'))}, "
-                         f"λ {_fmt(final.get('lambda_next'))} "
-                         f"(the {rl.get('config', {}).get('lambda_update', 'official')} λ rule)")
+                         f"λ {_fmt(final.get('lambda'))} "
+                         f"(the {rl.get('config', {}).get('lambda_update', 'official')} λ rule; its next value, "
+                         f"{_fmt(final.get('lambda_next'))}, did not train the candidate)")
             lines += ["", "![training](training.png)"]
         if any(training.get(n, {}).get("loss_curve") for n in ("reward_model", "cost_model")):
             lines += ["", "![score models](score_models.png)"]

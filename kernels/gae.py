@@ -1,4 +1,4 @@
-"""Triton GAE as a parallel reverse scan along T (SPEC.md §1.1).
+"""Triton GAE as a parallel reverse scan along T (docs/ops.md#gae).
 
 The masked GAE recursion is an affine map on the state s = (running, next_value) per position:
 
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hcrlhf.ops._buffers import new_outputs
+from hcrlhf._op_outputs import new_outputs
 
 
 @triton.jit
@@ -39,7 +39,7 @@ def affine_combine(p1, q1, e1, a1, b1, p2, q2, e2, a2, b2):
 
 
 @triton.jit
-def gae_chunk(rewards, values, valid, carry_running, carry_next, gamma, gamma_lam,
+def gae_chunk(rewards, values, valid, carry_running, carry_next, gamma, gamma_gae_lambda,
               BLOCK_T: tl.constexpr):
     """GAE over one [ROWS, BLOCK_T] chunk (lanes in descending position order) given the state
     from the chunk to its right.
@@ -47,7 +47,7 @@ def gae_chunk(rewards, values, valid, carry_running, carry_next, gamma, gamma_la
     Returns (advantages, returns, carry_running, carry_next) with the carries for the next chunk
     to the left. Invalid lanes (masked or out of range) must have valid == False.
     """
-    p = tl.where(valid, gamma_lam, 1.0)
+    p = tl.where(valid, gamma_gae_lambda, 1.0)
     q = tl.where(valid, gamma, 0.0)
     e = tl.where(valid, 0.0, 1.0)
     a = tl.where(valid, rewards - values, 0.0)
@@ -68,7 +68,7 @@ def _gae_kernel(
     rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr,
     B, T,
     stride_rb, stride_rt, stride_vb, stride_vt, stride_mb, stride_mt,
-    gamma, gamma_lam,
+    gamma, gamma_gae_lambda,
     ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -86,7 +86,7 @@ def _gae_kernel(
         m = tl.load(mask_ptr + rows64 * stride_mb + cols64 * stride_mt, mask=inside, other=0)
         valid = inside & (m != 0)
         adv, ret, carry_running, carry_next = gae_chunk(
-            r, v, valid, carry_running, carry_next, gamma, gamma_lam, BLOCK_T
+            r, v, valid, carry_running, carry_next, gamma, gamma_gae_lambda, BLOCK_T
         )
         out = rows64 * T + cols64
         tl.store(adv_ptr + out, adv, mask=inside)
@@ -103,7 +103,7 @@ def block_t_for(length: int) -> int:
     return max(16, min(triton.next_power_of_2(max(length, 1)), cap))
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float):
     """Launch the GAE scan. Inputs (B, T) on one device, any strides; returns float32 (adv, ret)."""
     batch, length = rewards.shape
     advantages, returns = new_outputs(2, (batch, length), torch.float32, rewards.device)
@@ -114,7 +114,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         rewards, values, mask, advantages, returns, batch, length,
         rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1),
         mask.stride(0), mask.stride(1),
-        float(gamma), float(gamma * lam),
+        float(gamma), float(gamma * gae_lambda),
         ROWS=rows, BLOCK_T=block_t_for(length),
     )
     return advantages, returns

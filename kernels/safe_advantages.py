@@ -1,5 +1,5 @@
 """Triton safe_advantages: KL shaping, end-token scores, clipping, both GAE streams and the
-λ-combination in ONE launch (SPEC.md §1.2); whitening adds one small reduction pass.
+λ-combination in ONE launch (docs/ops.md#safe_advantages); whitening adds one small reduction pass.
 
 One program owns ROWS rows and sweeps them right to left in BLOCK_T chunks. The row's end (its
 last valid position) is found on the way: the first chunk (from the right) holding a valid
@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hcrlhf._op_outputs import new_outputs
 from hcrlhf.kernels.gae import block_t_for, gae_chunk
-from hcrlhf.ops._buffers import new_outputs
 
 KL_ESTIMATOR_CODES = {"k1": 0, "k2": 1, "k3": 2}
 
@@ -33,31 +33,31 @@ def kl_estimate(logprobs, ref_logprobs, KL_ESTIMATOR: tl.constexpr):
 
 
 @triton.jit
-def load_multiplier(lam_ptr, lam_value, LAM_IS_TENSOR: tl.constexpr):
+def load_multiplier(multiplier_ptr, multiplier_value, MULTIPLIER_IS_TENSOR: tl.constexpr):
     """λ from a device tensor or a host float; negative or non-finite λ becomes NaN."""
-    if LAM_IS_TENSOR:
-        lam = tl.load(lam_ptr).to(tl.float32)
+    if MULTIPLIER_IS_TENSOR:
+        multiplier = tl.load(multiplier_ptr).to(tl.float32)
     else:
-        lam = lam_value
-    return tl.where((lam >= 0.0) & (lam < float("inf")), lam, float("nan"))
+        multiplier = multiplier_value
+    return tl.where((multiplier >= 0.0) & (multiplier < float("inf")), multiplier, float("nan"))
 
 
 @triton.jit
 def _safe_advantages_kernel(
-    lp_ptr, ref_ptr, mask_ptr, rscore_ptr, cscore_ptr, rval_ptr, cval_ptr, lam_ptr,
+    lp_ptr, ref_ptr, mask_ptr, rscore_ptr, cscore_ptr, rval_ptr, cval_ptr, multiplier_ptr,
     adv_ptr, radv_ptr, cadv_ptr, rret_ptr, cret_ptr, kl_ptr, stats_ptr,
     B, T,
     s_lp_b, s_lp_t, s_ref_b, s_ref_t, s_m_b, s_m_t, s_rs, s_cs, s_rv_b, s_rv_t, s_cv_b, s_cv_t,
-    kl_coef, lam_value, gamma, gamma_lam, score_clip,
-    KL_ESTIMATOR: tl.constexpr, KL_IN_COST: tl.constexpr, NORMALIZE: tl.constexpr,
-    WHITEN: tl.constexpr, LAM_IS_TENSOR: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+    kl_coef, multiplier_value, gamma, gamma_gae_lambda, score_clip,
+    KL_ESTIMATOR: tl.constexpr, KL_IN_COST: tl.constexpr, DIVIDE_BY_ONE_PLUS_LAMBDA: tl.constexpr,
+    WHITEN: tl.constexpr, MULTIPLIER_IS_TENSOR: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
     reward_score = tl.load(rscore_ptr + rows64 * s_rs, mask=row_ok, other=0.0).to(tl.float32)
     cost_score = tl.load(cscore_ptr + rows64 * s_cs, mask=row_ok, other=0.0).to(tl.float32)
-    lam = load_multiplier(lam_ptr, lam_value, LAM_IS_TENSOR)
+    multiplier = load_multiplier(multiplier_ptr, multiplier_value, MULTIPLIER_IS_TENSOR)
     rows64 = rows64[:, None]
 
     end = tl.full((ROWS,), -1, tl.int32)
@@ -95,11 +95,13 @@ def _safe_advantages_kernel(
         rewards = tl.minimum(tl.maximum(rewards, -score_clip), score_clip)
         costs = tl.minimum(tl.maximum(costs, -score_clip), score_clip)
 
-        r_adv, r_ret, r_running, r_next = gae_chunk(rewards, rv, valid, r_running, r_next, gamma, gamma_lam, BLOCK_T)
-        c_adv, c_ret, c_running, c_next = gae_chunk(costs, cv, valid, c_running, c_next, gamma, gamma_lam, BLOCK_T)
-        adv = r_adv - lam * c_adv
-        if NORMALIZE:
-            adv = adv / (1.0 + lam)
+        r_adv, r_ret, r_running, r_next = gae_chunk(
+            rewards, rv, valid, r_running, r_next, gamma, gamma_gae_lambda, BLOCK_T)
+        c_adv, c_ret, c_running, c_next = gae_chunk(
+            costs, cv, valid, c_running, c_next, gamma, gamma_gae_lambda, BLOCK_T)
+        adv = r_adv - multiplier * c_adv
+        if DIVIDE_BY_ONE_PLUS_LAMBDA:
+            adv = adv / (1.0 + multiplier)
         adv = tl.where(valid, adv, 0.0)
 
         out = rows64 * T + cols64
@@ -162,28 +164,33 @@ def _whiten_kernel(adv_ptr, mask_ptr, stats_ptr, B, T, s_m_b, s_m_t, eps,
 
 
 def safe_advantages(logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values, *,
-                    kl_coef, lagrange_multiplier, gamma, lam, kl_estimator, score_clip, kl_in_cost,
-                    normalize, whiten):
-    """Launch the fused kernel; arguments are checked by hcrlhf.ops. Returns six (B, T) float32 tensors."""
+                    kl_coef, lagrange_multiplier, gamma, gae_lambda, kl_estimator, score_clip, kl_in_cost,
+                    divide_by_one_plus_lambda, whiten):
+    """Launch the fused kernel; arguments are checked by hcrlhf.ops. Returns six (B, T) float32 tensors.
+
+    ``gae_lambda`` is the GAE λ; ``lagrange_multiplier`` the λ of reward − λ·cost (a float or a 0-dim
+    device tensor, read in the kernel); ``divide_by_one_plus_lambda`` divides A_r − λ·A_c by 1 + λ.
+    """
     batch, length = logprobs.shape
     outputs = new_outputs(6, (batch, length), torch.float32, logprobs.device)
     if batch * length == 0:
         return tuple(out.zero_() for out in outputs)
-    lam_is_tensor = isinstance(lagrange_multiplier, torch.Tensor)
+    multiplier_is_tensor = isinstance(lagrange_multiplier, torch.Tensor)
     rows, block_t = 1, block_t_for(length)
     stats = torch.empty(batch, 3, dtype=torch.float32, device=logprobs.device) if whiten else outputs[0]
     _safe_advantages_kernel[(triton.cdiv(batch, rows),)](
         logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values,
-        lagrange_multiplier if lam_is_tensor else reward_scores,
+        lagrange_multiplier if multiplier_is_tensor else reward_scores,
         *outputs, stats,
         batch, length,
         logprobs.stride(0), logprobs.stride(1), ref_logprobs.stride(0), ref_logprobs.stride(1),
         mask.stride(0), mask.stride(1), reward_scores.stride(0), cost_scores.stride(0),
         reward_values.stride(0), reward_values.stride(1), cost_values.stride(0), cost_values.stride(1),
-        float(kl_coef), 0.0 if lam_is_tensor else float(lagrange_multiplier), float(gamma),
-        float(gamma * lam), math.inf if score_clip is None else float(score_clip),
+        float(kl_coef), 0.0 if multiplier_is_tensor else float(lagrange_multiplier), float(gamma),
+        float(gamma * gae_lambda), math.inf if score_clip is None else float(score_clip),
         KL_ESTIMATOR=KL_ESTIMATOR_CODES[kl_estimator], KL_IN_COST=bool(kl_in_cost),
-        NORMALIZE=bool(normalize), WHITEN=bool(whiten), LAM_IS_TENSOR=lam_is_tensor,
+        DIVIDE_BY_ONE_PLUS_LAMBDA=bool(divide_by_one_plus_lambda), WHITEN=bool(whiten),
+        MULTIPLIER_IS_TENSOR=multiplier_is_tensor,
         ROWS=rows, BLOCK_T=block_t,
     )
     if whiten:

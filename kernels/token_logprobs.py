@@ -1,4 +1,4 @@
-"""Triton kernels for token log-probabilities and entropy from logits (SPEC.md §1.4).
+"""Triton kernels for token log-probabilities and entropy from logits (docs/ops.md#token_logprobs).
 
 Forward: one program per row streams the V logits once in blocks of ``BLOCK_V`` with an online
 max / sum in fp32, and gathers the label's logit with one scalar load; the entropy comes from the

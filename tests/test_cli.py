@@ -122,3 +122,21 @@ def test_safety_test_bad_usage_exits_2(task, saved_models, tmp_path, extra):
                         *extra)
     assert result.returncode == 2, result.stderr[-2000:]
     assert not (tmp_path / "l.json").exists()
+
+
+def test_safety_test_takes_safety_overrides(task, saved_models, tmp_path):
+    # The override wins over the flag.
+    result = safety_cli(task, saved_models, tmp_path, "--threshold", "-1000000", "--ledger", str(tmp_path / "l.json"),
+                        "safety.threshold=1e6", "safety.batch_size=7")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert last_json(result.stdout)["threshold"] == 1e6
+
+
+@pytest.mark.parametrize("override, key", [("safety.delta=2", "'safety.delta'"),
+                                           ("safety.treshold=1", "'safety.treshold'"), ("rl.kl_coef=1", "'rl'"),
+                                           ("delta", "section.key=value")])
+def test_safety_test_bad_override_exits_2_naming_the_key(task, saved_models, tmp_path, override, key):
+    result = safety_cli(task, saved_models, tmp_path, "--ledger", str(tmp_path / "l.json"), override)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert key in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "l.json").exists()

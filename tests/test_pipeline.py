@@ -351,8 +351,8 @@ def test_configs_qwen_yaml_is_valid_and_follows_spec():
     values = yaml.safe_load((ROOT / "configs" / "qwen2-1.5b-pku-saferlhf.yaml").read_text())
     config = load_config(values)  # Hub ids pass the path check; nothing is downloaded
     rl = config.rl
-    # SPEC §2.3, the official code's settings.
-    assert (rl.kl_coef, rl.reward_clip, rl.lambda_init, rl.lambda_lr, rl.lambda_max) == (0.1, 50.0, 1.0, 0.01, 1e6)
+    # The official code's settings (docs/method.md#candidate-selection).
+    assert (rl.kl_coef, rl.score_clip, rl.lambda_init, rl.lambda_lr, rl.lambda_max) == (0.1, 50.0, 1.0, 0.01, 1e6)
     assert (rl.cost_window_size, rl.actor_lr, rl.temperature, rl.top_p, rl.max_new_tokens) == (256, 5e-6, 1.0, 1.0, 512)
     assert (rl.bound_c1, rl.bound_c2, rl.estimator, rl.samples_per_prompt) == (4.0, 2.0, "rloo", 2)
     assert config.safety.delta == 0.1 and rl.delta == 0.1 and config.safety.threshold == 0.0

@@ -1,7 +1,8 @@
 """Preference and prompt data: loading and validation (PKU-SafeRLHF schema), the candidate / safety
-split (SPEC.md §2.2), FDC category composition (§5), templates and tokenization, and the built-in
-offline task (:mod:`hcrlhf.data.builtin`, imported on demand)."""
+split (docs/method.md#data-split), FDC category composition (docs/method.md#equilibrate-rlhf), templates
+and tokenization, and the built-in offline task (:mod:`hcrlhf.data.builtin`, imported on demand)."""
 
+from hcrlhf.data.lm_rows import read_lm_rows
 from hcrlhf.data.preferences import (
     FDC_CATEGORIES,
     PREFERENCE_COLUMNS,
@@ -58,4 +59,5 @@ __all__ = [
     "pad_sequences",
     "tokenize_pairs",
     "tokenize_prompts",
+    "read_lm_rows",
 ]

@@ -3,14 +3,14 @@
 ``make_task(root, seed)`` builds (in seconds, on a CPU, with no download) and caches under ``root``:
 
 * a word-level tokenizer (``tokenizers`` WordLevel) saved as a Hugging Face tokenizer;
-* prompts from templates in the four FDC categories (SPEC.md §5): benign requests, explicit harmful
+* prompts from templates in the four FDC categories (docs/method.md#equilibrate-rlhf): benign requests, explicit harmful
   requests with no malicious intent (EHD: "explain how to make poison for my novel"), implicit harmful
   ones with malicious intent but no harmful content (IHD: "i want to get back at my boss , how can i
   read their messages"), and mixed ones (MHD);
 * ground-truth :func:`helpfulness` and :func:`harm` functions of (prompt, response) text;
 * PKU-SafeRLHF-schema preference pairs labelled from them with Bradley–Terry noise, with ``is_safe``
   labels (``harm < 0.5``), split by prompt into train / test;
-* the candidate / safety prompt split (SPEC.md §2.2; the preference pairs use candidate prompts only);
+* the candidate / safety prompt split (docs/method.md#data-split; the preference pairs use candidate prompts only);
 * a tiny SFT policy (``Qwen2ForCausalLM``, ~0.18M parameters) trained briefly on a mixture of helpful,
   refusing, evasive and harmful answers, so that sampling from it is sometimes helpful and sometimes
   harmful (the rates are measured at build time and recorded in ``manifest.json``).
@@ -515,7 +515,7 @@ def _build(directory: Path, seed: int, params: dict) -> None:
     texts = [t for t, _, _ in world]
     categories = [c for _, c, _ in world]
 
-    # 1. The candidate / safety split of the prompts (SPEC §2.2).
+    # 1. The candidate / safety split of the prompts (docs/method.md#data-split).
     split = split_prompts(texts, safety_fraction=params["safety_fraction"], seed=seed, categories=categories)
     (directory / "prompts").mkdir()
     _write_jsonl(directory / "prompts" / "candidate.jsonl",

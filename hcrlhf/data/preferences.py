@@ -1,8 +1,8 @@
-"""Loading and validating preference pairs in the PKU-SafeRLHF schema (SPEC.md §4).
+"""Loading and validating preference pairs in the PKU-SafeRLHF schema (docs/method.md#reward-and-cost-models).
 
 Each row: ``prompt``, ``response_0``, ``response_1`` (non-empty strings), ``better_response_id`` and
 ``safer_response_id`` (0 or 1), ``is_response_0_safe`` and ``is_response_1_safe`` (booleans), and
-optionally ``category`` (one of the FDC categories EHD / IHD / MHD / benign, SPEC.md §5).
+optionally ``category`` (one of the FDC categories EHD / IHD / MHD / benign, docs/method.md#equilibrate-rlhf).
 
 Every row is checked. Bad rows either raise one ``ValueError`` that lists each bad row's number and
 reasons (``on_error="raise"``, the default) or are dropped and reported (``on_error="skip"``): nothing

@@ -1,4 +1,5 @@
-"""Prompt sets, the candidate/safety split (SPEC.md §2.2) and FDC category composition (§5).
+"""Prompt sets, the candidate/safety split (docs/method.md#data-split) and FDC category composition
+(docs/method.md#equilibrate-rlhf).
 
 The split shuffles the *distinct* prompts once with a recorded seed and puts a fraction of them in the
 safety set D_s, used once by the safety test only. Copies of one prompt (the same text up to Unicode
@@ -10,17 +11,16 @@ from D_s.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
 import secrets
-import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hcrlhf.data.preferences import FDC_CATEGORIES
+from hcrlhf.safety.ledger import assert_disjoint, canonical_prompt, fingerprint
 
 __all__ = [
     "PromptSplit",
@@ -36,35 +36,8 @@ __all__ = [
 SPLIT_FORMAT = "hcrlhf-prompt-split-v1"
 
 
-def _canonical(text: str) -> str:
-    # The same canonical form as hcrlhf.safety's fingerprint: NFC, whitespace runs collapsed.
-    return " ".join(unicodedata.normalize("NFC", text).split())
-
-
-def _fallback_fingerprint(prompts) -> str:
-    """Same scheme as ``hcrlhf.safety.fingerprint`` (used only if that cannot be imported)."""
-    digests = sorted(hashlib.sha256(_canonical(t).encode("utf-8")).hexdigest() for t in prompts)
-    combined = hashlib.sha256(f"hcrlhf-prompts-v1:{len(digests)}:".encode())
-    for digest in digests:
-        combined.update(digest.encode("ascii"))
-    return "sha256:" + combined.hexdigest()
-
-
-def _safety_tools():
-    """``(fingerprint, assert_disjoint, method name)``, from hcrlhf.safety when it is importable."""
-    try:
-        from hcrlhf.safety import assert_disjoint, fingerprint
-
-        return fingerprint, assert_disjoint, "hcrlhf.safety.fingerprint"
-    except ImportError:
-
-        def assert_disjoint(train_prompts, safety_prompts):
-            safety = {_canonical(t) for t in safety_prompts}
-            leaked = [i for i, t in enumerate(train_prompts) if _canonical(t) in safety]
-            if leaked:
-                raise ValueError(f"{len(leaked)} training prompts belong to the safety set (e.g. #{leaked[0]})")
-
-        return _fallback_fingerprint, assert_disjoint, "fallback-sha256-v1"
+# Recorded with every split: the function that made its fingerprints.
+FINGERPRINT_METHOD = "hcrlhf.safety.fingerprint"
 
 
 def _text_list(fn: str, name: str, prompts) -> list[str]:
@@ -79,7 +52,7 @@ def _text_list(fn: str, name: str, prompts) -> list[str]:
 
 @dataclass(frozen=True)
 class PromptSplit:
-    """The candidate / safety split of SPEC.md §2.2.
+    """The candidate / safety split (docs/method.md#data-split).
 
     Attributes:
         candidate_indices, safety_indices: positions in the input (ascending).
@@ -107,7 +80,6 @@ class PromptSplit:
 
     def check_training(self, prompts) -> None:
         """Raise ``ValueError`` if any of ``prompts`` belongs to the safety set."""
-        _, assert_disjoint, _ = _safety_tools()
         assert_disjoint(list(prompts), list(self.safety))
 
     def record(self) -> dict:
@@ -143,7 +115,7 @@ class PromptSplit:
 
 
 def split_prompts(prompts, *, safety_fraction: float = 0.2, seed: int | None = 0, categories=None) -> PromptSplit:
-    """Split prompts into candidate data D_c and safety data D_s (SPEC.md §2.2).
+    """Split prompts into candidate data D_c and safety data D_s (docs/method.md#data-split).
 
     Args:
         prompts: N prompt strings (duplicates allowed; copies stay together).
@@ -169,7 +141,7 @@ def split_prompts(prompts, *, safety_fraction: float = 0.2, seed: int | None = 0
             raise ValueError(f"{fn}: categories must have one entry per prompt ({len(texts)}), got {len(categories)}")
     groups: dict[str, list[int]] = {}
     for index, text in enumerate(texts):
-        groups.setdefault(_canonical(text), []).append(index)
+        groups.setdefault(canonical_prompt(text), []).append(index)
     if len(groups) < 2:
         raise ValueError(f"{fn}: prompts must hold at least 2 distinct prompts, got {len(groups)}")
     keys = sorted(groups)  # sorted first: the split does not depend on the input order
@@ -177,7 +149,6 @@ def split_prompts(prompts, *, safety_fraction: float = 0.2, seed: int | None = 0
     n_safety = min(max(round(safety_fraction * len(keys)), 1), len(keys) - 1)
     safety_idx = sorted(i for key in keys[:n_safety] for i in groups[key])
     candidate_idx = sorted(i for key in keys[n_safety:] for i in groups[key])
-    fingerprint, assert_disjoint, method = _safety_tools()
     candidate = tuple(texts[i] for i in candidate_idx)
     safety = tuple(texts[i] for i in safety_idx)
     assert_disjoint(list(candidate), list(safety))
@@ -191,7 +162,7 @@ def split_prompts(prompts, *, safety_fraction: float = 0.2, seed: int | None = 0
         n_distinct=len(keys),
         safety_fingerprint=fingerprint(list(safety)),
         candidate_fingerprint=fingerprint(list(candidate)),
-        fingerprint_method=method,
+        fingerprint_method=FINGERPRINT_METHOD,
         candidate_categories=category_counts([categories[i] for i in candidate_idx]) if categories else {},
         safety_categories=category_counts([categories[i] for i in safety_idx]) if categories else {},
     )
@@ -227,7 +198,7 @@ def prompt_set(source, *, prompt_column: str = "prompt", category_column: str = 
     prompts = _text_list("prompt_set", "prompts", prompts)
     seen, out, out_cats = set(), [], []
     for index, text in enumerate(prompts):
-        key = _canonical(text)
+        key = canonical_prompt(text)
         if key in seen:
             continue
         seen.add(key)
@@ -303,7 +274,9 @@ def _largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:
 
 
 def compose_by_category(prompts, categories, ratios, *, total: int | None = None, seed: int = 0) -> CategoryComposition:
-    """Draw a prompt set whose categories follow ``ratios`` (FDC, SPEC.md §5), e.g. EHD:IHD:MHD = 10:3:1.
+    """Draw a prompt set whose categories follow ``ratios`` (FDC), e.g. EHD:IHD:MHD = 10:3:1.
+
+    See docs/method.md#equilibrate-rlhf.
 
     Args:
         prompts: N prompts; categories: N category labels aligned with them.

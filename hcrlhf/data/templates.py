@@ -7,7 +7,7 @@ Two paddings, one convention:
 * **scoring** batches (reward/cost models, log-probs of a finished response) are *right* padded by
   default (``tokenize_pairs``), but every helper here also accepts left padding.
 
-The *end* of a row is its last valid position (SPEC.md §2.1): the score of a (prompt, response) pair
+The *end* of a row is its last valid position (docs/ops.md#conventions): the score of a (prompt, response) pair
 is read there. :func:`end_indices` finds it from the attention mask alone, whatever the padding.
 
 Prompt and response are tokenized separately and concatenated, so the boundary between them is exact

@@ -1,5 +1,5 @@
-"""Models: loading policies / reference models / tokenizers, score models (reward and cost), and
-value models for PPO critics."""
+"""Models: loading policies / reference models / tokenizers, score models (reward and cost), value
+models for PPO critics, and the log-probs of response tokens (:mod:`hcrlhf.models.logprobs`)."""
 
 from hcrlhf.models.loading import (
     choose_attn_implementation,
@@ -7,6 +7,13 @@ from hcrlhf.models.loading import (
     load_causal_lm,
     load_policy_and_reference,
     load_tokenizer,
+)
+from hcrlhf.models.logprobs import (
+    decoder_and_head,
+    is_peft_model,
+    lm_loss_backward,
+    response_logprobs,
+    tokenize_lm_rows,
 )
 from hcrlhf.models.score_model import ScoreModel, ScoreOutput
 from hcrlhf.models.value import ValueHead, ValueModel
@@ -21,4 +28,9 @@ __all__ = [
     "ScoreOutput",
     "ValueModel",
     "ValueHead",
+    "decoder_and_head",
+    "is_peft_model",
+    "response_logprobs",
+    "tokenize_lm_rows",
+    "lm_loss_backward",
 ]

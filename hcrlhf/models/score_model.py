@@ -1,4 +1,6 @@
-"""Score models (reward and cost models, SPEC.md §4): a transformer backbone and a linear head.
+"""Score models (reward and cost models): a transformer backbone and a linear head.
+
+See docs/method.md#reward-and-cost-models for how they are trained and used.
 
 The head maps each position's last hidden state to one number; the model's score of a sequence is the
 value at its *last non-pad token* (``end_index``, see :func:`hcrlhf.data.end_indices`), which works for

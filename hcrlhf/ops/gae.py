@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from hcrlhf import reference
+from hcrlhf._op_outputs import new_outputs
 from hcrlhf.ops import _checks
-from hcrlhf.ops._buffers import new_outputs
 from hcrlhf.ops._cpp import as_numpy, mask_as_numpy
 from hcrlhf.ops._dispatch import cpp_extension, resolve_impl
 
@@ -18,7 +18,7 @@ def gae(
     values: torch.Tensor,
     mask: torch.Tensor,
     gamma: float = 1.0,
-    lam: float = 0.95,
+    gae_lambda: float = 0.95,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation, right to left over the valid positions of each row.
@@ -29,7 +29,8 @@ def gae(
         mask: (B, T) bool or 0/1 numbers; true on the positions whose actions are trained. Masked
             positions are transparent (holes are skipped); the bootstrap value after a row's last
             valid position is 0. Nonzero counts as valid.
-        gamma: discount in [0, 1]. lam: GAE λ in [0, 1].
+        gamma: discount γ in [0, 1].
+        gae_lambda: GAE λ in [0, 1] (the bias/variance trade-off: 0 = one-step TD, 1 = Monte Carlo).
         impl: "auto" | "triton" | "cpp" | "torch" (see ``hcrlhf.ops._dispatch``).
 
     Returns:
@@ -42,7 +43,7 @@ def gae(
         for t in reversed(range(T)):
             if mask[b, t]:
                 delta = rewards[b, t] + gamma * next_value - values[b, t]
-                running = delta + gamma * lam * running
+                running = delta + gamma * gae_lambda * running
                 advantages[b, t], returns[b, t] = running, running + values[b, t]
                 next_value = values[b, t]
     """
@@ -53,20 +54,21 @@ def gae(
     _checks.check_mask(OP, mask, shape)
     device = _checks.check_same_device(OP, rewards=rewards, values=values, mask=mask)
     _checks.check_unit_interval(OP, "gamma", gamma)
-    _checks.check_unit_interval(OP, "lam", lam)
+    _checks.check_unit_interval(OP, "gae_lambda", gae_lambda)
     dtype = _checks.result_dtype(rewards, values)
     chosen = resolve_impl(impl, device, op=OP, float64=dtype == torch.float64)
 
     with torch.no_grad():
         if chosen == "torch":
-            return reference.gae(rewards, values, mask, gamma, lam)
+            return reference.gae(rewards, values, mask, gamma, gae_lambda)
         if chosen == "triton":
             from hcrlhf.kernels.gae import gae as gae_triton
 
-            return gae_triton(rewards, values, mask, gamma, lam)
+            return gae_triton(rewards, values, mask, gamma, gae_lambda)
         advantages, returns = new_outputs(2, shape, dtype, device)
         cpp_extension().gae(
-            as_numpy(rewards, dtype), as_numpy(values, dtype), mask_as_numpy(mask),
-            advantages.numpy(), returns.numpy(), float(gamma), float(lam),
+            rewards=as_numpy(rewards, dtype), values=as_numpy(values, dtype), mask=mask_as_numpy(mask),
+            advantages_out=advantages.numpy(), returns_out=returns.numpy(),
+            gamma=float(gamma), gae_lambda=float(gae_lambda),
         )
         return advantages, returns

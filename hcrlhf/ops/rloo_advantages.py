@@ -8,7 +8,7 @@ import numbers
 import torch
 
 from hcrlhf import reference
-from hcrlhf.ops._buffers import new_outputs
+from hcrlhf._op_outputs import new_outputs
 from hcrlhf.ops._checks import result_dtype
 from hcrlhf.ops._cpp import as_numpy, mask_as_numpy
 from hcrlhf.ops._dispatch import cpp_extension, resolve_impl
@@ -80,11 +80,13 @@ def rloo_advantages(
                 logprobs, ref_logprobs, mask, reward_scores, cost_scores, **options
             ))
         outputs = new_outputs(3, shape[:1], dtype, device)
+        advantages, returns, kl = outputs
         cpp_extension().rloo_advantages(
-            *(as_numpy(x, dtype) for x in inputs[:2]), mask_as_numpy(mask),
-            *(as_numpy(x, dtype) for x in inputs[2:]),
-            *(out.numpy() for out in outputs),
-            int(group_size), options["kl_coef"], float(multiplier), kl_estimator,
-            math.inf if score_clip is None else float(score_clip),
+            logprobs=as_numpy(logprobs, dtype), ref_logprobs=as_numpy(ref_logprobs, dtype),
+            mask=mask_as_numpy(mask),
+            reward_scores=as_numpy(reward_scores, dtype), cost_scores=as_numpy(cost_scores, dtype),
+            advantages=advantages.numpy(), returns=returns.numpy(), kl=kl.numpy(),
+            group_size=int(group_size), kl_coef=options["kl_coef"], lagrange_multiplier=float(multiplier),
+            kl_estimator=kl_estimator, score_clip=math.inf if score_clip is None else float(score_clip),
         )
         return RLOOAdvantages(*outputs)

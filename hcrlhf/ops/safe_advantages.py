@@ -7,8 +7,8 @@ import math
 import torch
 
 from hcrlhf import reference
+from hcrlhf._op_outputs import new_outputs
 from hcrlhf.ops import _checks
-from hcrlhf.ops._buffers import new_outputs
 from hcrlhf.ops._cpp import as_numpy, mask_as_numpy
 from hcrlhf.ops._dispatch import cpp_extension, resolve_impl
 from hcrlhf.reference.safe_advantages import SafeAdvantages
@@ -51,11 +51,11 @@ def safe_advantages(
     kl_coef: float,
     lagrange_multiplier,
     gamma: float = 1.0,
-    lam: float = 0.95,
+    gae_lambda: float = 0.95,
     kl_estimator: str = "k1",
     score_clip: float | None = None,
     kl_in_cost: bool = True,
-    normalize: bool = True,
+    divide_by_one_plus_lambda: bool = True,
     whiten: bool = False,
     impl: str = "auto",
 ) -> SafeAdvantages:
@@ -71,12 +71,17 @@ def safe_advantages(
         kl_coef: β ≥ 0. lagrange_multiplier: λ ≥ 0, a float or a 0-dim tensor on the inputs'
             device (no host sync: a CUDA λ is not checked on the host; a negative or non-finite
             one gives NaN advantages).
-        gamma, lam: GAE discount and λ in [0, 1]. kl_estimator: "k1" | "k2" | "k3".
-        score_clip: None or c > 0: per-token rewards and costs are clamped to [−c, c].
+        gamma: GAE discount γ in [0, 1]. gae_lambda: GAE λ in [0, 1] (not the Lagrange multiplier).
+        kl_estimator: "k1" | "k2" | "k3" (d = logprobs − ref_logprobs: d, d²/2, e^{−d} − 1 + d).
+        score_clip: None or c > 0: the shaped per-token rewards and costs (KL term plus, at the
+            end, the score) are clamped to [−c, c] — not the raw model scores alone.
         kl_in_cost: add +β·KL to the cost stream too (Safe RLHF), so the combined advantage
             carries exactly −β·KL for every λ; False gives the TRL-style weight β/(1+λ).
-        normalize: divide the combination by (1 + λ). whiten: whiten the combined advantages
-            with the mean and unbiased variance over all valid tokens (eps 1e-8).
+        divide_by_one_plus_lambda: divide the combination A_r − λ·A_c by (1 + λ), λ the Lagrange
+            multiplier, as Safe RLHF does (keeps the advantage scale bounded as λ grows); False
+            leaves A_r − λ·A_c unscaled. This is not advantage whitening.
+        whiten: whiten the combined advantages with the mean and unbiased variance over all
+            valid tokens of the batch (eps 1e-8), after the combination.
         impl: "auto" | "triton" | "cpp" | "torch".
 
     Returns:
@@ -90,9 +95,10 @@ def safe_advantages(
         r = -kl_coef * kl;  r[b, end_b] += reward_scores[b]
         c = kl_coef * kl if kl_in_cost else 0;  c[b, end_b] += cost_scores[b]
         r, c = r.clamp(-score_clip, score_clip), c.clamp(-score_clip, score_clip)
-        A_r, R_r = gae(r, reward_values, mask, gamma, lam)
-        A_c, R_c = gae(c, cost_values, mask, gamma, lam)
-        A = (A_r - λ * A_c) / (1 + λ)          # without "/ (1 + λ)" when normalize=False
+        A_r, R_r = gae(r, reward_values, mask, gamma, gae_lambda)
+        A_c, R_c = gae(c, cost_values, mask, gamma, gae_lambda)
+        A = A_r - λ * A_c                      # λ = lagrange_multiplier
+        A = A / (1 + λ) if divide_by_one_plus_lambda else A
         A = masked_whiten(A, mask) if whiten else A
     """
     shape, device, multiplier = check_common(
@@ -104,14 +110,14 @@ def safe_advantages(
         _checks.check_same_shape(OP, shape, **{name: values})
     _checks.check_same_device(OP, logprobs=logprobs, reward_values=reward_values, cost_values=cost_values)
     _checks.check_unit_interval(OP, "gamma", gamma)
-    _checks.check_unit_interval(OP, "lam", lam)
+    _checks.check_unit_interval(OP, "gae_lambda", gae_lambda)
     inputs = (logprobs, ref_logprobs, reward_scores, cost_scores, reward_values, cost_values)
     dtype = _checks.result_dtype(*inputs)
     chosen = resolve_impl(impl, device, op=OP, float64=dtype == torch.float64)
     options = dict(
-        kl_coef=float(kl_coef), lagrange_multiplier=multiplier, gamma=float(gamma), lam=float(lam),
+        kl_coef=float(kl_coef), lagrange_multiplier=multiplier, gamma=float(gamma), gae_lambda=float(gae_lambda),
         kl_estimator=kl_estimator, score_clip=score_clip, kl_in_cost=bool(kl_in_cost),
-        normalize=bool(normalize), whiten=bool(whiten),
+        divide_by_one_plus_lambda=bool(divide_by_one_plus_lambda), whiten=bool(whiten),
     )
 
     with torch.no_grad():
@@ -126,12 +132,19 @@ def safe_advantages(
                 logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values, **options
             ))
         outputs = new_outputs(6, shape, dtype, device)
+        advantages, reward_advantages, cost_advantages, reward_returns, cost_returns, kl = outputs
         cpp_extension().safe_advantages(
-            *(as_numpy(x, dtype) for x in inputs[:2]), mask_as_numpy(mask),
-            *(as_numpy(x, dtype) for x in inputs[2:]),
-            *(out.numpy() for out in outputs),
-            options["kl_coef"], float(multiplier), options["gamma"], options["lam"], kl_estimator,
-            math.inf if score_clip is None else float(score_clip),
-            options["kl_in_cost"], options["normalize"], options["whiten"],
+            logprobs=as_numpy(logprobs, dtype), ref_logprobs=as_numpy(ref_logprobs, dtype),
+            mask=mask_as_numpy(mask),
+            reward_scores=as_numpy(reward_scores, dtype), cost_scores=as_numpy(cost_scores, dtype),
+            reward_values=as_numpy(reward_values, dtype), cost_values=as_numpy(cost_values, dtype),
+            advantages=advantages.numpy(), reward_advantages=reward_advantages.numpy(),
+            cost_advantages=cost_advantages.numpy(), reward_returns=reward_returns.numpy(),
+            cost_returns=cost_returns.numpy(), kl=kl.numpy(),
+            kl_coef=options["kl_coef"], lagrange_multiplier=float(multiplier), gamma=options["gamma"],
+            gae_lambda=options["gae_lambda"], kl_estimator=kl_estimator,
+            score_clip=math.inf if score_clip is None else float(score_clip),
+            kl_in_cost=options["kl_in_cost"], divide_by_one_plus_lambda=options["divide_by_one_plus_lambda"],
+            whiten=options["whiten"],
         )
         return SafeAdvantages(*outputs)

@@ -77,10 +77,12 @@ def forward_rows(impl: str, logits: torch.Tensor, layout: Layout, labels: torch.
         stats = torch.empty(rows, 2, dtype=torch.float32)
         entropy = torch.empty(rows, dtype=torch.float32) if with_entropy else None
         if rows:
+            _, inner, stride_outer, stride_inner = layout
             cpp_extension().token_logprobs_forward(
-                _cpp_view(logits), _CPP_KIND[logits.dtype], *layout, logits.shape[-1], labels.numpy(),
-                float(inv_temp), int(ignore_index), logp.numpy(), stats.numpy(),
-                entropy.numpy() if with_entropy else None,
+                logits=_cpp_view(logits), kind=_CPP_KIND[logits.dtype], rows=rows, inner=inner,
+                stride_outer=stride_outer, stride_inner=stride_inner, vocab=logits.shape[-1],
+                labels=labels.numpy(), inv_temp=float(inv_temp), ignore_index=int(ignore_index),
+                logp=logp.numpy(), stats=stats.numpy(), entropy=entropy.numpy() if with_entropy else None,
             )
         return logp, stats, entropy
     return _torch_forward_rows(logits.reshape(rows, logits.shape[-1]), labels, inv_temp, ignore_index,
@@ -110,12 +112,15 @@ def backward_rows(impl: str, logits: torch.Tensor, layout: Layout, labels: torch
                                        inv_temp, ignore_index, grad, grad_strides)
     if impl == "cpp":
         if rows:
+            _, inner, stride_outer, stride_inner = layout
             cpp_extension().token_logprobs_backward(
-                _cpp_view(logits), _CPP_KIND[logits.dtype], *layout, V, labels.numpy(), stats.numpy(),
-                None if entropy is None else entropy.numpy(),
-                None if grad_logp is None else grad_logp.numpy(),
-                None if grad_entropy is None else grad_entropy.numpy(),
-                float(inv_temp), int(ignore_index), _cpp_view(grad), *grad_strides,
+                logits=_cpp_view(logits), kind=_CPP_KIND[logits.dtype], rows=rows, inner=inner,
+                stride_outer=stride_outer, stride_inner=stride_inner, vocab=V, labels=labels.numpy(),
+                stats=stats.numpy(), entropy=None if entropy is None else entropy.numpy(),
+                grad_logp=None if grad_logp is None else grad_logp.numpy(),
+                grad_entropy=None if grad_entropy is None else grad_entropy.numpy(),
+                inv_temp=float(inv_temp), ignore_index=int(ignore_index), grad=_cpp_view(grad),
+                grad_stride_outer=grad_strides[0], grad_stride_inner=grad_strides[1],
             )
         return grad
     result = _torch_backward_rows(logits.reshape(rows, V), labels, stats, entropy, grad_logp, grad_entropy,

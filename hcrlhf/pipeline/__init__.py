@@ -13,11 +13,12 @@ from hcrlhf.pipeline.config import (
     PipelineConfig,
     SafetyConfig,
     SFTConfig,
-    config_from_dict,
+    config_reference,
     load_config,
 )
 from hcrlhf.pipeline.core import CANDIDATE_META, STAGES, PipelineResult, default_task_cache, run
 from hcrlhf.pipeline.demo import demo_config
+from hcrlhf.pipeline.safety_stage import run_safety_test
 from hcrlhf.pipeline.sampling import Decoding, cost_transform, read_prompt_file, sample_and_score
 
 __all__ = [
@@ -33,11 +34,12 @@ __all__ = [
     "EvaluationConfig",
     "SFTConfig",
     "load_config",
-    "config_from_dict",
+    "config_reference",
     "demo_config",
     "default_task_cache",
     "Decoding",
     "sample_and_score",
     "cost_transform",
     "read_prompt_file",
+    "run_safety_test",
 ]

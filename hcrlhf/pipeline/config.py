@@ -1,36 +1,39 @@
 """The pipeline's configuration: one YAML mapping, checked completely before any work starts.
 
-Top-level keys and sections (every key is documented on the dataclass that holds it)::
+Top-level keys and sections (every key is documented on the section that holds it, and in
+``docs/config.md``, generated from these classes)::
 
     task: builtin | null       # "builtin": the offline built-in task supplies data and policy
     output_dir: runs/my-run    # the report directory (required)
     seed: 0
     data:     {preferences, eval_preferences, prompts, safety_fraction, split_seed, template, ...}
     models:   {policy, tokenizer, reference, reward_model, cost_model, dtype, ...}
-    reward:   ScoreTrainingConfig fields (hcrlhf.train), for the reward model
-    cost:     ScoreTrainingConfig fields, for the cost model
-    sft:      {path, steps, batch_size, learning_rate, seed, ...}   # optional SFT of the starting policy
-    rl:       SafeRLConfig fields (hcrlhf.train), candidate selection
     safety:   {threshold, delta, method, cost_range, cost_transform, ledger, ...}
+    reward:   ScoreTrainingConfig (hcrlhf.train), for the reward model
+    cost:     ScoreTrainingConfig, for the cost model
+    sft:      {path, steps, batch_size, learning_rate, seed, ...}   # optional SFT of the starting policy
+    rl:       SafeRLConfig (hcrlhf.train), candidate selection
     evaluation: {samples_per_prompt, ...}   # ground-truth evaluation, built-in task only
 
-:func:`load_config` refuses, naming the key (``rl.actor_lr``, ``safety.delta``, ...): unknown keys, values
-of the wrong type, local paths that do not exist, δ outside (0, 1), and any value the section's own
-validation rejects. It raises :class:`ConfigError` (a ``ValueError``) and touches nothing on disk.
+Every section is a :class:`hcrlhf.config.Section`. :func:`load_config` reads a file or a mapping, applies
+dotted ``key=value`` overrides (``rl.kl_coef=0.05``, as on the command line) and refuses, all at once and each
+naming its key (``rl.actor_lr``, ``safety.delta``, ...): unknown keys (with a did-you-mean hint), values of the
+wrong type, local paths that do not exist, δ outside (0, 1), keys the pipeline sets itself, and every value or
+combination a section's checks reject. It raises :class:`~hcrlhf.config.ConfigError` (a ``ValueError``) and
+touches nothing on disk.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
-import math
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hcrlhf._typecheck import coerce_yaml, matches, type_name
+from hcrlhf.config import ConfigError, Problems, Section, _mapping, apply_overrides, matches, read_yaml, reference
+from hcrlhf.train.rl_config import SafeRLConfig
+from hcrlhf.train.score_training import ScoreTrainingConfig
 
 __all__ = [
     "ConfigError",
@@ -41,41 +44,47 @@ __all__ = [
     "EvaluationConfig",
     "SFTConfig",
     "load_config",
-    "read_config_file",
-    "config_from_dict",
-    "DERIVED_RL_KEYS",
+    "config_reference",
+    "DERIVED_KEYS",
 ]
 
 TASKS = (None, "builtin")
 COST_TRANSFORMS = ("none", "sigmoid", "unsafe_indicator")
-# Set by the pipeline from other settings; the user sets them elsewhere.
-DERIVED_RL_KEYS = {
-    "safety_set_size": "it is the size of the safety set the split produces",
-    "output_dir": "the trainer writes to <output_dir>/rl",
-    "resume": "the pipeline runs each stage once",
-}
-DERIVED_SCORE_KEYS = {
-    "kind": "the section (reward / cost) sets it",
-    "output_dir": "the models are saved under <output_dir>/reward_model and <output_dir>/cost_model",
+SECTIONS = ("data", "models", "safety", "reward", "cost", "sft", "rl", "evaluation")
+#: Keys that the pipeline sets from other settings; the user sets them elsewhere ({section: {key: why}}).
+DERIVED_KEYS = {
+    "rl": {"safety_set_size": "it is the size of the safety set the split produces",
+           "output_dir": "the trainer writes to <output_dir>/rl",
+           "resume": "the pipeline runs each stage once"},
+    "reward": {"kind": "the section sets it",
+               "output_dir": "the reward model is saved under <output_dir>/reward_model"},
+    "cost": {"kind": "the section sets it",
+             "output_dir": "the cost model is saved under <output_dir>/cost_model"},
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?$")
 _DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".yaml", ".yml", ".txt", ".csv")
 
 
-class ConfigError(ValueError):
-    """A bad pipeline config. ``key`` is the dotted name of the offending setting (e.g. ``safety.delta``)."""
+def _looks_like_path(value: str) -> bool:
+    return not _HUB_ID.match(value) or value.startswith((".", "~")) or Path(value).suffix.lower() in _DATA_SUFFIXES
 
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"config key {key!r}: {message}")
+
+def _check_source(problems: Problems, key: str, value: str | None, *, must_be_local: bool = False) -> None:
+    """A local path must exist; a Hub id (``name`` or ``owner/name``) is accepted as is."""
+    if value is None:
+        return
+    if not value.strip():
+        problems.add(key, "must not be empty")
+    elif not Path(value).expanduser().exists() and (must_be_local or _looks_like_path(value)):
+        problems.add(key, f"path {value!r} does not exist")
 
 
 # ------------------------------------------------------------------------------------- sections
 
 
 @dataclass
-class DataConfig:
-    """Where the data come from and how the prompts are split (SPEC.md §2.2). With ``task: builtin`` only
+class DataConfig(Section):
+    """Where the data come from and how the prompts are split (docs/method.md#data-split). With ``task: builtin`` only
     ``split_seed`` applies.
 
     Attributes:
@@ -101,7 +110,7 @@ class DataConfig:
             preference pairs) and from D_s, and written to ``holdout_prompts.jsonl``, so that the truth
             can be measured on fresh prompts (``hcrlhf bench method``). 0: none.
         category_ratios: FDC composition of the RL prompts (e.g. ``"EHD:10,IHD:3,MHD:1,benign:10"``,
-            SPEC.md §5); needs categories in the pool. None: all candidate prompts.
+            docs/method.md#equilibrate-rlhf); needs categories in the pool. None: all candidate prompts.
         template: "safe_rlhf" (default), "plain", "chat" or a format string with ``{prompt}``.
     """
 
@@ -124,9 +133,31 @@ class DataConfig:
         """The split seed in force (0 when ``split_seed`` is None)."""
         return 0 if self.split_seed is None else self.split_seed
 
+    def check(self, problems: Problems) -> None:
+        _check_source(problems, "preferences", self.preferences)
+        _check_source(problems, "eval_preferences", self.eval_preferences)
+        _check_source(problems, "prompts", self.prompts, must_be_local=True)
+        if not 0.0 < self.safety_fraction < 1.0:
+            problems.add("safety_fraction", f"must be in the open interval (0, 1), got {self.safety_fraction!r}")
+        problems.at_least("safety_size", self.safety_size, 2)
+        problems.at_least("max_train_prompts", self.max_train_prompts, 1)
+        problems.at_least("split_seed", self.split_seed, 0)
+        if not 0.0 <= self.holdout_fraction < 0.5:
+            problems.add("holdout_fraction", f"must be in [0, 0.5), got {self.holdout_fraction!r}")
+        if self.category_ratios is not None:
+            from hcrlhf.data.prompts import parse_ratios
+
+            try:
+                parse_ratios(self.category_ratios)
+            except ValueError as error:
+                problems.add("category_ratios", str(error))
+        if self.template not in ("safe_rlhf", "plain", "chat") and self.template.count("{prompt}") != 1:
+            problems.add("template", f"must be 'safe_rlhf', 'plain', 'chat' or a format string with one "
+                                     f"'{{prompt}}', got {self.template!r}")
+
 
 @dataclass
-class ModelsConfig:
+class ModelsConfig(Section):
     """The models. Ignored with ``task: builtin`` except ``reward_model`` / ``cost_model``.
 
     Attributes:
@@ -154,13 +185,25 @@ class ModelsConfig:
     trust_remote_code: bool = False
     device: str | None = None
 
+    def check(self, problems: Problems) -> None:
+        for name in ("policy", "tokenizer", "reference", "reward_model", "cost_model", "score_backbone"):
+            _check_source(problems, name, getattr(self, name))
+        from hcrlhf.models.loading import ATTN_IMPLEMENTATIONS, resolve_dtype
+
+        if self.dtype is not None:
+            try:
+                resolve_dtype(self.dtype)
+            except ValueError as error:
+                problems.add("dtype", str(error))
+        problems.choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+
 
 @dataclass
-class SFTConfig:
+class SFTConfig(Section):
     """Optional supervised fine-tuning of the starting policy before candidate selection (the section
     ``sft``; absent or null: no SFT). The fine-tuned policy is saved (safetensors) to
     ``<output_dir>/sft_policy`` and is both the starting policy and the KL reference of candidate selection.
-    Rows whose prompt is in the safety set D_s are refused (SPEC §2.2), like preference pairs.
+    Rows whose prompt is in the safety set D_s are refused (docs/method.md#data-split), like preference pairs.
 
     Attributes:
         path: the SFT data: a JSON Lines file (or a ``.json`` list) whose rows are all
@@ -188,10 +231,33 @@ class SFTConfig:
     micro_batch_tokens: int | None = None
     seed: int = 0
 
+    def check(self, problems: Problems) -> None:
+        if self.path is not None:
+            path = Path(self.path).expanduser()
+            if not self.path.strip():
+                problems.add("path", "must not be empty")
+            elif not path.is_file():
+                problems.add("path", f"path {self.path!r} does not exist or is not a file")
+            else:
+                from hcrlhf.data.lm_rows import read_lm_rows
+
+                try:
+                    read_lm_rows(path, name="sft.path")
+                except (ValueError, UnicodeDecodeError) as error:
+                    problems.add("path", str(error))
+        problems.at_least("steps", self.steps, 1)
+        problems.at_least("batch_size", self.batch_size, 1)
+        problems.positive("learning_rate", self.learning_rate)
+        problems.nonnegative("weight_decay", self.weight_decay)
+        problems.positive("max_grad_norm", self.max_grad_norm)
+        problems.at_least("max_length", self.max_length, 2)
+        problems.at_least("micro_batch_tokens", self.micro_batch_tokens, 1)
+        problems.at_least("seed", self.seed, 0)
+
 
 @dataclass
-class SafetyConfig:
-    """Step 2, the safety test (SPEC.md §2.4), and the δ ledger.
+class SafetyConfig(Section):
+    """Step 2, the safety test (docs/method.md#the-safety-test), and the δ ledger (docs/method.md#the-δ-ledger).
 
     Attributes:
         threshold: τ. The test passes iff the (1 − δ) upper confidence bound on the mean (transformed)
@@ -230,9 +296,47 @@ class SafetyConfig:
     top_k: int | None = None
     batch_size: int = 64
 
+    def __post_init__(self):
+        # The transforms map into [0, 1], so the exact methods know their range without being told.
+        if (self.cost_range is None and self.cost_transform in ("sigmoid", "unsafe_indicator")
+                and self.method in ("hoeffding", "bernstein", "betting")):
+            self.cost_range = [0.0, 1.0]
+        if isinstance(self.cost_range, list) and all(matches(v, float) for v in self.cost_range):
+            self.cost_range = [float(v) for v in self.cost_range]
+        super().__post_init__()
+
+    def check(self, problems: Problems) -> None:
+        from hcrlhf.safety import METHODS
+
+        problems.open_unit("delta", self.delta)
+        problems.open_unit("ledger_total_delta", self.ledger_total_delta)
+        if self.ledger_total_delta is not None and self.ledger_total_delta < self.delta:
+            problems.add("ledger_total_delta", f"({self.ledger_total_delta}) must be >= delta ({self.delta}), or "
+                                               "the test can never run")
+        problems.finite("threshold", self.threshold)
+        problems.choice("method", self.method, METHODS)
+        problems.choice("cost_transform", self.cost_transform, COST_TRANSFORMS)
+        if self.cost_range is not None:
+            bad = len(self.cost_range) != 2 or not all(matches(v, float) for v in self.cost_range)
+            if bad or not self.cost_range[0] < self.cost_range[1]:
+                problems.add("cost_range", f"must be [a, b] with a < b, got {self.cost_range!r}")
+        elif self.method in ("hoeffding", "bernstein", "betting"):
+            problems.add("cost_range", f"method {self.method!r} is exact only for costs in a known range: set "
+                                       "cost_range: [a, b], or cost_transform: sigmoid")
+        if self.method == "clopper_pearson" and self.cost_transform != "unsafe_indicator":
+            problems.add("method", "clopper_pearson works on 0/1 costs: set cost_transform: unsafe_indicator")
+        problems.positive("sigmoid_scale", self.sigmoid_scale)
+        problems.finite("unsafe_above", self.unsafe_above)
+        problems.positive("temperature", self.temperature)
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            problems.add("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        problems.at_least("max_new_tokens", self.max_new_tokens, 1)
+        problems.at_least("top_k", self.top_k, 0)
+        problems.at_least("batch_size", self.batch_size, 1)
+
 
 @dataclass
-class EvaluationConfig:
+class EvaluationConfig(Section):
     """Ground-truth evaluation on the built-in task (its helpfulness / harm functions are known).
 
     Attributes:
@@ -244,11 +348,15 @@ class EvaluationConfig:
     samples_per_prompt: int = 4
     seed: int = 1234
 
+    def check(self, problems: Problems) -> None:
+        problems.at_least("samples_per_prompt", self.samples_per_prompt, 1)
+
 
 @dataclass
-class PipelineConfig:
-    """The whole run. ``reward``, ``cost`` and ``rl`` hold ``ScoreTrainingConfig`` / ``SafeRLConfig``
-    objects (see :mod:`hcrlhf.train`); the others the dataclasses of this module.
+class PipelineConfig(Section):
+    """The whole run: the top-level settings and one typed section each for ``data``, ``models``, ``safety``,
+    ``reward`` / ``cost`` (:class:`~hcrlhf.train.ScoreTrainingConfig`), ``sft``, ``rl``
+    (:class:`~hcrlhf.train.SafeRLConfig`) and ``evaluation``.
 
     Attributes:
         task: "builtin" (the offline built-in task) or None (``data`` and ``models`` name the inputs).
@@ -258,10 +366,17 @@ class PipelineConfig:
         overwrite: allow a non-empty ``output_dir`` that holds an earlier hcrlhf report.
         seed: the seed of sampling in the safety test (training seeds are in their sections).
         progress: show progress bars.
-        sft: :class:`SFTConfig` when the optional SFT stage is on (section ``sft``), else None.
+        data: where the data come from and how the prompts are split.
+        models: the policy, reference, tokenizer and score models.
+        safety: the safety test (step 2) and the δ ledger.
+        reward: training of the reward model (when ``models.reward_model`` is not given).
+        cost: training of the cost model (when ``models.cost_model`` is not given).
+        sft: the optional SFT stage (absent or null: no SFT).
+        rl: candidate selection (step 1).
+        evaluation: ground-truth evaluation (built-in task only).
     """
 
-    output_dir: str
+    output_dir: str | None = None
     task: str | None = None
     task_seed: int = 0
     task_cache: str | None = None
@@ -270,353 +385,172 @@ class PipelineConfig:
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
-    reward: typing.Any = None
-    cost: typing.Any = None
-    rl: typing.Any = None
     safety: SafetyConfig = field(default_factory=SafetyConfig)
+    reward: ScoreTrainingConfig = field(default_factory=lambda: ScoreTrainingConfig(kind="reward"))
+    cost: ScoreTrainingConfig = field(default_factory=lambda: ScoreTrainingConfig(kind="cost"))
     sft: SFTConfig | None = None
+    rl: SafeRLConfig = field(default_factory=SafeRLConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    #: the mapping the config came from (after defaults of the sections were filled in), for the report
-    source: dict = field(default_factory=dict, repr=False)
 
-    def to_dict(self) -> dict:
-        """The resolved settings (every section with its defaults), JSON-ready."""
-        out = {}
-        for f in dataclasses.fields(self):
-            if f.name == "source":
-                continue
-            value = getattr(self, f.name)
-            if dataclasses.is_dataclass(value):
-                value = dataclasses.asdict(value)
-            out[f.name] = value
+    def check(self, problems: Problems) -> None:
+        """The settings that involve more than one section."""
+        if self.output_dir is None:
+            problems.add("output_dir", "is required (the report directory)")
+        elif not self.output_dir.strip():
+            problems.add("output_dir", "must not be empty")
+        if self.task not in TASKS:
+            problems.add("task", f"must be 'builtin' or null, got {self.task!r}")
+        problems.at_least("task_seed", self.task_seed, 0)
+        for name, section in (("reward", self.reward), ("cost", self.cost)):
+            if section.kind != name:
+                problems.add(f"{name}.kind", f"must be {name!r} in the {name} section, got {section.kind!r}")
+        builtin = self.task == "builtin"
+        data, models = self.data, self.models
+        if not builtin and self.task in TASKS:
+            if data.preferences is None and (models.reward_model is None or models.cost_model is None):
+                problems.add("data.preferences", "is required (preference pairs to train the reward and cost models), "
+                                                 "unless models.reward_model and models.cost_model are both given")
+            if data.preferences is None and data.prompts is None:
+                problems.add("data.prompts", "is required when data.preferences is not given (the RL prompt pool the "
+                                             "safety set is drawn from)")
+            if models.policy is None:
+                problems.add("models.policy", "is required (the starting policy: a Hugging Face id or a path)")
+            if data.holdout_fraction > 0:
+                problems.add("data.holdout_fraction", "applies to task: builtin only (hold prompts out of your own "
+                                                      "data files instead)")
+        if self.sft is not None:
+            if self.sft.path is None and not builtin:
+                problems.add("sft.path", "is required (the SFT data: JSON Lines of prompt/response or text rows); "
+                                         "only the built-in task has a default")
+            if models.reference is not None:
+                problems.add("models.reference", "with an sft section the KL reference is the SFT policy; remove "
+                                                 "models.reference (or the sft section)")
+
+    @classmethod
+    def from_dict(cls, values, *, prefix: str = "") -> PipelineConfig:
+        """The whole run from a mapping (as read from YAML), checked completely; see the module docstring.
+
+        Before the sections are built, the settings one section takes from another are filled in (those the
+        mapping leaves out): ``rl.cost_threshold`` = ``safety.threshold``, ``rl.delta`` = ``safety.delta``,
+        ``rl.device`` = ``models.device``, ``progress`` of ``reward`` / ``cost`` / ``rl`` = the top level's;
+        ``rl.output_dir`` is ``<output_dir>/rl`` and ``reward.kind`` / ``cost.kind`` their section's name.
+        """
+        problems = Problems()
+        values = copy.deepcopy(_mapping("<root>", values))
+        for name in SECTIONS:
+            if name == "sft" and values.get(name) is None:
+                continue  # no SFT stage
+            try:
+                values[name] = dict(_mapping(name, values.get(name)))
+            except ConfigError as error:
+                problems.items.extend(error.problems)
+                values.pop(name)
+        builtin = values.get("task") == "builtin"
+
+        # Keys the user may not set here: the pipeline sets them, or the built-in task supplies them.
+        refused = {name: dict(DERIVED_KEYS.get(name, {})) for name in SECTIONS}
+        # (A key at its default value is harmless there: an effective config.yaml holds every key.)
+        def set_away_from_default(section: str, key: str, default) -> bool:
+            return (values.get(section) or {}).get(key, default) != default
+
+        if builtin:
+            for key in DataConfig.known_keys():
+                if key not in ("split_seed", "holdout_fraction") and set_away_from_default(
+                        "data", key, getattr(DataConfig(), key)):
+                    refused["data"][key] = ("the built-in task supplies the data; only data.split_seed and "
+                                            "data.holdout_fraction apply (or set task: null)")
+            for key in ModelsConfig.known_keys():
+                if key not in ("reward_model", "cost_model", "device") and set_away_from_default(
+                        "models", key, getattr(ModelsConfig(), key)):
+                    refused["models"][key] = ("the built-in task supplies the policy and tokenizer; only "
+                                              "models.reward_model, models.cost_model and models.device apply")
+        if set_away_from_default("reward", "cost_loss", ScoreTrainingConfig.cost_loss):
+            refused["reward"]["cost_loss"] = "it is a cost-model setting; put it in the cost section"
+        for section, keys in refused.items():
+            mapping = values.get(section) or {}
+            for key in [k for k in mapping if k in keys]:
+                why = keys[key]
+                problems.add(f"{section}.{key}", why if why.startswith(("the built-in", "it is")) else
+                             f"is set by the pipeline ({why}); remove it")
+                del mapping[key]
+
+        # The safety section first: candidate selection takes its threshold and δ from it.
+        safety = None
+        try:
+            safety = SafetyConfig.from_dict(values.get("safety"), prefix="safety.")
+            values["safety"] = safety
+        except ConfigError as error:
+            problems.items.extend(error.problems)
+            values.pop("safety", None)
+        rl = values.setdefault("rl", {})
+        if safety is not None:
+            if "cost_threshold" not in rl:
+                if safety.cost_transform != "none":
+                    problems.add("rl.cost_threshold", f"is required with safety.cost_transform: {safety.cost_transform}"
+                                                      " (the trainer constrains raw costs; τ is on transformed costs)")
+                else:
+                    rl["cost_threshold"] = safety.threshold
+            rl.setdefault("delta", safety.delta)
+        output_dir = values.get("output_dir")
+        if isinstance(output_dir, str) and output_dir.strip():
+            rl["output_dir"] = str(Path(output_dir).expanduser() / "rl")
+        progress = values.get("progress", True)
+        if isinstance(progress, bool):
+            for name in ("reward", "cost", "rl"):
+                values.setdefault(name, {}).setdefault("progress", progress)
+        device = (values.get("models") or {}).get("device")
+        if isinstance(device, str):
+            rl.setdefault("device", device)
+        for name in ("reward", "cost"):
+            values.setdefault(name, {})["kind"] = name
+        try:
+            config = super().from_dict(values, prefix=prefix)
+        except ConfigError as error:
+            problems.items.extend(error.problems)
+        problems.raise_if_any()
+        return config
+
+    def to_dict(self, *, loadable: bool = False) -> dict:
+        """The resolved settings (every section with its defaults), JSON / YAML ready.
+
+        ``loadable=True`` leaves out what the pipeline sets itself (``rl.output_dir``, ``reward.kind``, ...) and
+        ``overwrite`` (a flag of one invocation), so that the result loads again with :func:`load_config`: this
+        is the effective config written to ``<output_dir>/config.yaml``.
+        """
+        out = super().to_dict()
+        if loadable:
+            out.pop("overwrite")
+            for section, keys in DERIVED_KEYS.items():
+                for key in keys:
+                    (out.get(section) or {}).pop(key, None)
+            out["reward"].pop("cost_loss")
         return out
-
-    @property
-    def rl_cost_threshold(self) -> float:
-        return self.rl.cost_threshold
 
 
 # ------------------------------------------------------------------------------------ checking
 
-
-def _coerce(key: str, value, hint):
-    """Check ``value`` against the type hint; YAML conveniences: "1e-6" or 3 for a float field."""
-    value = coerce_yaml(value, hint)
-    if not matches(value, hint):
-        raise ConfigError(key, f"must be {type_name(hint, 'null')}, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def _unknown(prefix: str, values: dict, known) -> None:
-    unknown = [k for k in values if k not in known]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), list(known), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{prefix}{key}", f"unknown key{hint}; known keys: {', '.join(sorted(known))}")
-
-
-def _mapping(key: str, value) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(key, f"must be a mapping of settings, got {type(value).__name__}")
-    for k in value:
-        if not isinstance(k, str):
-            raise ConfigError(f"{key}.{k}", "keys must be strings")
-    return value
-
-
-def _section(cls, prefix: str, values: dict, *, refused: dict | None = None):
-    """A section dataclass from a mapping: unknown keys and wrong types refused, naming the key."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)} - set(refused or {})
-    for name, why in (refused or {}).items():
-        if name in values:
-            raise ConfigError(f"{prefix}{name}", f"is set by the pipeline ({why}); remove it")
-    _unknown(prefix, values, known)
-    coerced = {k: _coerce(f"{prefix}{k}", v, hints[k]) for k, v in values.items()}
-    return coerced
-
-
-def _wrap(prefix: str, cls_name: str, error: Exception, fields) -> ConfigError:
-    """A section's own validation error as a ConfigError naming the key it mentions."""
-    message = str(error)
-    for name in sorted(fields, key=len, reverse=True):
-        if re.search(rf"\b{re.escape(name)}\b", message):
-            return ConfigError(f"{prefix}{name}", message)
-    return ConfigError(prefix.rstrip("."), message)
-
-
-def _looks_like_path(value: str) -> bool:
-    return (not _HUB_ID.match(value) or value.startswith((".", "~")) or Path(value).suffix.lower() in _DATA_SUFFIXES)
-
-
-def _check_source(key: str, value: str | None, *, must_be_local: bool = False) -> None:
-    """A local path must exist; a Hub id (``name`` or ``owner/name``) is accepted as is."""
-    if value is None:
-        return
-    if not value.strip():
-        raise ConfigError(key, "must not be empty")
-    path = Path(value).expanduser()
-    if path.exists():
-        return
-    if must_be_local or _looks_like_path(value):
-        raise ConfigError(key, f"path {value!r} does not exist")
-
-
-def _delta(key: str, value) -> None:
-    if value is not None and not (0.0 < value < 1.0):
-        raise ConfigError(key, f"must be in the open interval (0, 1), got {value!r}")
-
-
-def _positive(key: str, value) -> None:
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise ConfigError(key, f"must be a finite number > 0, got {value!r}")
-
-
-def _at_least(key: str, value, minimum: int) -> None:
-    if value is not None and value < minimum:
-        raise ConfigError(key, f"must be >= {minimum}, got {value!r}")
-
-
-def config_from_dict(values: dict) -> PipelineConfig:
-    """A :class:`PipelineConfig` from a mapping (as read from YAML), checked completely.
+def load_config(source, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
+    """A checked :class:`PipelineConfig` from a YAML file, a mapping or a PipelineConfig (returned as is), with
+    dotted ``key=value`` overrides applied first (``["rl.total_steps=2", "safety.delta=0.05"]``).
 
     Raises:
-        ConfigError: naming the first bad key.
+        ConfigError: every bad key (named), an unreadable file, YAML that is not one mapping, or a malformed
+            override.
     """
-    from hcrlhf.safety import METHODS
-    from hcrlhf.train import SafeRLConfig, ScoreTrainingConfig
-
-    if not isinstance(values, dict):
-        raise ConfigError("<root>", f"the config must be a mapping of settings, got {type(values).__name__}")
-    source = copy.deepcopy(values)
-    sections = {"data", "models", "reward", "cost", "rl", "safety", "evaluation", "sft"}
-    top_fields = {f.name for f in dataclasses.fields(PipelineConfig)} - {"source"}
-    _unknown("", values, top_fields)
-    top = {k: v for k, v in values.items() if k not in sections}
-    hints = typing.get_type_hints(PipelineConfig)
-    top = {k: _coerce(k, v, hints[k]) for k, v in top.items()}
-    if "output_dir" not in top or top["output_dir"] is None:
-        raise ConfigError("output_dir", "is required (the report directory)")
-    if not str(top["output_dir"]).strip():
-        raise ConfigError("output_dir", "must not be empty")
-    if top.get("task") not in TASKS:
-        raise ConfigError("task", f"must be 'builtin' or null, got {top.get('task')!r}")
-    _at_least("task_seed", top.get("task_seed"), 0)
-    builtin = top.get("task") == "builtin"
-
-    # data / models ----------------------------------------------------------------------------
-    data_values = _mapping("data", values.get("data"))
-    models_values = _mapping("models", values.get("models"))
-    if builtin:
-        for key in data_values:
-            if key not in ("split_seed", "holdout_fraction"):
-                raise ConfigError(f"data.{key}", "the built-in task supplies the data; only data.split_seed and "
-                                                 "data.holdout_fraction apply (or set task: null)")
-        for key in models_values:
-            if key not in ("reward_model", "cost_model", "device"):
-                raise ConfigError(f"models.{key}", "the built-in task supplies the policy and tokenizer; only "
-                                                   "models.reward_model, models.cost_model and models.device apply")
-    data = DataConfig(**_section(DataConfig, "data.", data_values))
-    models = ModelsConfig(**_section(ModelsConfig, "models.", models_values))
-    if not builtin:
-        if data.preferences is None and (models.reward_model is None or models.cost_model is None):
-            raise ConfigError("data.preferences", "is required (preference pairs to train the reward and cost "
-                                                  "models), unless models.reward_model and models.cost_model "
-                                                  "are both given")
-        if data.preferences is None and data.prompts is None:
-            raise ConfigError("data.prompts", "is required when data.preferences is not given (the RL prompt "
-                                              "pool the safety set is drawn from)")
-        if models.policy is None:
-            raise ConfigError("models.policy", "is required (the starting policy: a Hugging Face id or a path)")
-    _check_source("data.preferences", data.preferences)
-    _check_source("data.eval_preferences", data.eval_preferences)
-    _check_source("data.prompts", data.prompts, must_be_local=True)
-    for name in ("policy", "tokenizer", "reference", "reward_model", "cost_model", "score_backbone"):
-        _check_source(f"models.{name}", getattr(models, name))
-    if not 0.0 < data.safety_fraction < 1.0:
-        raise ConfigError("data.safety_fraction", f"must be in the open interval (0, 1), got {data.safety_fraction!r}")
-    _at_least("data.safety_size", data.safety_size, 2)
-    _at_least("data.max_train_prompts", data.max_train_prompts, 1)
-    _at_least("data.split_seed", data.split_seed, 0)
-    if not 0.0 <= data.holdout_fraction < 0.5:
-        raise ConfigError("data.holdout_fraction", f"must be in [0, 0.5), got {data.holdout_fraction!r}")
-    if data.holdout_fraction > 0 and not builtin:
-        raise ConfigError("data.holdout_fraction", "applies to task: builtin only (hold prompts out of your own "
-                                                   "data files instead)")
-    if data.category_ratios is not None:
-        from hcrlhf.data.prompts import parse_ratios
-
-        try:
-            parse_ratios(data.category_ratios)
-        except ValueError as error:
-            raise ConfigError("data.category_ratios", str(error)) from None
-    if data.template not in ("safe_rlhf", "plain", "chat") and data.template.count("{prompt}") != 1:
-        raise ConfigError("data.template", f"must be 'safe_rlhf', 'plain', 'chat' or a format string with one "
-                                           f"'{{prompt}}', got {data.template!r}")
-    if models.dtype is not None:
-        from hcrlhf.models.loading import resolve_dtype
-
-        try:
-            resolve_dtype(models.dtype)
-        except ValueError as error:
-            raise ConfigError("models.dtype", str(error)) from None
-    from hcrlhf.models.loading import ATTN_IMPLEMENTATIONS
-
-    if models.attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ConfigError("models.attn_implementation",
-                          f"must be one of {ATTN_IMPLEMENTATIONS}, got {models.attn_implementation!r}")
-
-    # safety / evaluation ---------------------------------------------------------------------------
-    safety = SafetyConfig(**_section(SafetyConfig, "safety.", _mapping("safety", values.get("safety"))))
-    _delta("safety.delta", safety.delta)
-    _delta("safety.ledger_total_delta", safety.ledger_total_delta)
-    if safety.ledger_total_delta is not None and safety.ledger_total_delta < safety.delta:
-        raise ConfigError("safety.ledger_total_delta", f"({safety.ledger_total_delta}) must be >= safety.delta "
-                                                       f"({safety.delta}), or the test can never run")
-    if not math.isfinite(safety.threshold):
-        raise ConfigError("safety.threshold", f"must be finite, got {safety.threshold!r}")
-    if safety.method not in METHODS:
-        raise ConfigError("safety.method", f"must be one of {METHODS}, got {safety.method!r}")
-    if safety.cost_transform not in COST_TRANSFORMS:
-        raise ConfigError("safety.cost_transform", f"must be one of {COST_TRANSFORMS}, got {safety.cost_transform!r}")
-    if safety.cost_range is not None:
-        bad = (len(safety.cost_range) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                                                  for v in safety.cost_range))
-        if bad or not safety.cost_range[0] < safety.cost_range[1]:
-            raise ConfigError("safety.cost_range", f"must be [a, b] with a < b, got {safety.cost_range!r}")
-        safety.cost_range = [float(v) for v in safety.cost_range]
-    if safety.method in ("hoeffding", "bernstein", "betting") and safety.cost_range is None:
-        if safety.cost_transform in ("sigmoid", "unsafe_indicator"):
-            safety.cost_range = [0.0, 1.0]
-        else:
-            raise ConfigError("safety.cost_range", f"method {safety.method!r} is exact only for costs in a known "
-                                                   "range: set cost_range: [a, b], or cost_transform: sigmoid")
-    if safety.method == "clopper_pearson" and safety.cost_transform != "unsafe_indicator":
-        raise ConfigError("safety.method", "clopper_pearson works on 0/1 costs: set cost_transform: "
-                                           "unsafe_indicator")
-    _positive("safety.sigmoid_scale", safety.sigmoid_scale)
-    _positive("safety.temperature", safety.temperature)
-    if safety.top_p is not None and not 0.0 < safety.top_p <= 1.0:
-        raise ConfigError("safety.top_p", f"must be in (0, 1], got {safety.top_p!r}")
-    _at_least("safety.max_new_tokens", safety.max_new_tokens, 1)
-    _at_least("safety.top_k", safety.top_k, 0)
-    _at_least("safety.batch_size", safety.batch_size, 1)
-    evaluation = EvaluationConfig(**_section(EvaluationConfig, "evaluation.",
-                                             _mapping("evaluation", values.get("evaluation"))))
-    _at_least("evaluation.samples_per_prompt", evaluation.samples_per_prompt, 1)
-    sft = _sft_section(values.get("sft"), builtin, models)
-
-    # reward / cost (ScoreTrainingConfig) -------------------------------------------------------------
-    score_fields = {f.name for f in dataclasses.fields(ScoreTrainingConfig)}
-    score_sections = {}
-    for name in ("reward", "cost"):
-        section = _section(ScoreTrainingConfig, f"{name}.", _mapping(name, values.get(name)),
-                           refused=DERIVED_SCORE_KEYS)
-        if name == "reward" and "cost_loss" in section:
-            raise ConfigError("reward.cost_loss", "is a cost-model setting; put it in the cost section")
-        section.setdefault("progress", top.get("progress", True))
-        try:
-            score_sections[name] = ScoreTrainingConfig(kind=name, **section)
-            score_sections[name].validate()
-        except (TypeError, ValueError) as error:
-            raise _wrap(f"{name}.", "ScoreTrainingConfig", error, score_fields) from None
-
-    # rl (SafeRLConfig) -------------------------------------------------------------------------------
-    rl_values = dict(_mapping("rl", values.get("rl")))
-    rl_fields = {f.name for f in dataclasses.fields(SafeRLConfig)}
-    for name, why in DERIVED_RL_KEYS.items():
-        if name in rl_values:
-            raise ConfigError(f"rl.{name}", f"is set by the pipeline ({why}); remove it")
-    _unknown("rl.", rl_values, rl_fields - set(DERIVED_RL_KEYS))
-    if "delta" in rl_values:
-        try:
-            _delta("rl.delta", float(rl_values["delta"]))
-        except (TypeError, ValueError):
-            raise ConfigError("rl.delta", f"must be a number in (0, 1), got {rl_values['delta']!r}") from None
-    if "cost_threshold" not in rl_values:
-        if safety.cost_transform != "none":
-            raise ConfigError("rl.cost_threshold", f"is required with safety.cost_transform: {safety.cost_transform} "
-                                                   "(the trainer constrains raw costs; τ is on transformed costs)")
-        rl_values["cost_threshold"] = safety.threshold
-    rl_values.setdefault("delta", safety.delta)
-    rl_values["output_dir"] = str(Path(str(top["output_dir"])).expanduser() / "rl")
-    rl_values.setdefault("progress", top.get("progress", True))
-    if "device" not in rl_values and models.device is not None:
-        rl_values["device"] = models.device
-    try:
-        rl = SafeRLConfig.from_dict(rl_values)
-    except (TypeError, ValueError) as error:
-        raise _wrap("rl.", "SafeRLConfig", error, rl_fields) from None
-
-    config = PipelineConfig(**top, data=data, models=models, reward=score_sections["reward"],
-                            cost=score_sections["cost"], rl=rl, safety=safety, sft=sft, evaluation=evaluation)
-    config.source = source
-    return config
+    if isinstance(source, PipelineConfig):
+        if overrides:
+            return load_config(source.to_dict(loadable=True) | {"overwrite": source.overwrite}, overrides)
+        return source
+    values = source if isinstance(source, dict) else read_yaml(source)
+    return PipelineConfig.from_dict(apply_overrides(values, overrides))
 
 
-def _sft_section(value, builtin: bool, models: ModelsConfig) -> SFTConfig | None:
-    """The ``sft`` section (None when absent or null): keys, types, ranges and the data file checked."""
-    if value is None:
-        return None
-    sft = SFTConfig(**_section(SFTConfig, "sft.", _mapping("sft", value)))
-    if sft.path is None:
-        if not builtin:
-            raise ConfigError("sft.path", "is required (the SFT data: JSON Lines of prompt/response or text rows); "
-                                          "only the built-in task has a default")
-    else:
-        if not sft.path.strip():
-            raise ConfigError("sft.path", "must not be empty")
-        path = Path(sft.path).expanduser()
-        if not path.is_file():
-            raise ConfigError("sft.path", f"path {sft.path!r} does not exist or is not a file")
-        from hcrlhf.train.rl_trainer import read_lm_rows
-
-        try:
-            read_lm_rows(path, name="sft.path")
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ConfigError("sft.path", str(error)) from None
-    _at_least("sft.steps", sft.steps, 1)
-    _at_least("sft.batch_size", sft.batch_size, 1)
-    _positive("sft.learning_rate", sft.learning_rate)
-    if not (math.isfinite(sft.weight_decay) and sft.weight_decay >= 0):
-        raise ConfigError("sft.weight_decay", f"must be a finite number >= 0, got {sft.weight_decay!r}")
-    _positive("sft.max_grad_norm", sft.max_grad_norm)
-    _at_least("sft.max_length", sft.max_length, 2)
-    _at_least("sft.micro_batch_tokens", sft.micro_batch_tokens, 1)
-    _at_least("sft.seed", sft.seed, 0)
-    if models.reference is not None:
-        raise ConfigError("models.reference", "with an sft section the KL reference is the SFT policy; remove "
-                                              "models.reference (or the sft section)")
-    return sft
-
-
-def read_config_file(path) -> dict:
-    """The mapping in a YAML config file (not yet checked; see :func:`config_from_dict`)."""
-    import yaml
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError("<file>", f"config file {str(path)!r} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ConfigError("<file>", f"{path} is not valid YAML: {error}") from None
-    if not isinstance(values, dict):
-        raise ConfigError("<root>", f"{path} must hold one mapping of settings, got {type(values).__name__}")
-    return values
-
-
-def load_config(path_or_mapping) -> PipelineConfig:
-    """A :class:`PipelineConfig` from a YAML file, a mapping, or a PipelineConfig (returned as is).
-
-    Raises:
-        ConfigError: a bad key (named), an unreadable file, or YAML that is not one mapping.
-    """
-    if isinstance(path_or_mapping, PipelineConfig):
-        return path_or_mapping
-    if isinstance(path_or_mapping, dict):
-        return config_from_dict(path_or_mapping)
-    return config_from_dict(read_config_file(path_or_mapping))
+def config_reference() -> str:
+    """``docs/config.md``: every key of every section, its type, default and meaning."""
+    intro = ("Every key of a pipeline config (`hcrlhf run CONFIG.yaml`), generated from the config classes by "
+             "`python -m hcrlhf.config > docs/config.md` (a test keeps this file current). Any key can be set on "
+             "the command line too: `hcrlhf run CONFIG.yaml rl.kl_coef=0.05 safety.delta=0.05` (values are read "
+             "as YAML: `null`, `true`, `[0, 1]`). Every problem is reported at once, each naming its key. The "
+             "effective config of a run (defaults filled in, overrides applied) is written to "
+             "`<output_dir>/config.yaml`, which `hcrlhf run` loads again as it is.")
+    return reference(PipelineConfig, title="Configuration reference", intro=intro, derived=DERIVED_KEYS)

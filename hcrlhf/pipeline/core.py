@@ -2,15 +2,16 @@
 
 0. **check** the config completely (:func:`~hcrlhf.pipeline.config.load_config`) and the output directory,
    before anything is loaded or written;
-1. **data**: preference pairs, the RL prompt pool, and the candidate / safety split (SPEC.md §2.2). The
+1. **data**: preference pairs, the RL prompt pool, and the candidate / safety split (docs/method.md#data-split). The
    safety set D_s is drawn once with a recorded seed; preference pairs on a D_s prompt are removed, and
    every training entry point is handed the split so that it *refuses* any D_s prompt;
 1b. optional **SFT** (section ``sft``): the starting policy fine-tuned on SFT rows (rows on a D_s prompt
    removed), saved to ``<output_dir>/sft_policy``; it is then the starting policy and the KL reference;
 2. **reward model** and 3. **cost model** (trained on candidate data, or loaded);
-4. **candidate selection**: the Lagrangian RL trainer under the pessimistic cost bound (SPEC.md §2.3);
+4. **candidate selection**: the Lagrangian RL trainer under the pessimistic cost bound
+   (docs/method.md#candidate-selection);
 5. **safety test** on D_s with the deployment decoding, recorded in the δ ledger before its result is
-   read (SPEC.md §2.4): PASS returns the candidate, otherwise NO SOLUTION FOUND;
+   read (docs/method.md#the-safety-test): PASS returns the candidate, otherwise NO SOLUTION FOUND;
 6. on the built-in task, **ground truth**: the true harm rates of the starting policy and the candidate;
 7. **report**: report.json, report.md and plots.
 """
@@ -19,17 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import shutil
 import sys
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hcrlhf.pipeline.config import ConfigError, PipelineConfig, load_config
-from hcrlhf.pipeline.sampling import Decoding, cost_transform, read_prompt_file, sample_and_score
+from hcrlhf.pipeline.safety_stage import run_safety_test
+from hcrlhf.pipeline.sampling import Decoding, read_prompt_file, sample_and_score
+from hcrlhf.safety.ledger import canonical_prompt
 
 __all__ = ["run", "PipelineResult", "STAGES", "CANDIDATE_META", "REPORT_FORMAT", "default_task_cache"]
 
@@ -71,11 +72,6 @@ def _say(message: str) -> None:
     print(f"[hcrlhf] {message}", file=sys.stderr, flush=True)
 
 
-def _canonical(text: str) -> str:
-    # The same canonical form as hcrlhf.safety.fingerprint: NFC, whitespace runs collapsed.
-    return " ".join(unicodedata.normalize("NFC", text).split())
-
-
 def _sha256_file(path: Path) -> str | None:
     import hashlib
 
@@ -106,8 +102,9 @@ def _check_output_dir(config: PipelineConfig) -> Path:
 def _prepare_output_dir(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and overwrite:
         # Only our own outputs are removed; a ledger is kept (its record must survive re-runs).
-        for name in ("report.json", "report.md", "config.yaml", "split.json", "safety_samples.jsonl",
-                     "holdout_prompts.jsonl", "training.png", "safety_costs.png", "score_models.png"):
+        for name in ("report.json", "report.md", "config.yaml", "split.json", "safety_test.json",
+                     "safety_samples.jsonl", "holdout_prompts.jsonl", "training.png", "safety_costs.png",
+                     "score_models.png"):
             (out / name).unlink(missing_ok=True)
         for name in ("sft_policy", "reward_model", "cost_model", "rl", "candidate"):
             shutil.rmtree(out / name, ignore_errors=True)
@@ -150,7 +147,7 @@ def _drop_pairs_on(dataset, prompts: set[str], what: str, name: str, record: dic
     in ``record``; refuse a dataset left empty."""
     if dataset is None:
         return None
-    keep = [i for i, p in enumerate(dataset["prompt"]) if _canonical(p) not in prompts]
+    keep = [i for i, p in enumerate(dataset["prompt"]) if canonical_prompt(p) not in prompts]
     record[f"{name}_removed_{what}_rows"] = len(dataset) - len(keep)
     if len(keep) != len(dataset):
         dataset = dataset.select(keep)
@@ -160,8 +157,8 @@ def _drop_pairs_on(dataset, prompts: set[str], what: str, name: str, record: dic
 
 
 def _drop_safety_rows(dataset, split, name: str, record: dict):
-    """Remove preference pairs whose prompt is in D_s, then *assert* none is left (SPEC §2.2)."""
-    dataset = _drop_pairs_on(dataset, {_canonical(t) for t in split.safety}, "safety", name, record)
+    """Remove preference pairs whose prompt is in D_s, then *assert* none is left (docs/method.md#data-split)."""
+    dataset = _drop_pairs_on(dataset, {canonical_prompt(t) for t in split.safety}, "safety", name, record)
     if dataset is not None:
         split.check_training(list(dataset["prompt"]))
     return dataset
@@ -227,7 +224,7 @@ def _load_inputs(config: PipelineConfig) -> _Inputs:
             pool, pool_categories = prompt_set(preferences)
         fraction = data.safety_fraction
         if data.safety_size is not None:
-            n_distinct = len({_canonical(p) for p in pool})
+            n_distinct = len({canonical_prompt(p) for p in pool})
             if data.safety_size >= n_distinct:
                 raise ConfigError("data.safety_size", f"({data.safety_size}) must be smaller than the number of "
                                                       f"distinct prompts in the pool ({n_distinct})")
@@ -261,10 +258,10 @@ def _load_inputs(config: PipelineConfig) -> _Inputs:
     if config.task == "builtin" and config.data.holdout_fraction > 0:
         # Fresh prompts for measuring the truth: out of training (prompts and preference pairs) and out of D_s.
         rng = random.Random(f"{config.data.seed}-holdout")
-        distinct = sorted({_canonical(t) for t in candidate_prompts})
+        distinct = sorted({canonical_prompt(t) for t in candidate_prompts})
         holdout = sorted(rng.sample(distinct, round(config.data.holdout_fraction * split.n_distinct)))
         held = set(holdout)
-        keep = [i for i, t in enumerate(candidate_prompts) if _canonical(t) not in held]
+        keep = [i for i, t in enumerate(candidate_prompts) if canonical_prompt(t) not in held]
         candidate_prompts = [candidate_prompts[i] for i in keep]
         if candidate_categories is not None:
             candidate_categories = [candidate_categories[i] for i in keep]
@@ -274,8 +271,8 @@ def _load_inputs(config: PipelineConfig) -> _Inputs:
     # Distinct candidate prompts (copies of one prompt stay together in the split).
     seen, train_prompts, train_categories = set(), [], []
     for index, text in enumerate(candidate_prompts):
-        if _canonical(text) not in seen:
-            seen.add(_canonical(text))
+        if canonical_prompt(text) not in seen:
+            seen.add(canonical_prompt(text))
             train_prompts.append(text)
             train_categories.append(candidate_categories[index] if candidate_categories else None)
     if config.data.category_ratios is not None:
@@ -306,15 +303,15 @@ def _load_inputs(config: PipelineConfig) -> _Inputs:
 
 def _sft_rows(path: Path, split, record: dict) -> tuple[list[dict], str]:
     """The SFT rows of ``path`` without any on a D_s prompt (a text row is dropped when it contains a D_s
-    prompt), then *asserted* free of them (SPEC §2.2), like the preference pairs."""
-    from hcrlhf.train.rl_trainer import read_lm_rows
+    prompt), then *asserted* free of them (docs/method.md#data-split), like the preference pairs."""
+    from hcrlhf.data.lm_rows import read_lm_rows
 
     rows, kind, digest = read_lm_rows(path, name="sft.path")
-    safety = {_canonical(t) for t in split.safety}
+    safety = {canonical_prompt(t) for t in split.safety}
     if kind == "pairs":
-        keep = [r for r in rows if _canonical(r["prompt"]) not in safety]
+        keep = [r for r in rows if canonical_prompt(r["prompt"]) not in safety]
     else:
-        keep = [r for r in rows if not any(s in _canonical(r["text"]) for s in safety)]
+        keep = [r for r in rows if not any(s in canonical_prompt(r["text"]) for s in safety)]
     record.update(sft_file=str(path), sft_sha256="sha256:" + digest, sft_kind=kind, n_sft_rows=len(keep),
                   sft_removed_safety_rows=len(rows) - len(keep))
     if not keep:
@@ -328,59 +325,31 @@ def _sft_rows(path: Path, split, record: dict) -> tuple[list[dict], str]:
 
 
 def _sft(config: PipelineConfig, inputs: _Inputs, out: Path) -> dict:
-    """Fine-tune the starting policy on the SFT rows (AdamW; mean NLL per target token, the PTX loss code of
-    :mod:`hcrlhf.train.rl_trainer`), save it to ``<out>/sft_policy`` and make it the starting policy (and
-    so the KL reference) of what follows. Returns the summary for the report."""
+    """Fine-tune the starting policy on the SFT rows (:func:`hcrlhf.train.sft.train_sft`), save it to
+    ``<out>/sft_policy`` and make it the starting policy (and so the KL reference) of what follows. Returns
+    the summary for the report."""
     import torch
-    from tqdm.auto import tqdm
 
     from hcrlhf.models import load_causal_lm
-    from hcrlhf.train.rl_trainer import lm_loss_backward, tokenize_lm_rows
+    from hcrlhf.train.sft import train_sft
 
     sft, rows = config.sft, inputs.sft_rows
     max_length = sft.max_length or (config.rl.max_prompt_length + config.rl.max_new_tokens)
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # seeded, should loading initialise any weight
         torch.manual_seed(sft.seed)
         policy = inputs.load_sft_base()
-        device = next(policy.parameters()).device
-        policy.requires_grad_(True)
-        policy.train()
-        parameters = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=sft.learning_rate, weight_decay=sft.weight_decay)
-        permutations: dict[int, list[int]] = {}
-        curve = []
-        bar = tqdm(total=sft.steps, disable=not config.progress, desc="sft", unit="step", dynamic_ncols=True)
-        for step in range(sft.steps):
-            batch = []
-            for position in range(step * sft.batch_size, (step + 1) * sft.batch_size):
-                epoch, offset = divmod(position, len(rows))
-                if epoch not in permutations:
-                    order = list(range(len(rows)))
-                    random.Random(f"{sft.seed}-sft-{epoch}").shuffle(order)
-                    permutations = {epoch: order}
-                batch.append(rows[permutations[epoch][offset]])
-            input_ids, attention_mask, targets = tokenize_lm_rows(inputs.tokenizer, batch, inputs.sft_kind,
-                                                                  template=inputs.template, max_length=max_length)
-            optimizer.zero_grad(set_to_none=True)
-            nll = lm_loss_backward(policy, input_ids, attention_mask, targets, device=device,
-                                   micro_batch_tokens=sft.micro_batch_tokens, impl=config.rl.impl)
-            nll = float(nll)
-            if not math.isfinite(nll):
-                raise FloatingPointError(f"sft: the NLL is {nll} at step {step + 1}; lower sft.learning_rate")
-            if sft.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(parameters, sft.max_grad_norm)
-            optimizer.step()
-            curve.append({"step": step + 1, "nll": nll})
-            bar.update(1)
-            bar.set_postfix(nll=f"{nll:.3f}")
-        bar.close()
-    policy.eval()
+    device = next(policy.parameters()).device
+    curve = train_sft(policy, inputs.tokenizer, rows, kind=inputs.sft_kind, template=inputs.template,
+                      steps=sft.steps, batch_size=sft.batch_size, learning_rate=sft.learning_rate,
+                      weight_decay=sft.weight_decay, max_grad_norm=sft.max_grad_norm, max_length=max_length,
+                      micro_batch_tokens=sft.micro_batch_tokens, seed=sft.seed, device=device, impl=config.rl.impl,
+                      progress=config.progress)
     target = out / "sft_policy"
     policy.save_pretrained(target, safe_serialization=True)
     inputs.tokenizer.save_pretrained(target)
     seconds = time.perf_counter() - started
-    del policy, optimizer
+    del policy
     kwargs = {} if config.task == "builtin" else dict(dtype=config.models.dtype,
                                                       trust_remote_code=config.models.trust_remote_code,
                                                       attn_implementation=config.models.attn_implementation)
@@ -451,8 +420,7 @@ def _train_candidate(config: PipelineConfig, inputs: _Inputs, reward_model, cost
     from hcrlhf.train import SafeRLTrainer
 
     rl_config = dataclasses.replace(config.rl, output_dir=str(out / "rl"), safety_set_size=len(inputs.split.safety),
-                                    progress=config.progress and config.rl.progress)
-    rl_config.validate()
+                                    progress=config.progress and config.rl.progress)  # checked by replace()
     policy = inputs.load_policy()
     trainer = SafeRLTrainer(rl_config, policy=policy, tokenizer=inputs.tokenizer, reward_model=reward_model,
                             cost_model=cost_model, train_prompts=inputs.train_prompts, safety_prompts=inputs.split,
@@ -504,40 +472,19 @@ def _ledger_path(config: PipelineConfig, out: Path) -> Path:
 
 
 def _safety_test(config: PipelineConfig, inputs: _Inputs, candidate, cost_model, out: Path):
-    from hcrlhf.safety import SafetyLedger, safety_test
+    """The safety test on D_s (:func:`~hcrlhf.pipeline.safety_stage.run_safety_test`), spent in the ledger."""
+    from hcrlhf.safety import SafetyLedger
 
     s = config.safety
-    safety_prompts = list(inputs.split.safety)  # the first and only read of D_s, after training
-    decoding = _decoding(config)
-    responses, raw_costs = sample_and_score(candidate, inputs.tokenizer, safety_prompts, template=inputs.template,
-                                            decoding=decoding, cost_model=cost_model, batch_size=s.batch_size,
-                                            seed=config.seed, max_prompt_length=config.rl.max_prompt_length,
-                                            progress=config.progress, desc="safety test")
-    costs = cost_transform(raw_costs, s.cost_transform, sigmoid_scale=s.sigmoid_scale, unsafe_above=s.unsafe_above)
     ledger = SafetyLedger(_ledger_path(config, out), s.ledger_total_delta if s.ledger_total_delta is not None
                           else s.delta)
-    result = safety_test(costs, s.threshold, s.delta, s.method, cost_range=s.cost_range, ledger=ledger,
-                         safety_set=safety_prompts, label=f"hcrlhf pipeline {out}")
-    with open(out / "safety_samples.jsonl", "w", encoding="utf-8") as handle:
-        for index, (prompt, response) in enumerate(zip(safety_prompts, responses)):
-            row = {"prompt": prompt, "response": response, "raw_cost": raw_costs[index], "cost": costs[index]}
-            if inputs.safety_categories:
-                row["category"] = inputs.safety_categories[index]
-            if inputs.task is not None:
-                row["true_harm"] = inputs.task.harm(prompt, response)
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    record = {**result.to_dict(), "ledger": str(ledger.path), "ledger_spent": ledger.spent(result.fingerprint),
-              "ledger_total_delta": ledger.total_delta, "decoding": dataclasses.asdict(decoding),
-              "cost_transform": s.cost_transform, "costs": costs}
-    if inputs.safety_categories:
-        by_category: dict = {}
-        for category, cost in zip(inputs.safety_categories, costs):
-            by_category.setdefault(category, []).append(cost)
-        record["mean_cost_by_category"] = {k: sum(v) / len(v) for k, v in sorted(by_category.items())}
-    if inputs.task is not None:
-        harms = [inputs.task.harm(p, r) for p, r in zip(safety_prompts, responses)]
-        record["true_unsafe_rate_of_tested_responses"] = sum(h >= 0.5 for h in harms) / len(harms)
-    return result, record
+    task = inputs.task
+    # The first and only read of D_s, after training.
+    return run_safety_test(candidate, inputs.tokenizer, list(inputs.split.safety), cost_model, settings=s,
+                           decoding=_decoding(config), template=inputs.template, ledger=ledger,
+                           label=f"hcrlhf pipeline {out}", seed=config.seed,
+                           max_prompt_length=config.rl.max_prompt_length, progress=config.progress, output_dir=out,
+                           categories=inputs.safety_categories, harm=None if task is None else task.harm)
 
 
 # ----------------------------------------------------------------------------------------- stage 6
@@ -604,7 +551,7 @@ def run(config, *, stages: str = "all") -> PipelineResult:
     timings: dict = {}
     started = time.perf_counter()
     report: dict = {"format": REPORT_FORMAT, "version": REPORT_VERSION, "stages": stages,
-                    "config": config.to_dict(), "verdict": None}
+                    "config": config.to_dict(loadable=True), "verdict": None}
     try:
         from hcrlhf import __version__
 
@@ -725,16 +672,9 @@ class _Timer:
 def _write_config(config: PipelineConfig, out: Path) -> None:
     import yaml
 
-    # The settings as given (re-loadable with `hcrlhf run`); report.json holds them with every default filled in.
-    source = config.source or config.to_dict()
-    (out / "config.yaml").write_text(yaml.safe_dump(_plain(source), sort_keys=False), encoding="utf-8")
+    # The effective config: every default filled in, overrides applied; `hcrlhf run` loads it again as it is.
+    text = ("# The effective config of this run (defaults filled in, command-line overrides applied).\n"
+            "# Re-run it with: hcrlhf run config.yaml output_dir=NEW_DIR\n")
+    text += yaml.safe_dump(config.to_dict(loadable=True), sort_keys=False, allow_unicode=True)
+    (out / "config.yaml").write_text(text, encoding="utf-8")
 
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value

@@ -17,7 +17,7 @@ __all__ = ["Decoding", "sample_and_score", "read_prompt_file", "cost_transform"]
 
 @dataclass(frozen=True)
 class Decoding:
-    """Deployment decoding settings (SPEC.md §2.1: the guarantee is about responses decoded this way)."""
+    """Deployment decoding settings (docs/method.md#the-problem: the guarantee is about responses decoded this way)."""
 
     max_new_tokens: int = 512
     temperature: float = 1.0

@@ -1,4 +1,4 @@
-"""Pure-torch executable specifications of every op (SPEC.md §1).
+"""Pure-torch executable specifications of every op (docs/ops.md).
 
 Plain, loop-friendly and float64-capable. They define correctness: kernels are compared with
 them and they are never edited to agree with a kernel.

@@ -1,4 +1,4 @@
-"""Reference GAE over the valid positions of each row (SPEC.md §1.1)."""
+"""Reference GAE over the valid positions of each row (docs/ops.md#gae)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ def gae(
     values: torch.Tensor,
     mask: torch.Tensor,
     gamma: float = 1.0,
-    lam: float = 0.95,
+    gae_lambda: float = 0.95,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation, right to left, skipping masked positions.
 
-    rewards, values: (B, T) floats; mask: (B, T) bool or 0/1. Returns (advantages, returns), each
-    (B, T), float32 (float64 when an input is float64), zero on masked positions. Masked positions
-    are transparent: they neither contribute nor break the recursion, and the bootstrap value
-    after a row's last valid position is 0.
+    rewards, values: (B, T) floats; mask: (B, T) bool or 0/1; gamma: discount γ; gae_lambda: GAE λ
+    (both in [0, 1]; the running advantage decays by γ·λ per valid position). Returns
+    (advantages, returns), each (B, T), float32 (float64 when an input is float64), zero on masked
+    positions. Masked positions are transparent: they neither contribute nor break the recursion,
+    and the bootstrap value after a row's last valid position is 0.
     """
     dtype = compute_dtype(rewards, values)
     rewards, values, valid = rewards.to(dtype), values.to(dtype), mask != 0
@@ -34,7 +35,7 @@ def gae(
     for t in range(length - 1, -1, -1):
         m = valid[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = torch.where(m, delta + gamma * lam * running, running)
+        running = torch.where(m, delta + gamma * gae_lambda * running, running)
         next_value = torch.where(m, values[:, t], next_value)
         advantages[:, t] = torch.where(m, running, 0.0)
         returns[:, t] = torch.where(m, running + values[:, t], 0.0)

@@ -1,4 +1,4 @@
-"""Reference log-probabilities straight from hidden states and an lm_head (SPEC.md §1.5)."""
+"""Reference log-probabilities straight from hidden states and an lm_head (docs/ops.md#linear_logprobs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reference sequence-level RLOO advantages of reward − β·KL − λ·cost (SPEC.md §1.3)."""
+"""Reference sequence-level RLOO advantages of reward − β·KL − λ·cost (docs/ops.md#rloo_advantages)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reference KL-penalised reward − λ·cost advantages, Safe RLHF's PPO mode (SPEC.md §1.2)."""
+"""Reference KL-penalised reward − λ·cost advantages, Safe RLHF's PPO mode (docs/ops.md#safe_advantages)."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def last_valid_index(valid: torch.Tensor) -> torch.Tensor:
 
 def multiplier_tensor(lagrange_multiplier, dtype, device) -> torch.Tensor:
     """λ as a 0-dim tensor; a negative or non-finite λ becomes NaN (visible, never silently used)."""
-    lam = torch.as_tensor(lagrange_multiplier, dtype=dtype, device=device)
-    return torch.where(torch.isfinite(lam) & (lam >= 0), lam, torch.nan)
+    multiplier = torch.as_tensor(lagrange_multiplier, dtype=dtype, device=device)
+    return torch.where(torch.isfinite(multiplier) & (multiplier >= 0), multiplier, torch.nan)
 
 
 def masked_whiten(x: torch.Tensor, valid: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
@@ -73,14 +73,19 @@ def safe_advantages(
     kl_coef: float,
     lagrange_multiplier,
     gamma: float = 1.0,
-    lam: float = 0.95,
+    gae_lambda: float = 0.95,
     kl_estimator: str = "k1",
     score_clip: float | None = None,
     kl_in_cost: bool = True,
-    normalize: bool = True,
+    divide_by_one_plus_lambda: bool = True,
     whiten: bool = False,
 ) -> SafeAdvantages:
-    """Per-token advantages of reward − λ·cost with a KL penalty (shapes: see SPEC.md §1.2)."""
+    """Per-token advantages of reward − λ·cost with a KL penalty (shapes: see docs/ops.md#safe_advantages).
+
+    λ is ``lagrange_multiplier``; ``gae_lambda`` is the GAE λ of both streams. With
+    ``divide_by_one_plus_lambda`` the combination A_r − λ·A_c is divided by 1 + λ (Safe RLHF's
+    scaling); ``whiten`` then whitens it over all valid tokens.
+    """
     dtype = compute_dtype(logprobs, ref_logprobs, reward_scores, cost_scores, reward_values, cost_values)
     valid = mask != 0
     kl = torch.where(valid, kl_penalty(logprobs.to(dtype), ref_logprobs.to(dtype), kl_estimator), 0.0)
@@ -93,11 +98,11 @@ def safe_advantages(
     if score_clip is not None:
         rewards = rewards.clamp(-score_clip, score_clip)
         costs = costs.clamp(-score_clip, score_clip)
-    reward_advantages, reward_returns = gae(rewards, reward_values.to(dtype), valid, gamma, lam)
-    cost_advantages, cost_returns = gae(costs, cost_values.to(dtype), valid, gamma, lam)
+    reward_advantages, reward_returns = gae(rewards, reward_values.to(dtype), valid, gamma, gae_lambda)
+    cost_advantages, cost_returns = gae(costs, cost_values.to(dtype), valid, gamma, gae_lambda)
     multiplier = multiplier_tensor(lagrange_multiplier, dtype, valid.device)
     advantages = reward_advantages - multiplier * cost_advantages
-    if normalize:
+    if divide_by_one_plus_lambda:
         advantages = advantages / (1.0 + multiplier)
     if whiten:
         advantages = masked_whiten(advantages, valid)

@@ -1,4 +1,4 @@
-"""Reference token log-probabilities and entropy from logits (SPEC.md §1.4)."""
+"""Reference token log-probabilities and entropy from logits (docs/ops.md#token_logprobs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The statistical safety stage of HC-RLHF (SPEC.md §2–3).
+"""The statistical safety stage of HC-RLHF (docs/method.md, candidate selection to the δ ledger).
 
 * Confidence bounds (:mod:`hcrlhf.safety.bounds`): :func:`upper_bound` with methods ``ttest``
   (the paper's default, asymptotic), ``hoeffding``, ``bernstein``, ``betting`` and
@@ -7,8 +7,8 @@
   :func:`augmented_costs`, :class:`CostWindow`, the multiplier rules :class:`PIDLagrangeMultiplier`
   (default) and :class:`LagrangeMultiplier` (official), :func:`make_multiplier`.
 * The safety test (:mod:`hcrlhf.safety.test`): :func:`safety_test` → :class:`SafetyTestResult`.
-* Keeping D_s honest (:mod:`hcrlhf.safety.ledger`): :func:`fingerprint`, :func:`assert_disjoint`,
-  :class:`SafetyLedger`.
+* Keeping D_s honest (:mod:`hcrlhf.safety.ledger`): :func:`fingerprint` (of prompts in the form
+  :func:`canonical_prompt`), :func:`assert_disjoint`, :class:`SafetyLedger`.
 * Guarantee validation on synthetic problems: :mod:`hcrlhf.safety.validate`.
 
 torch is optional here: tensors are accepted wherever costs are, but nothing imports torch until
@@ -26,7 +26,7 @@ from hcrlhf.safety.candidate import (
     make_multiplier,
     pessimistic_coefficient,
 )
-from hcrlhf.safety.ledger import BudgetExceededError, SafetyLedger, assert_disjoint, fingerprint
+from hcrlhf.safety.ledger import BudgetExceededError, SafetyLedger, assert_disjoint, canonical_prompt, fingerprint
 from hcrlhf.safety.test import NO_SOLUTION_FOUND, PASS, SafetyTestResult, safety_test
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "PASS",
     "NO_SOLUTION_FOUND",
     "fingerprint",
+    "canonical_prompt",
     "assert_disjoint",
     "SafetyLedger",
     "BudgetExceededError",

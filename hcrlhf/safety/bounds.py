@@ -1,5 +1,5 @@
-"""One-sided (1 − δ) upper confidence bounds on a mean cost (SPEC.md §3), and the Seldonian
-prediction of such a bound from candidate data (SPEC.md §2.3).
+"""One-sided (1 − δ) upper confidence bounds on a mean cost (docs/method.md#confidence-bounds), and the Seldonian
+prediction of such a bound from candidate data (docs/method.md#candidate-selection).
 
 Costs c_1..c_n are i.i.d. draws of the per-response cost of one model (one response per safety
 prompt). Each method returns U with Pr(U < E[c]) ≤ δ — exactly at every n for the *exact* methods
@@ -134,8 +134,8 @@ def predicted_upper_bound(
                          quantiles of the candidate costs, in a fixed pseudo-random order
 
     With ``method="ttest"`` this equals μ̂ + k·σ̂ with ``k = pessimistic_coefficient(n_c, n_s, δ,
-    c1=0, c2=inflation)`` (the Seldonian toolkit's form of SPEC §2.3). The prediction is a
-    selection heuristic, not a bound: only the safety test on fresh data carries the guarantee.
+    c1=0, c2=inflation)`` (the Seldonian toolkit's form of the bound in docs/method.md#candidate-selection).
+    The prediction is a selection heuristic, not a bound: only the safety test on fresh data carries the guarantee.
 
     Args:
         candidate_costs: (n_c,) costs of the candidate on candidate data, n_c ≥ 2.

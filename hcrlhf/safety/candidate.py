@@ -1,4 +1,4 @@
-"""Candidate selection under a pessimistic cost bound (SPEC.md §2.3).
+"""Candidate selection under a pessimistic cost bound (docs/method.md#candidate-selection).
 
 During training the policy is optimised against the *pessimistic* bound
 
@@ -110,7 +110,7 @@ def _check_statistic(fn: str, name: str, value, positive: bool = False):
 
 
 class CostWindow:
-    """The ``size`` most recent per-response costs (a FIFO window, SPEC §2.3's buffer).
+    """The ``size`` most recent per-response costs (a FIFO window: the buffer of docs/method.md#candidate-selection).
 
     ``mean`` and ``std`` (unbiased, ddof = 1) are the μ̂, σ̂ of the pessimistic bound; ``n`` is
     the number of costs held, the n_c of :func:`pessimistic_coefficient`. Costs are stored on the
@@ -231,7 +231,7 @@ class _LogSpaceMultiplier:
 
 
 class LagrangeMultiplier(_LogSpaceMultiplier):
-    """λ ≥ 0 by the official HC-RLHF / Safe RLHF rule (SPEC §2.3): plain SGD on log λ.
+    """λ ≥ 0 by the official HC-RLHF / Safe RLHF rule (docs/method.md#candidate-selection): plain SGD on log λ.
 
     ``step(bound, threshold)`` does, after the first ``update_delay`` calls (which change nothing):
 

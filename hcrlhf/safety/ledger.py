@@ -1,9 +1,11 @@
 """Keeping the safety data honest: fingerprints, a disjointness check, and a δ ledger.
 
-SPEC §2.2/§2.4: the safety set D_s is used once, by the safety test only; testing several
+The rules (docs/method.md#the-δ-ledger): the safety set D_s is used once, by the safety test only; testing several
 candidates on one D_s must split δ among them (Bonferroni). This module enforces both in code:
 
-* :func:`fingerprint` — a stable, order-independent hash of a prompt set, recorded with the split.
+* :func:`fingerprint` — a stable, order-independent hash of a prompt set, recorded with the split;
+  :func:`canonical_prompt` — the one normal form of a prompt text behind it (and behind every
+  "same prompt" comparison of the package).
 * :func:`assert_disjoint` — the training side refuses prompts of the safety set.
 * :class:`SafetyLedger` — a JSON file recording every test run on each safety set; a test whose δ
   would take the set's total past ``total_delta`` is refused. By the union bound the probability
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from hcrlhf.safety._checks import check_delta
 
-__all__ = ["fingerprint", "assert_disjoint", "SafetyLedger", "BudgetExceededError", "LEDGER_FORMAT"]
+__all__ = ["fingerprint", "canonical_prompt", "assert_disjoint", "SafetyLedger", "BudgetExceededError", "LEDGER_FORMAT"]
 
 LEDGER_FORMAT = "hcrlhf-safety-ledger"
 LEDGER_VERSION = 1
@@ -40,9 +42,15 @@ class BudgetExceededError(ValueError):
     """A spend would take a safety set's total δ past the ledger's ``total_delta``."""
 
 
-def _canonical(text: str) -> str:
-    # NFC so that the same text typed or decoded differently hashes alike; whitespace runs collapsed
-    # so that a re-wrapped copy of a safety prompt still counts as the same prompt.
+def canonical_prompt(text: str) -> str:
+    """The canonical form of a prompt text: Unicode NFC, whitespace runs collapsed to one space, stripped.
+
+    Two texts are "the same prompt" (for :func:`fingerprint`, :func:`assert_disjoint`, the split and the
+    removal of safety-set rows from training data) iff their canonical forms are equal. NFC so that the same
+    text typed or decoded differently hashes alike; whitespace collapsed so that a re-wrapped copy of a
+    safety prompt still counts as the same prompt. Case is kept. Changing this changes every fingerprint
+    (and so every existing ledger's keys).
+    """
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
@@ -61,7 +69,7 @@ def _prompt_list(fn: str, name: str, prompts) -> list[str]:
 
 
 def _prompt_digest(text: str) -> str:
-    return hashlib.sha256(_canonical(text).encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_prompt(text).encode("utf-8")).hexdigest()
 
 
 def fingerprint(prompts) -> str:

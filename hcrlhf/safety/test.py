@@ -1,4 +1,4 @@
-"""Step 2 of HC-RLHF: the safety test (SPEC.md §2.4).
+"""Step 2 of HC-RLHF: the safety test (docs/method.md#the-safety-test).
 
 Sample one response per safety prompt from the candidate with the deployment decoding settings,
 score it with the cost model, and pass iff the (1 − δ) upper confidence bound on the mean cost is

@@ -1,4 +1,4 @@
-"""Guarantee validation on synthetic problems (the Seldonian experiment protocol, SPEC.md §3).
+"""Guarantee validation on synthetic problems (the Seldonian experiment protocol, docs/method.md#confidence-bounds).
 
 A *problem* is a set of candidate "policies" whose per-response cost distributions are known
 exactly (so is their true mean cost J_C), each with a reward, plus a threshold τ, a known cost
@@ -7,7 +7,8 @@ on fresh draws:
 
 1. draw n_c candidate costs for every candidate;
 2. candidate selection: keep the highest-reward candidate whose selection bound is ≤ τ
-   (``selection="pessimistic"``: μ̂ + k·σ̂ with k from :func:`pessimistic_coefficient`, SPEC §2.3;
+   (``selection="pessimistic"``: μ̂ + k·σ̂ with k from :func:`pessimistic_coefficient`,
+   docs/method.md#candidate-selection;
    ``"predicted"``: the Seldonian :func:`predicted_upper_bound` of each test method;
    ``"none"``: no selection, the highest-reward candidate goes straight to the test);
    if none qualifies the trial returns NO SOLUTION FOUND;
@@ -337,7 +338,7 @@ def run_trials(
         methods: safety-test methods; ``clopper_pearson`` is skipped on non-binary problems.
         n_trials: number of trials (fresh candidate and safety draws each).
         delta: δ of the test (and of the selection bound).
-        selection: ``"pessimistic"`` (SPEC §2.3 bound with ``c1``, ``c2``), ``"predicted"``
+        selection: ``"pessimistic"`` (the docs/method.md#candidate-selection bound with ``c1``, ``c2``), ``"predicted"``
             (Seldonian, per method, with ``inflation``) or ``"none"``.
         seed: the random streams derive from (seed, problem name).
         chunk_size: trials processed at once (memory ~ chunk · candidates · n_c · 8 bytes).

@@ -1,8 +1,9 @@
-"""Training: reward and cost models, and the Lagrangian RL trainer (PPO/RLOO, optional PTX mix and LoRA)."""
+"""Training: supervised fine-tuning (:func:`train_sft`), reward and cost models, and the Lagrangian RL trainer
+(PPO/RLOO, optional PTX mix and LoRA)."""
 
 from hcrlhf.train.losses import COST_LOSSES, cost_loss, reward_loss
 from hcrlhf.train.rl_config import SafeRLConfig
-from hcrlhf.train.rl_trainer import Rollout, SafeRLTrainer, TrainingDivergedError, response_logprobs
+from hcrlhf.train.rl_trainer import Rollout, SafeRLTrainer, TrainingDivergedError
 from hcrlhf.train.score_training import (
     ScoreTrainingConfig,
     ScoreTrainingResult,
@@ -11,6 +12,7 @@ from hcrlhf.train.score_training import (
     train_reward_model,
     train_score_model,
 )
+from hcrlhf.train.sft import train_sft
 
 __all__ = [
     "COST_LOSSES",
@@ -26,5 +28,5 @@ __all__ = [
     "SafeRLTrainer",
     "Rollout",
     "TrainingDivergedError",
-    "response_logprobs",
+    "train_sft",
 ]

@@ -1,4 +1,4 @@
-"""Reward and cost model losses (SPEC.md §4).
+"""Reward and cost model losses (docs/method.md#reward-and-cost-models).
 
 All inputs are per-pair scores of shape (B,) (the score at each sequence's end token); the losses are
 means over the batch, returned as 0-dim float32 tensors.

@@ -1,9 +1,9 @@
 """Settings of the Lagrangian RL trainer (:class:`hcrlhf.train.SafeRLTrainer`).
 
-:class:`SafeRLConfig` is a dataclass with one documented field per setting. It validates itself on
-construction (so an invalid config never exists), and :meth:`SafeRLConfig.from_dict` /
-:meth:`SafeRLConfig.from_yaml` refuse unknown keys and wrong types, naming the key. Defaults follow the
-official HC-RLHF code where it fixes a value (SPEC.md §2.3: β = 0.1, reward clip ±50, λ_init 1,
+:class:`SafeRLConfig` is a :class:`hcrlhf.config.Section`: a dataclass with one documented field per setting,
+checked on creation (an invalid config never exists; every problem is reported at once, naming its key);
+``SafeRLConfig.from_dict`` / ``from_yaml`` load it, refusing unknown keys and wrong types. Defaults follow the
+official HC-RLHF code where it fixes a value (docs/method.md#candidate-selection: β = 0.1, reward clip ±50, λ_init 1,
 η_λ 0.01, λ_max 1e6, window 256, actor lr 5e-6, C1 = 4, C2 = 2, δ = 0.1, n_s = 100, τ = 0, the actor's k
 from the rows of one update) and Safe RLHF otherwise (clip ratio 0.2, value clip 5, GAE λ 0.95, γ = 1),
 with one deliberate exception: λ moves by the "pid" rule by default, because the official rule blows
@@ -13,13 +13,10 @@ up and dies (``lambda_update: official`` restores it).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import typing
 from dataclasses import dataclass
-from pathlib import Path
 
-from hcrlhf._typecheck import coerce_yaml, matches, type_name
+from hcrlhf.config import Problems, Section
 
 __all__ = ["SafeRLConfig", "ESTIMATORS", "AMA_MODES", "AMA_TOKEN_SCORES"]
 
@@ -33,8 +30,9 @@ IMPLS = ("auto", "triton", "cpp", "torch")
 
 
 @dataclass
-class SafeRLConfig:
-    """Settings of :class:`hcrlhf.train.SafeRLTrainer` (SPEC.md §2.3, §5).
+class SafeRLConfig(Section):
+    """Settings of :class:`hcrlhf.train.SafeRLTrainer` (docs/method.md#candidate-selection and
+    docs/method.md#equilibrate-rlhf).
 
     Attributes:
         estimator: "ppo" (Safe RLHF: reward and cost critics, per-token GAE via
@@ -53,9 +51,10 @@ class SafeRLConfig:
         top_p: nucleus sampling (1.0: off).
         top_k: top-k sampling (0: off).
         kl_coef: β, the weight of the KL penalty to the reference model.
-        kl_estimator: "k1" | "k2" | "k3" (SPEC §1.2).
-        reward_clip: clamp of the per-token rewards/costs (ppo) or of reward − β·KL (rloo);
-            None: no clamp.
+        kl_estimator: "k1" | "k2" | "k3" (docs/ops.md#kl-estimators).
+        score_clip: clamp of the reward- and cost-model scores to [−score_clip, +score_clip] (ppo: of the
+            per-token rewards/costs; rloo: of reward − β·KL), the ``score_clip`` of ``hcrlhf.ops``; None: no
+            clamp.
         cost_threshold: τ, the constraint threshold on the expected cost.
         delta: δ of the pessimistic coefficient k (and of the later safety test).
         safety_set_size: n_s, the size of the future safety set, in k.
@@ -66,9 +65,9 @@ class SafeRLConfig:
             follows): "rollout" (the official code: the rows of one update, prompts_per_step ·
             samples_per_prompt, e.g. 16 · 2 = 32 → k ≈ 1.18) or "window" (the costs in the window, e.g.
             256 → k ≈ 0.58, half the σ-penalty). The bound U that moves λ always uses the window's n_c.
-        lambda_update: the rule that moves λ (SPEC §2.3): "pid" (default: a PID controller on log λ
-            with the error (U − τ)/σ̂ clipped to lambda_error_clip and an anti-windup integral, λ ∈ [lambda_min,
-            lambda_max]; bounded steps, cannot blow up or die; see
+        lambda_update: the rule that moves λ (docs/method.md#candidate-selection): "pid" (default: a PID
+            controller on log λ with the error (U − τ)/σ̂ clipped to lambda_error_clip and an anti-windup
+            integral, λ ∈ [lambda_min, lambda_max]; bounded steps, cannot blow up or die; see
             :class:`hcrlhf.safety.PIDLagrangeMultiplier`) or "official" (the official code's
             log λ ← min(log λ + lambda_lr·λ·(U − τ), log lambda_max): its step grows with λ and λ = 0 is
             absorbing; kept for fidelity and comparison).
@@ -95,9 +94,10 @@ class SafeRLConfig:
         value_clip_range: clip of the value updates around the rollout values (ppo).
         gamma: GAE discount (ppo).
         gae_lambda: GAE λ (ppo).
-        kl_in_cost: Safe RLHF's KL placement (SPEC §1.2): the combined advantage carries exactly
+        kl_in_cost: Safe RLHF's KL placement (docs/ops.md#safe_advantages): the combined advantage carries exactly
             −β·KL for every λ.
-        normalize_advantages: divide A_r − λ·A_c by 1 + λ (ppo).
+        divide_by_one_plus_lambda: divide the combined advantage A_r − λ·A_c by 1 + λ (ppo; Safe RLHF's
+            scaling, which keeps its size comparable as λ grows). Not whitening: see whiten_advantages.
         whiten_advantages: whiten the combined per-token advantages (ppo).
         entropy_coef: weight of the entropy bonus (0: off); the entropy is always logged.
         ptx_coef: weight of the pretraining-loss mix (Safe RLHF's PTX; the official HC-RLHF code's
@@ -127,7 +127,7 @@ class SafeRLConfig:
         lora_target_modules: names (suffixes) of the linear modules that get adapters, e.g.
             ``["q_proj", "v_proj"]``, or "all-linear"; None: peft's default for the architecture. Must
             not include the LM head (``ops.linear_logprobs`` needs a plain linear head).
-        ama: EXPERIMENTAL. Equilibrate RLHF's adaptive message-wise alignment mask (SPEC §5):
+        ama: EXPERIMENTAL. Equilibrate RLHF's adaptive message-wise alignment mask (docs/method.md#equilibrate-rlhf):
             "off", "sign" or "hysteresis". The authors published no PPO/RLOO + AMA results (only a
             DPO-based variant); treat any effect as unvalidated.
         ama_token_scores: where the token scores s_t of AMA come from: "score_models" (the reward and
@@ -169,7 +169,7 @@ class SafeRLConfig:
     top_k: int = 0
     kl_coef: float = 0.1
     kl_estimator: str = "k1"
-    reward_clip: float | None = 50.0
+    score_clip: float | None = 50.0
     cost_threshold: float = 0.0
     delta: float = 0.1
     safety_set_size: int = 100
@@ -198,7 +198,7 @@ class SafeRLConfig:
     gamma: float = 1.0
     gae_lambda: float = 0.95
     kl_in_cost: bool = True
-    normalize_advantages: bool = True
+    divide_by_one_plus_lambda: bool = True
     whiten_advantages: bool = False
     entropy_coef: float = 0.0
     ptx_coef: float = 0.0
@@ -226,196 +226,91 @@ class SafeRLConfig:
     sync_phase_timing: bool = False
     device: str | None = None
 
-    def __post_init__(self):
-        self.validate()
-
-    # ------------------------------------------------------------------------------- loading
-
-    @classmethod
-    def from_dict(cls, values: dict) -> SafeRLConfig:
-        """A config from a mapping; unknown keys and values of the wrong type are refused, naming the key.
-
-        Floats may be given as ints or as numeric strings (PyYAML reads ``1e-6`` as a string).
-        """
-        if not isinstance(values, dict):
-            raise TypeError(f"SafeRLConfig.from_dict: expected a mapping of settings, got {type(values).__name__}")
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = [key for key in values if key not in known]
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(str(key), list(known), n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ValueError(f"SafeRLConfig: unknown key(s) {', '.join(hints)}")
-        hints = typing.get_type_hints(cls)
-        coerced = {key: _coerce(key, value, hints[key]) for key, value in values.items()}
-        return cls(**coerced)
-
-    @classmethod
-    def from_yaml(cls, path) -> SafeRLConfig:
-        """A config from a YAML file holding one mapping of settings (see :meth:`from_dict`)."""
-        try:
-            import yaml
-        except ImportError as error:  # pragma: no cover - pyyaml ships with datasets/transformers installs
-            raise ImportError("SafeRLConfig.from_yaml needs PyYAML: pip install pyyaml") from error
-        text = Path(path).read_text(encoding="utf-8")
-        values = yaml.safe_load(text)
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
-            raise ValueError(f"SafeRLConfig.from_yaml: {path} must hold a mapping of settings, "
-                             f"got {type(values).__name__}")
-        return cls.from_dict(values)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @property
     def rollout_rows(self) -> int:
         """Rows (sequences) of one rollout: prompts_per_step · samples_per_prompt."""
         return self.prompts_per_step * self.samples_per_prompt
 
-    # ---------------------------------------------------------------------------- validation
-
-    def validate(self) -> None:
-        """Raise ``ValueError``/``TypeError`` naming the first bad field or combination."""
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
-
-        _choice("estimator", self.estimator, ESTIMATORS)
-        _choice("lambda_update", self.lambda_update, LAMBDA_UPDATES)
-        _choice("actor_coefficient", self.actor_coefficient, ACTOR_COEFFICIENTS)
-        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _choice("ama", self.ama, AMA_MODES)
-        _choice("ama_token_scores", self.ama_token_scores, AMA_TOKEN_SCORES)
-        _choice("impl", self.impl, IMPLS)
-        _choice("bf16", self.bf16, ("auto", True, False))
-        _choice("tensorboard", self.tensorboard, ("auto", True, False))
+    def check(self, problems: Problems) -> None:
+        """Every bad value and combination, each naming its key (run on creation)."""
+        problems.choice("estimator", self.estimator, ESTIMATORS)
+        problems.choice("lambda_update", self.lambda_update, LAMBDA_UPDATES)
+        problems.choice("actor_coefficient", self.actor_coefficient, ACTOR_COEFFICIENTS)
+        problems.choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        problems.choice("ama", self.ama, AMA_MODES)
+        problems.choice("ama_token_scores", self.ama_token_scores, AMA_TOKEN_SCORES)
+        problems.choice("impl", self.impl, IMPLS)
+        problems.choice("bf16", self.bf16, ("auto", True, False))
+        problems.choice("tensorboard", self.tensorboard, ("auto", True, False))
 
         for name in ("total_steps", "prompts_per_step", "samples_per_prompt", "max_prompt_length",
-                     "max_new_tokens", "ppo_epochs", "ama_min_kept", "safety_set_size"):
-            _at_least(name, getattr(self, name), 1)
-        _at_least("top_k", self.top_k, 0)
-        _at_least("lambda_update_delay", self.lambda_update_delay, 0)
-        _at_least("cost_window_size", self.cost_window_size, 2)
-        _at_least("safety_set_size", self.safety_set_size, 2)
-        _at_least("lora_r", self.lora_r, 0)
-        for name in ("minibatch_size", "micro_batch_tokens", "checkpoint_every", "keep_checkpoints",
-                     "ptx_batch_size"):
-            if getattr(self, name) is not None:
-                _at_least(name, getattr(self, name), 1)
-
+                     "max_new_tokens", "ppo_epochs", "ama_min_kept", "minibatch_size", "micro_batch_tokens",
+                     "checkpoint_every", "keep_checkpoints", "ptx_batch_size"):
+            problems.at_least(name, getattr(self, name), 1)
+        for name, minimum in (("top_k", 0), ("lambda_update_delay", 0), ("cost_window_size", 2),
+                              ("safety_set_size", 2), ("lora_r", 0)):
+            problems.at_least(name, getattr(self, name), minimum)
         for name in ("temperature", "actor_lr", "critic_lr", "lambda_init", "lambda_min", "clip_range",
-                     "value_clip_range", "lora_alpha"):
-            _positive(name, getattr(self, name))
+                     "value_clip_range", "lora_alpha", "score_clip", "max_grad_norm", "lambda_max"):
+            problems.positive(name, getattr(self, name))
         for name in ("kl_coef", "lambda_lr", "lambda_ki", "lambda_kp", "lambda_kd", "weight_decay", "entropy_coef",
                      "bound_c1", "bound_c2", "ptx_coef"):
-            _nonnegative(name, getattr(self, name))
-        for name in ("reward_clip", "max_grad_norm"):
-            if getattr(self, name) is not None:
-                _positive(name, getattr(self, name))
+            problems.nonnegative(name, getattr(self, name))
         clip = self.lambda_error_clip
         if len(clip) != 2 or not all(math.isfinite(v) and v > 0 for v in clip):
-            raise ValueError(f"SafeRLConfig: lambda_error_clip must be a pair [below, above] of finite numbers > 0, "
-                             f"got {clip!r}")
-        _finite("cost_threshold", self.cost_threshold)
-        _finite("ama_upper", self.ama_upper)
-        _finite("ama_lower", self.ama_lower)
+            problems.add("lambda_error_clip", f"must be a pair [below, above] of finite numbers > 0, got {clip!r}")
+        for name in ("cost_threshold", "ama_upper", "ama_lower"):
+            problems.finite(name, getattr(self, name))
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SafeRLConfig: top_p must be in (0, 1], got {self.top_p!r}")
-        if not 0.0 < self.delta < 1.0:
-            raise ValueError(f"SafeRLConfig: delta must be in (0, 1), got {self.delta!r}")
-        for name in ("gamma", "gae_lambda"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"SafeRLConfig: {name} must be in [0, 1], got {getattr(self, name)!r}")
+            problems.add("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        problems.open_unit("delta", self.delta)
+        problems.between("gamma", self.gamma, 0.0, 1.0)
+        problems.between("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        if problems:  # the combinations below assume sane single values
+            return
 
-        # Combinations.
         if self.lambda_max is not None and not self.lambda_max >= self.lambda_init:
-            raise ValueError(f"SafeRLConfig: lambda_max ({self.lambda_max}) must be >= lambda_init "
-                             f"({self.lambda_init}), or None")
+            problems.add("lambda_max", f"({self.lambda_max}) must be >= lambda_init ({self.lambda_init}), or null")
         if self.lambda_update == "pid" and not self.lambda_min <= self.lambda_init:
-            raise ValueError(f"SafeRLConfig: lambda_min ({self.lambda_min}) must be <= lambda_init "
-                             f"({self.lambda_init})")
+            problems.add("lambda_min", f"({self.lambda_min}) must be <= lambda_init ({self.lambda_init})")
         if self.rollout_rows < 2:
-            raise ValueError("SafeRLConfig: prompts_per_step · samples_per_prompt must be >= 2 (the cost window "
-                             "needs two costs for σ̂)")
+            problems.add("samples_per_prompt", "prompts_per_step · samples_per_prompt must be >= 2 (the cost window "
+                                               "needs two costs for σ̂)")
         if self.estimator == "rloo":
             if self.samples_per_prompt < 2:
-                raise ValueError(f"SafeRLConfig: estimator='rloo' needs samples_per_prompt >= 2 (a leave-one-out "
-                                 f"baseline), got {self.samples_per_prompt}")
+                problems.add("samples_per_prompt", f"estimator='rloo' needs samples_per_prompt >= 2 (a leave-one-out "
+                                                   f"baseline), got {self.samples_per_prompt}")
             if self.ama_token_scores == "critics" and self.ama != "off":
-                raise ValueError("SafeRLConfig: ama_token_scores='critics' needs estimator='ppo' (rloo has no "
-                                 "critics); use ama_token_scores='score_models'")
+                problems.add("ama_token_scores", "'critics' needs estimator='ppo' (rloo has no critics); use "
+                                                 "ama_token_scores='score_models'")
             if self.ppo_epochs != 1 or self.minibatch_size is not None:
-                raise ValueError("SafeRLConfig: estimator='rloo' does one update per rollout; ppo_epochs and "
-                                 "minibatch_size are PPO settings (leave them at 1 and None)")
+                problems.add("ppo_epochs" if self.ppo_epochs != 1 else "minibatch_size",
+                             "estimator='rloo' does one update per rollout; ppo_epochs and minibatch_size are PPO "
+                             "settings (leave them at 1 and null)")
         if self.minibatch_size is not None and self.rollout_rows % self.minibatch_size:
-            raise ValueError(f"SafeRLConfig: minibatch_size={self.minibatch_size} must divide the rollout's rows "
-                             f"prompts_per_step · samples_per_prompt = {self.rollout_rows}")
+            problems.add("minibatch_size", f"({self.minibatch_size}) must divide the rollout's rows "
+                                           f"prompts_per_step · samples_per_prompt = {self.rollout_rows}")
         if self.ama == "hysteresis" and not self.ama_lower < self.ama_upper:
-            raise ValueError(f"SafeRLConfig: ama='hysteresis' needs ama_lower < ama_upper, got "
-                             f"{self.ama_lower} and {self.ama_upper}")
-        if self.resume and self.output_dir is None:
-            raise ValueError("SafeRLConfig: resume=True needs output_dir (where the checkpoints are)")
-        if self.checkpoint_every is not None and self.output_dir is None:
-            raise ValueError("SafeRLConfig: checkpoint_every needs output_dir")
-        if self.tensorboard is True and self.output_dir is None:
-            raise ValueError("SafeRLConfig: tensorboard=True needs output_dir")
+            problems.add("ama_lower", f"ama='hysteresis' needs ama_lower < ama_upper, got {self.ama_lower} and "
+                                      f"{self.ama_upper}")
+        for name, on in (("resume", self.resume), ("checkpoint_every", self.checkpoint_every is not None),
+                         ("tensorboard", self.tensorboard is True)):
+            if on and self.output_dir is None:
+                problems.add(name, f"{name}={getattr(self, name)!r} needs output_dir (where the run is written)")
         if self.ptx_coef > 0 and not self.ptx_path:
-            raise ValueError(f"SafeRLConfig: ptx_coef={self.ptx_coef} needs ptx_path (the pretraining/SFT text of "
-                             "the PTX loss: JSON Lines of {'prompt', 'response'} or {'text'} rows)")
+            problems.add("ptx_path", f"is required with ptx_coef={self.ptx_coef} (the pretraining/SFT text of the "
+                                     "PTX loss: JSON Lines of {'prompt', 'response'} or {'text'} rows)")
         if self.ptx_coef == 0:
             for name in ("ptx_path", "ptx_batch_size"):
                 if getattr(self, name) is not None:
-                    raise ValueError(f"SafeRLConfig: {name} is set but ptx_coef is 0 (the PTX loss is off); set "
-                                     f"ptx_coef > 0 or leave {name} at None")
+                    problems.add(name, "is set but ptx_coef is 0 (the PTX loss is off); set ptx_coef > 0 or leave "
+                                       f"{name} at null")
         if self.lora_target_modules is not None:
             if self.lora_r == 0:
-                raise ValueError("SafeRLConfig: lora_target_modules is set but lora_r is 0 (LoRA is off); set "
-                                 "lora_r >= 1 or leave lora_target_modules at None")
+                problems.add("lora_target_modules", "is set but lora_r is 0 (LoRA is off); set lora_r >= 1 or leave "
+                                                    "lora_target_modules at null")
             names = ([self.lora_target_modules] if isinstance(self.lora_target_modules, str)
                      else self.lora_target_modules)
             if not names or not all(names):
-                raise ValueError(f"SafeRLConfig: lora_target_modules must name at least one module (non-empty "
-                                 f"strings), got {self.lora_target_modules!r}")
-
-
-# ------------------------------------------------------------------------------------- helpers
-
-
-def _check_type(name: str, value, hint) -> None:
-    if not matches(value, hint):
-        raise TypeError(f"SafeRLConfig: {name} must be {type_name(hint)}, got {value!r} ({type(value).__name__})")
-
-
-def _coerce(name: str, value, hint):
-    """YAML conveniences: a numeric string or an int for a float field becomes a float."""
-    value = coerce_yaml(value, hint)
-    _check_type(name, value, hint)
-    return value
-
-
-def _choice(name: str, value, choices) -> None:
-    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
-        raise ValueError(f"SafeRLConfig: {name} must be one of {choices}, got {value!r}")
-
-
-def _at_least(name: str, value: int, minimum: int) -> None:
-    if value < minimum:
-        raise ValueError(f"SafeRLConfig: {name} must be >= {minimum}, got {value!r}")
-
-
-def _finite(name: str, value: float) -> None:
-    if not math.isfinite(value):
-        raise ValueError(f"SafeRLConfig: {name} must be finite, got {value!r}")
-
-
-def _positive(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"SafeRLConfig: {name} must be a finite number > 0, got {value!r}")
-
-
-def _nonnegative(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"SafeRLConfig: {name} must be a finite number >= 0, got {value!r}")
+                problems.add("lora_target_modules", f"must name at least one module (non-empty strings), got "
+                                                    f"{self.lora_target_modules!r}")

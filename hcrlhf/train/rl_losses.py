@@ -6,7 +6,7 @@ the trained response tokens. Every ``denominator`` is a token (or row) count pas
 tensor, so that a minibatch split into micro-batches sums to exactly its un-split loss and no count is
 read on the host.
 
-AMA (:func:`ama_mask`) is Equilibrate RLHF's adaptive message-wise alignment (SPEC.md §5). It is
+AMA (:func:`ama_mask`) is Equilibrate RLHF's adaptive message-wise alignment (docs/method.md#equilibrate-rlhf). It is
 **experimental** here: the authors published no PPO/RLOO + AMA numbers, only a DPO-based variant.
 """
 
@@ -100,7 +100,7 @@ def explained_variance(values, returns, mask) -> torch.Tensor:
 @torch.no_grad()
 def ama_signal(token_scores: torch.Tensor, mask: torch.Tensor, *, mode: str, upper: float = 0.3,
                lower: float = -0.3) -> torch.Tensor:
-    """The AMA signal z_t ∈ {+1, −1} (float, (B, T)) from token scores s_t (SPEC §5).
+    """The AMA signal z_t ∈ {+1, −1} (float, (B, T)) from token scores s_t (docs/method.md#equilibrate-rlhf).
 
     * ``"sign"``: z = +1 where s ≥ 0, else −1.
     * ``"hysteresis"``: z switches to +1 where s > ``upper`` and to −1 where s < ``lower``, and otherwise

@@ -1,4 +1,4 @@
-"""The lean Lagrangian RL trainer of HC-RLHF's candidate selection (SPEC.md §2.3).
+"""The lean Lagrangian RL trainer of HC-RLHF's candidate selection (docs/method.md#candidate-selection).
 
 Each iteration of :meth:`SafeRLTrainer.step` reads top to bottom in numbered phases:
 
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import random
@@ -56,7 +55,15 @@ from torch import nn
 
 import hcrlhf.train.rl_checkpoint as rl_checkpoint
 from hcrlhf import ops
-from hcrlhf.data.templates import get_template, pad_sequences, tokenize_pairs, tokenize_prompts
+from hcrlhf.data.lm_rows import read_lm_rows
+from hcrlhf.data.templates import get_template, tokenize_prompts
+from hcrlhf.models.logprobs import (
+    decoder_and_head,
+    is_peft_model,
+    lm_loss_backward,
+    response_logprobs,
+    tokenize_lm_rows,
+)
 from hcrlhf.safety import CostWindow, assert_disjoint, augmented_costs, make_multiplier, pessimistic_coefficient
 from hcrlhf.train.rl_config import SafeRLConfig
 from hcrlhf.train.rl_losses import (
@@ -69,14 +76,11 @@ from hcrlhf.train.rl_losses import (
     reinforce_loss,
 )
 
-__all__ = ["SafeRLTrainer", "TrainingDivergedError", "Rollout", "response_logprobs", "read_lm_rows", "tokenize_lm_rows",
-           "lm_loss_backward"]
+__all__ = ["SafeRLTrainer", "TrainingDivergedError", "Rollout"]
 
 # Settings that may change between a run and its resumption (they do not change the trajectory).
 RESUMABLE_CHANGES = frozenset({"total_steps", "checkpoint_every", "keep_checkpoints", "resume", "progress",
                                "tensorboard", "output_dir", "sync_phase_timing", "device"})
-# Config attributes of models whose logits are not plain ``hidden @ lm_head.T (+ bias)``.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 # σ̂ floor for the augmented costs: a window of identical costs would otherwise divide by zero.
 _STD_FLOOR = 1e-6
 
@@ -112,71 +116,6 @@ class Rollout:
     @property
     def width(self) -> int:
         return self.input_ids.shape[1]
-
-
-def _is_peft_model(model) -> bool:
-    return type(model).__module__.split(".")[0] == "peft" and hasattr(model, "get_base_model")
-
-
-def _decoder_and_head(model: nn.Module):
-    """The model's decoder (returns last hidden states) and its LM head, for the fused log-prob path."""
-    if _is_peft_model(model):  # LoRA: the adapters live inside the base model's modules
-        model = model.get_base_model()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    prefix = getattr(model, "base_model_prefix", "")
-    decoder = getattr(model, prefix, None) if prefix else None
-    if not isinstance(head, nn.Linear) or not isinstance(decoder, nn.Module) or decoder is model:
-        raise ValueError(f"SafeRLTrainer: {type(model).__name__} does not expose a decoder and a linear lm_head "
-                         "(get_output_embeddings / base_model_prefix); the fused log-prob path needs both")
-    config = getattr(model, "config", None)
-    for attribute in _LOGIT_TRANSFORMS:
-        if getattr(config, attribute, None) not in (None, 1, 1.0):
-            raise NotImplementedError(f"SafeRLTrainer: {type(model).__name__} transforms its logits "
-                                      f"({attribute}={getattr(config, attribute)!r}); ops.linear_logprobs computes "
-                                      "plain hidden @ lm_head.T logits")
-    return decoder, head
-
-
-def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      action_index: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False,
-                      impl: str = "auto"):
-    """Log-probs (and entropies) of the response tokens on the action grid, LM head on those tokens only.
-
-    Args:
-        model: a Hugging Face causal LM (decoder + linear lm_head).
-        input_ids, attention_mask: (B, T); left or right padding (positions count real tokens).
-        action_index: (N,) int64 flat indices into the (B, T − 1) action grid of the tokens to score
-            (e.g. ``action_mask.flatten().nonzero()``); index ``b·(T−1) + j`` is token ``j + 1`` of row b.
-        temperature: logits are divided by it (the sampling temperature).
-        return_entropy: also return the per-token entropy.
-        impl: kernel implementation of ``ops.linear_logprobs``.
-
-    Returns:
-        (B, T − 1) float32 log-probs, 0 off ``action_index`` (and the entropies likewise). Differentiable
-        w.r.t. the model's parameters when called with grad enabled.
-    """
-    decoder, head = _decoder_and_head(model)
-    batch, width = input_ids.shape
-    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    output = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state  # (B, T, H)
-    # Action (b, j) predicts token j + 1 from the hidden state at j: grid index b·(T−1) + j maps to the
-    # hidden row b·T + j and to the label at b·T + j + 1. Only these N rows meet the LM head.
-    row = torch.div(action_index, width - 1, rounding_mode="floor")
-    hidden_index = action_index + row
-    selected = hidden.reshape(batch * width, -1).index_select(0, hidden_index)
-    labels = input_ids.reshape(-1).index_select(0, hidden_index + 1)
-    weight, bias = head.weight, head.bias
-    with torch.autocast(device_type=selected.device.type, enabled=False):  # the head stays in fp32 under bf16
-        out = ops.linear_logprobs(selected.to(weight.dtype), weight, labels, bias=bias, temperature=temperature,
-                                  return_entropy=return_entropy, impl=impl)
-    logp, entropy = out if return_entropy else (out, None)
-
-    def to_grid(values):
-        grid = torch.zeros(batch * (width - 1), dtype=values.dtype, device=values.device)
-        return grid.index_copy(0, action_index, values).view(batch, width - 1)
-
-    return (to_grid(logp), to_grid(entropy)) if return_entropy else to_grid(logp)
 
 
 class SafeRLTrainer:
@@ -219,7 +158,8 @@ class SafeRLTrainer:
         # Fail fast, before any model work: the PTX text and peft.
         self.ptx_rows, self.ptx_kind, self.ptx_fingerprint = [], None, None
         if config.ptx_coef > 0:
-            self.ptx_rows, self.ptx_kind, self.ptx_fingerprint = _read_ptx(config.ptx_path)
+            self.ptx_rows, self.ptx_kind, self.ptx_fingerprint = read_lm_rows(config.ptx_path,
+                                                                               name="SafeRLConfig: ptx_path")
             if self.ptx_kind == "text" and tokenizer.eos_token_id is None:
                 raise ValueError("SafeRLTrainer: plain-text PTX rows end with an EOS target, but the tokenizer has "
                                  "no eos_token")
@@ -229,7 +169,7 @@ class SafeRLTrainer:
             if reference_model is not None:
                 raise ValueError("SafeRLTrainer: with LoRA (lora_r > 0) the KL reference is the policy with its "
                                  "adapters disabled; do not pass reference_model")
-            if _is_peft_model(policy) or any(isinstance(m, peft.tuners.lora.LoraLayer) for m in policy.modules()):
+            if is_peft_model(policy) or any(isinstance(m, peft.tuners.lora.LoraLayer) for m in policy.modules()):
                 raise ValueError("SafeRLTrainer: with lora_r > 0 pass the base model without adapters (the trainer "
                                  "adds them; a policy wrapped by an earlier trainer cannot be reused)")
 
@@ -242,7 +182,7 @@ class SafeRLTrainer:
 
         # Models. The reference is copied before any checkpoint is loaded into the policy; with LoRA it is
         # the policy with its adapters disabled (no copy).
-        _decoder_and_head(policy)
+        decoder_and_head(policy)
         policy = policy.to(self.device)
         if self.lora:
             policy = _add_lora(policy, config)
@@ -320,7 +260,7 @@ class SafeRLTrainer:
                 ran.append(metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", cost=f"{metrics['cost/mean']:.3f}",
-                                bound=f"{metrics['cost/bound']:.3f}", lam=f"{metrics['lambda']:.3g}")
+                                bound=f"{metrics['cost/bound']:.3f}", **{"λ": f"{metrics['lambda']:.3g}"})
                 last = self.global_step == config.total_steps
                 every = config.checkpoint_every
                 if self.output_dir is not None and ((every is not None and self.global_step % every == 0) or last):
@@ -336,8 +276,8 @@ class SafeRLTrainer:
         config = self.config
         timer = _PhaseTimer(self.device, config.sync_phase_timing)
         # λ of this iteration, as a device tensor: the kernels read it without a host sync.
-        lagrange = self.multiplier.tensor(device=self.device)
-        lagrange_value = self.multiplier.value
+        lagrange_multiplier = self.multiplier.tensor(device=self.device)
+        lagrange_multiplier_value = self.multiplier.value
 
         # 1. rollout ---------------------------------------------------------------------------
         with timer("generation"):
@@ -381,28 +321,30 @@ class SafeRLTrainer:
                 cost_values = full_values["cost_critic"][:, :-1]
                 result = ops.safe_advantages(
                     old_logprobs, ref_logprobs, action_mask, reward_scores, cost_scores, reward_values, cost_values,
-                    kl_coef=config.kl_coef, lagrange_multiplier=lagrange, gamma=config.gamma, lam=config.gae_lambda,
-                    kl_estimator=config.kl_estimator, score_clip=config.reward_clip, kl_in_cost=config.kl_in_cost,
-                    normalize=config.normalize_advantages, whiten=config.whiten_advantages, impl=config.impl)
+                    kl_coef=config.kl_coef, lagrange_multiplier=lagrange_multiplier, gamma=config.gamma,
+                    gae_lambda=config.gae_lambda, kl_estimator=config.kl_estimator, score_clip=config.score_clip,
+                    kl_in_cost=config.kl_in_cost, divide_by_one_plus_lambda=config.divide_by_one_plus_lambda,
+                    whiten=config.whiten_advantages, impl=config.impl)
                 advantages = result.advantages
                 sequence_kl = result.kl.sum(dim=1)
             else:
                 result = ops.rloo_advantages(
                     old_logprobs, ref_logprobs, action_mask, reward_scores, cost_scores,
-                    group_size=config.samples_per_prompt, kl_coef=config.kl_coef, lagrange_multiplier=lagrange,
-                    kl_estimator=config.kl_estimator, score_clip=config.reward_clip, impl=config.impl)
+                    group_size=config.samples_per_prompt, kl_coef=config.kl_coef,
+                    lagrange_multiplier=lagrange_multiplier, kl_estimator=config.kl_estimator,
+                    score_clip=config.score_clip, impl=config.impl)
                 advantages = result.advantages
                 sequence_kl = result.kl
             policy_mask = action_mask
-            if config.ama != "off":  # EXPERIMENTAL (SPEC §5)
+            if config.ama != "off":  # EXPERIMENTAL (docs/method.md#equilibrate-rlhf)
                 if config.ama_token_scores == "critics":
                     # The state *after* token j + 1: the critics' outputs at position j + 1.
                     after = {name: values[:, 1:] for name, values in full_values.items()}
-                    token_scores = after["reward_critic"] - lagrange * after["cost_critic"]
+                    token_scores = after["reward_critic"] - lagrange_multiplier * after["cost_critic"]
                 else:
                     token_scores = (torch.cat([o.scores for o in reward_out]).float()[:, 1:]
-                                    - lagrange * torch.cat([o.scores for o in cost_out]).float()[:, 1:])
-                token_scores = token_scores / (1.0 + lagrange)
+                                    - lagrange_multiplier * torch.cat([o.scores for o in cost_out]).float()[:, 1:])
+                token_scores = token_scores / (1.0 + lagrange_multiplier)
                 policy_mask = ama_mask(advantages, token_scores, action_mask, mode=config.ama, upper=config.ama_upper,
                                        lower=config.ama_lower, min_kept=config.ama_min_kept)
 
@@ -453,7 +395,7 @@ class SafeRLTrainer:
         self.global_step += 1
         total = timer.total()
         metrics.update({
-            "step": self.global_step, "lambda": lagrange_value, "lambda_next": self.multiplier.value,
+            "step": self.global_step, "lambda": lagrange_multiplier_value, "lambda_next": self.multiplier.value,
             "cost/bound": bound, "cost/threshold": config.cost_threshold, "cost/coefficient_k": coefficient,
             "cost/actor_coefficient_k": actor_coefficient,
             "cost/window_mean": self.cost_window.mean, "cost/window_std": self.cost_window.std,
@@ -465,7 +407,7 @@ class SafeRLTrainer:
         return metrics
 
     def pessimistic_coefficient(self, n_candidate: int) -> float:
-        """k of SPEC §2.3 for ``n_candidate`` costs, with this config's δ, n_s, C1 and C2."""
+        """k of docs/method.md#candidate-selection for ``n_candidate`` costs, with this config's δ, n_s, C1 and C2."""
         config = self.config
         return pessimistic_coefficient(n_candidate, config.safety_set_size, config.delta, config.bound_c1,
                                        config.bound_c2)
@@ -789,7 +731,7 @@ class SafeRLTrainer:
         raise TrainingDivergedError(
             f"SafeRLTrainer: {what} is {value} at iteration {self.global_step + 1}; training stopped and this "
             f"iteration was not checkpointed ({where}). Lower the learning rates, check the reward/cost models "
-            "for NaN scores, or set reward_clip / lambda_max.")
+            "for NaN scores, or set score_clip / lambda_max.")
 
     def _log(self, metrics: dict) -> None:
         self.history.append(metrics)
@@ -847,83 +789,6 @@ def _add_lora(policy, config: SafeRLConfig):
     return wrapped
 
 
-def tokenize_lm_rows(tokenizer, rows: list[dict], kind: str, *, template, max_length: int):
-    """LM rows (as :func:`read_lm_rows` returns them) as ``(input_ids, attention_mask, target_mask)`` on the
-    CPU, right padded, cut to ``max_length`` tokens; ``target_mask`` (B, T − 1) marks the actions whose
-    token is an LM target (pairs: the response and its EOS; text: every token after the first, and an EOS)."""
-    if kind == "pairs":
-        batch = tokenize_pairs(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                               template=template, max_length=max_length, padding_side="right")
-        return batch.input_ids, batch.attention_mask, batch.response_mask[:, 1:]
-    encoded = tokenizer([r["text"] for r in rows], add_special_tokens=True)["input_ids"]
-    sequences = [(list(ids) + [tokenizer.eos_token_id])[:max_length] for ids in encoded]
-    input_ids, attention_mask, _ = pad_sequences(sequences, tokenizer.pad_token_id, padding_side="right")
-    return input_ids, attention_mask, attention_mask[:, 1:].bool()
-
-
-def lm_loss_backward(model, input_ids, attention_mask, targets, *, coef: float = 1.0, device=None,
-                     micro_batch_tokens: int | None = None, impl: str = "auto", autocast=None) -> torch.Tensor:
-    """Backpropagate ``coef ·`` the LM loss (mean NLL per target token, temperature 1) of one batch (as
-    :func:`tokenize_lm_rows` gives it), in micro-batches of at most ``micro_batch_tokens`` tokens; returns
-    the LM loss (detached). The log-probs come from ``ops.linear_logprobs`` on the target positions only."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    rows, width = input_ids.shape
-    n_targets = torch.tensor(float(max(int(targets.sum()), 1)), device=device)  # a host count
-    per_chunk = rows if micro_batch_tokens is None else max(1, micro_batch_tokens // width)
-    total = torch.zeros((), device=device)
-    for start in range(0, rows, per_chunk):
-        part = slice(start, start + per_chunk)
-        index = targets[part].reshape(-1).nonzero().squeeze(1).to(device, non_blocking=True)
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            logprobs = response_logprobs(model, input_ids[part].to(device), attention_mask[part].to(device), index,
-                                         temperature=1.0, impl=impl)
-        lm_loss = -logprobs.sum() / n_targets  # 0 off the targets
-        (coef * lm_loss).backward()
-        total = total + lm_loss.detach()
-    return total
-
-
-def read_lm_rows(path, *, name: str = "SafeRLConfig: ptx_path") -> tuple[list[dict], str, str]:
-    """The LM rows of ``path`` (JSON Lines or a .json list): all ``{"prompt", "response"}`` or all
-    ``{"text"}``; returns them, their kind ("pairs" | "text") and the file's sha256. ``name`` is the setting
-    errors name."""
-    return _read_ptx(path, name=name)
-
-
-def _read_ptx(path, *, name: str = "SafeRLConfig: ptx_path") -> tuple[list[dict], str, str]:
-    """The PTX rows of ``path`` (JSON Lines or a .json list), their kind ("pairs" | "text") and sha256."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{name}={str(path)!r} is not a file")
-    raw = file.read_bytes()
-    text = raw.decode("utf-8")
-    try:
-        if file.suffix == ".json":
-            rows = json.loads(text)
-            if not isinstance(rows, list):
-                raise ValueError("a .json file must hold a list of rows")
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except (json.JSONDecodeError, ValueError) as error:
-        raise ValueError(f"{name}={str(path)!r} is not valid JSON Lines / JSON: {error}") from error
-    if not rows:
-        raise ValueError(f"{name}={str(path)!r} holds no rows")
-    kind = None
-    for number, row in enumerate(rows, start=1):
-        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
-            row_kind = "pairs"
-        elif isinstance(row, dict) and isinstance(row.get("text"), str):
-            row_kind = "text"
-        else:
-            raise ValueError(f"{name}={str(path)!r} row {number} must be an object with string "
-                             "'prompt' and 'response' fields, or a string 'text' field")
-        if kind is not None and row_kind != kind:
-            raise ValueError(f"{name}={str(path)!r} mixes {kind!r} and {row_kind!r} rows "
-                             f"(row {number}); use one kind per file")
-        kind = row_kind
-    return rows, kind, hashlib.sha256(raw).hexdigest()
-
-
 def _clip(parameters, max_norm: float | None) -> torch.Tensor:
     """Clip the gradient norm (or only measure it when ``max_norm`` is None); a device tensor, no sync."""
     return torch.nn.utils.clip_grad_norm_(list(parameters), math.inf if max_norm is None else max_norm)
@@ -948,10 +813,11 @@ def _check_prompts(prompts) -> list[str]:
 
 
 def _refuse_safety_overlap(train_prompts: list[str], safety_prompts) -> None:
-    """SPEC §2.2: nothing in training may read D_s — refuse overlapping prompt sets up front."""
+    """Nothing in training may read D_s (docs/method.md#data-split) — refuse overlapping prompt sets up front."""
     if safety_prompts is None:
         warnings.warn("SafeRLTrainer: safety_prompts=None, so the training prompts are not checked against the "
-                      "safety set; pass the PromptSplit (or the safety prompts / fingerprint) to enforce SPEC §2.2")
+                      "safety set; pass the PromptSplit (or the safety prompts / fingerprint) to enforce the split "
+                      "(docs/method.md#data-split)")
         return
     if hasattr(safety_prompts, "safety") and hasattr(safety_prompts, "safety_fingerprint"):  # a PromptSplit
         assert_disjoint(train_prompts, list(safety_prompts.safety))

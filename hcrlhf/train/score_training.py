@@ -1,4 +1,4 @@
-"""Training reward and cost models on preference pairs (SPEC.md §4).
+"""Training reward and cost models on preference pairs (docs/method.md#reward-and-cost-models).
 
 One loop for both, in numbered phases: (1) check and prepare the data, (2) set up the optimiser,
 schedule and precision, (3) train with gradient accumulation, evaluating held-out pair accuracy and
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from hcrlhf.config import Problems, Section
 from hcrlhf.data.preferences import PREFERENCE_COLUMNS
 from hcrlhf.data.templates import get_template, tokenize_pairs
 from hcrlhf.train.losses import COST_LOSSES, cost_loss, reward_loss
@@ -41,8 +42,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass
-class ScoreTrainingConfig:
-    """Settings of :func:`train_score_model`.
+class ScoreTrainingConfig(Section):
+    """Settings of :func:`train_score_model` (a :class:`hcrlhf.config.Section`: checked on creation).
 
     Attributes:
         kind: "reward" (learns ``better_response_id``) or "cost" (learns ``safer_response_id``).
@@ -90,32 +91,21 @@ class ScoreTrainingConfig:
     progress: bool = True
     device: str | None = None
 
-    def validate(self) -> None:
-        fn = "ScoreTrainingConfig"
-        if self.kind not in KINDS:
-            raise ValueError(f"{fn}: kind must be one of {KINDS}, got {self.kind!r}")
-        if self.cost_loss not in COST_LOSSES:
-            raise ValueError(f"{fn}: cost_loss must be one of {COST_LOSSES}, got {self.cost_loss!r}")
-        if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"{fn}: lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
-        for name in ("batch_size", "gradient_accumulation_steps", "eval_batch_size", "max_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
-        for name in ("max_steps", "eval_every", "save_every"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{fn}: {name} must be a positive int or None, got {value!r}")
-        if not (self.epochs > 0 and math.isfinite(self.epochs)):
-            raise ValueError(f"{fn}: epochs must be > 0, got {self.epochs!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"{fn}: learning_rate must be > 0, got {self.learning_rate!r}")
+    def check(self, problems: Problems) -> None:
+        problems.choice("kind", self.kind, KINDS)
+        problems.choice("cost_loss", self.cost_loss, COST_LOSSES)
+        problems.choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        problems.choice("bf16", self.bf16, ("auto", True, False))
+        for name in ("batch_size", "gradient_accumulation_steps", "eval_batch_size", "max_length", "max_steps",
+                     "eval_every", "save_every"):
+            problems.at_least(name, getattr(self, name), 1)
+        for name in ("epochs", "learning_rate"):
+            problems.positive(name, getattr(self, name))
+        problems.nonnegative("regularization", self.regularization)
+        problems.nonnegative("weight_decay", self.weight_decay)
+        problems.positive("max_grad_norm", self.max_grad_norm)
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"{fn}: warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.regularization < 0:
-            raise ValueError(f"{fn}: regularization must be >= 0, got {self.regularization!r}")
-        if self.bf16 not in ("auto", True, False):
-            raise ValueError(f"{fn}: bf16 must be 'auto', True or False, got {self.bf16!r}")
+            problems.add("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio!r}")
 
 
 @dataclass
@@ -215,7 +205,7 @@ def evaluate_score_model(model, tokenizer, dataset, *, kind: str = "reward", tem
     high, low = torch.cat(highs), torch.cat(lows)
     metrics = _pair_metrics(kind, high, low, torch.tensor(high_safe_all), torch.tensor(low_safe_all))
     categories = [r.get("category") for r in rows]
-    if any(c is not None for c in categories):  # FDC: metrics per prompt category (SPEC §5)
+    if any(c is not None for c in categories):  # FDC: metrics per prompt category (docs/method.md#equilibrate-rlhf)
         metrics["by_category"] = {}
         for category in sorted({c for c in categories if c is not None}):
             index = torch.tensor([c == category for c in categories])
@@ -267,7 +257,7 @@ def train_score_model(model, tokenizer, train_dataset, *, config: ScoreTrainingC
         eval_dataset: held-out pairs; evaluated before training, every ``eval_every`` steps and at the end.
         template: prompt template (see :func:`hcrlhf.data.get_template`).
         safety_split: a :class:`hcrlhf.data.PromptSplit`; if given, training refuses any prompt of its
-            safety set (SPEC.md §2.2).
+            safety set (docs/method.md#data-split).
 
     Returns:
         :class:`ScoreTrainingResult`.

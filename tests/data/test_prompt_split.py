@@ -1,4 +1,5 @@
-"""The SPEC §2.2 split (seeded, recorded, fingerprinted, copies together) and FDC composition."""
+"""The candidate / safety split of docs/method.md#data-split (seeded, recorded, fingerprinted, copies
+together) and FDC composition."""
 
 import random
 

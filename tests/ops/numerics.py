@@ -1,4 +1,4 @@
-"""The comparison rule of DESIGN.md and shared input builders for the op tests.
+"""The comparison rule of docs/ops.md#how-the-kernels-are-tested and shared input builders for the op tests.
 
 err(impl) <= 2 * err(reference run in the test dtype) + atol, errors measured against the
 reference run in float64 on the very same input values.
@@ -62,7 +62,8 @@ def randn(shape, generator: torch.Generator, scale: float = 1.0) -> torch.Tensor
 
 def assert_matches_reference(name: str, got: torch.Tensor, truth: torch.Tensor, low_precision: torch.Tensor,
                              *, atol: float) -> None:
-    """Apply the DESIGN.md error rule and explain a failure with max/mean error and the worst index."""
+    """Apply the error rule (docs/ops.md#how-the-kernels-are-tested); explain a failure with max/mean error
+    and the worst index."""
     assert got.shape == truth.shape, f"{name}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
     assert torch.isfinite(got).all(), f"{name}: non-finite output at {torch.nonzero(~torch.isfinite(got))[:5].tolist()}"
     err = (got.double() - truth).abs()
@@ -81,6 +82,6 @@ def assert_matches_reference(name: str, got: torch.Tensor, truth: torch.Tensor, 
 @pytest.fixture
 def poisoned_outputs(monkeypatch):
     """Every op output starts as NaN, so an element a kernel fails to write is caught."""
-    from hcrlhf.ops import _buffers
+    from hcrlhf import _op_outputs
 
-    monkeypatch.setattr(_buffers, "POISON", float("nan"))
+    monkeypatch.setattr(_op_outputs, "POISON", float("nan"))

@@ -51,7 +51,7 @@ def test_missing_extension_explains_how_to_build_it(monkeypatch):
     with pytest.raises(ImplUnavailableError, match=r"pip install -e \..*HCRLHF_SKIP_EXT"):
         ops.gae(torch.randn(2, 3), torch.randn(2, 3), torch.ones(2, 3, dtype=torch.bool), impl="cpp")
     # auto falls back to the reference, which computes the same result
-    adv, _ = ops.gae(torch.ones(1, 2), torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), gamma=1.0, lam=1.0)
+    adv, _ = ops.gae(torch.ones(1, 2), torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), gamma=1.0, gae_lambda=1.0)
     torch.testing.assert_close(adv, torch.tensor([[2.0, 1.0]]))
 
 

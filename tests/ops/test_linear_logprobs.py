@@ -32,7 +32,7 @@ def small_triton_blocks(monkeypatch):
 
 
 def assert_rule(name, actual, truth, low_precision_ref, atol):
-    """max|actual - truth| <= 2 * max|low_precision_ref - truth| + atol (DESIGN.md)."""
+    """max|actual - truth| <= 2 * max|low_precision_ref - truth| + atol (docs/ops.md#how-the-kernels-are-tested)."""
     actual, truth, low = actual.double(), truth.double(), low_precision_ref.double()
     err = (actual - truth).abs()
     bound = 2 * (low - truth).abs().max().item() + atol

@@ -1,4 +1,4 @@
-"""ops.rloo_advantages: every impl against the float64 reference (SPEC.md §1.3)."""
+"""ops.rloo_advantages: every impl against the float64 reference (docs/ops.md#rloo_advantages)."""
 
 import pytest
 import torch
@@ -45,9 +45,9 @@ def test_matches_reference(impl, group_size, batch, kl_estimator, generator):
 @pytest.mark.parametrize("as_tensor", [False, True])
 @pytest.mark.parametrize("mask_kind", ["left_padded", "empty_rows"])
 def test_clip_multiplier_and_masks(impl, score_clip, as_tensor, mask_kind, generator):
-    lam = torch.tensor(0.6) if as_tensor else 0.6
+    multiplier = torch.tensor(0.6) if as_tensor else 0.6
     check(impl, make_inputs(*interpreter_sized(impl, (6, 1001)), generator, mask_kind), group_size=3, kl_coef=0.05,
-          lagrange_multiplier=lam, score_clip=score_clip)
+          lagrange_multiplier=multiplier, score_clip=score_clip)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

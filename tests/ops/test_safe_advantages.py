@@ -1,4 +1,4 @@
-"""ops.safe_advantages: every impl against the float64 reference (SPEC.md §1.2)."""
+"""ops.safe_advantages: every impl against the float64 reference (docs/ops.md#safe_advantages)."""
 
 import itertools
 
@@ -60,8 +60,8 @@ def test_matches_reference(impl, mask_kind, shape, generator):
 
 
 OPTION_GRID = [
-    dict(kl_estimator=est, kl_in_cost=kic, normalize=norm, whiten=wh, score_clip=clip)
-    for est, kic, norm, wh, clip in itertools.product(
+    dict(kl_estimator=est, kl_in_cost=kic, divide_by_one_plus_lambda=divide, whiten=wh, score_clip=clip)
+    for est, kic, divide, wh, clip in itertools.product(
         ("k1", "k2", "k3"), (True, False), (True, False), (False, True), (None, 0.5)
     )
 ]
@@ -71,8 +71,8 @@ OPTION_GRID = [
 @pytest.mark.parametrize("options", OPTION_GRID, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_options(impl, options, generator):
     inputs = make_inputs((3, 21) if impl == "triton" else (5, 37), generator, "holes")
-    lam = torch.tensor(1.7) if options["kl_estimator"] == "k2" else 1.7  # λ as float and as tensor
-    check(impl, inputs, kl_coef=0.2, lagrange_multiplier=lam, gamma=0.99, lam=0.9, **options)
+    multiplier = torch.tensor(1.7) if options["kl_estimator"] == "k2" else 1.7  # λ as float and as tensor
+    check(impl, inputs, kl_coef=0.2, lagrange_multiplier=multiplier, gamma=0.99, gae_lambda=0.9, **options)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -110,13 +110,13 @@ def test_strided_inputs(impl, generator):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_kl_in_cost_makes_kl_weight_independent_of_lambda(impl, generator):
-    """With kl_in_cost the combined advantage carries exactly −β·KL for every λ (SPEC §1.2)."""
+    """With kl_in_cost the combined advantage carries exactly −β·KL for every λ (docs/ops.md#safe_advantages)."""
     require_impl(impl)
     inputs = make_inputs((3, 25), generator, "right_padded")
     inputs.update(reward_scores=torch.zeros(3), cost_scores=torch.zeros(3))
     inputs.update(reward_values=torch.zeros(3, 25), cost_values=torch.zeros(3, 25))
-    results = [ops.safe_advantages(**inputs, kl_coef=0.3, lagrange_multiplier=lam, impl=impl).advantages
-               for lam in (0.0, 0.5, 10.0)]
+    results = [ops.safe_advantages(**inputs, kl_coef=0.3, lagrange_multiplier=multiplier, impl=impl).advantages
+               for multiplier in (0.0, 0.5, 10.0)]
     pure_kl, _ = reference.gae(-0.3 * reference.kl_penalty(inputs["logprobs"], inputs["ref_logprobs"], "k1")
                                * inputs["mask"], torch.zeros(3, 25), inputs["mask"], 1.0, 0.95)
     for advantages in results:

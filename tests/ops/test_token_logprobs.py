@@ -1,7 +1,7 @@
 """ops.token_logprobs against the float64 reference, for every impl (Triton through the interpreter).
 
-Tolerance rule (DESIGN.md): err(impl) <= 2 * err(reference run in the test dtype) + atol, errors
-measured against the reference run in float64 on the same (rounded) inputs.
+Tolerance rule (docs/ops.md#how-the-kernels-are-tested): err(impl) <= 2 * err(reference run in the test
+dtype) + atol, errors measured against the reference run in float64 on the same (rounded) inputs.
 """
 
 from __future__ import annotations

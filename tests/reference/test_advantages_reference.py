@@ -11,7 +11,7 @@ def test_gae_three_token_hand_example():
     rewards = torch.tensor([[1.0, 0.0, 2.0]], dtype=torch.float64)
     values = torch.tensor([[0.5, 1.0, 1.5]], dtype=torch.float64)
     mask = torch.ones(1, 3, dtype=torch.bool)
-    advantages, returns = reference.gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    advantages, returns = reference.gae(rewards, values, mask, gamma=0.9, gae_lambda=0.5)
     d2 = 2.0 + 0.9 * 0.0 - 1.5  # bootstrap after the end is 0
     d1 = 0.0 + 0.9 * 1.5 - 1.0
     d0 = 1.0 + 0.9 * 1.0 - 0.5
@@ -27,9 +27,9 @@ def test_gae_skips_holes_and_zeroes_masked_positions():
     rewards = torch.tensor([[1.0, 7.0, 2.0, 3.0]], dtype=torch.float64)
     values = torch.tensor([[0.5, 9.0, 1.5, -1.0]], dtype=torch.float64)
     mask = torch.tensor([[True, False, True, True]])
-    advantages, returns = reference.gae(rewards, values, mask, gamma=0.95, lam=0.9)
+    advantages, returns = reference.gae(rewards, values, mask, gamma=0.95, gae_lambda=0.9)
     dense_adv, dense_ret = reference.gae(rewards[:, [0, 2, 3]], values[:, [0, 2, 3]],
-                                         torch.ones(1, 3, dtype=torch.bool), gamma=0.95, lam=0.9)
+                                         torch.ones(1, 3, dtype=torch.bool), gamma=0.95, gae_lambda=0.9)
     torch.testing.assert_close(advantages[:, [0, 2, 3]], dense_adv)
     torch.testing.assert_close(returns[:, [0, 2, 3]], dense_ret)
     assert advantages[0, 1] == 0 and returns[0, 1] == 0
@@ -40,11 +40,11 @@ def test_safe_advantages_three_token_hand_example():
     ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5]], dtype=torch.float64)
     mask = torch.tensor([[True, True, False]])  # the end is t = 1
     values = torch.tensor([[0.2, 0.4, 9.0]], dtype=torch.float64)
-    beta, lam_mult = 0.1, 3.0
+    beta, multiplier = 0.1, 3.0
     out = reference.safe_advantages(
         logprobs, ref_logprobs, mask, torch.tensor([2.0], dtype=torch.float64),
         torch.tensor([1.0], dtype=torch.float64), values, values, kl_coef=beta,
-        lagrange_multiplier=lam_mult, gamma=1.0, lam=1.0,
+        lagrange_multiplier=multiplier, gamma=1.0, gae_lambda=1.0,
     )
     kl = [0.5, -1.0]
     r = [-beta * kl[0], -beta * kl[1] + 2.0]
@@ -52,12 +52,12 @@ def test_safe_advantages_three_token_hand_example():
     # γ = λ = 1: the advantage is the reward-to-go minus the value.
     a_r = [r[0] + r[1] - 0.2, r[1] - 0.4]
     a_c = [c[0] + c[1] - 0.2, c[1] - 0.4]
-    expected = [(a_r[t] - lam_mult * a_c[t]) / (1 + lam_mult) for t in range(2)] + [0.0]
+    expected = [(a_r[t] - multiplier * a_c[t]) / (1 + multiplier) for t in range(2)] + [0.0]
     torch.testing.assert_close(out.advantages, torch.tensor([expected], dtype=torch.float64))
     torch.testing.assert_close(out.kl, torch.tensor([kl + [0.0]], dtype=torch.float64))
 
 
-def safe_rlhf_gae(rewards, values, sequence_mask, start, gamma, lam):
+def safe_rlhf_gae(rewards, values, sequence_mask, start, gamma, gae_lambda):
     """Safe RLHF's formulation (its PPO-Lagrangian trainer): zero rewards and values with the
     mask, then a plain reverse loop from `start` with no skipping."""
     values = values * sequence_mask
@@ -68,7 +68,7 @@ def safe_rlhf_gae(rewards, values, sequence_mask, start, gamma, lam):
     for t in reversed(range(start, length)):
         next_values = values[:, t + 1] if t < length - 1 else 0.0
         delta = rewards[:, t] + gamma * next_values - values[:, t]
-        last = delta + gamma * lam * last
+        last = delta + gamma * gae_lambda * last
         reversed_adv.append(last)
     advantages = torch.stack(reversed_adv[::-1], dim=1)
     return advantages, advantages + values[:, start:]
@@ -84,10 +84,10 @@ def test_safe_advantages_equals_safe_rlhf_on_contiguous_masks(kl_in_cost):
     logprobs, ref = (torch.randn(batch, length, generator=gen, dtype=torch.float64) for _ in range(2))
     reward_values, cost_values = (torch.randn(batch, length, generator=gen, dtype=torch.float64) for _ in range(2))
     reward_scores, cost_scores = (torch.randn(batch, generator=gen, dtype=torch.float64) for _ in range(2))
-    beta, clip, lam_mult = 0.05, 5.0, 0.7
+    beta, clip, multiplier = 0.05, 5.0, 0.7
 
     # Safe RLHF's pipeline: a per-row nonzero() for the end index, scores added there, clamp, then
-    # two plain GAE loops over mask-zeroed rewards and values. The shaping follows SPEC §1.2 (full β
+    # two plain GAE loops over mask-zeroed rewards and values. The shaping follows docs/ops.md#safe_advantages (full β
     # in each stream, clamp after adding); Safe RLHF itself puts β/2 in each stream.
     kl_divergence = -beta * (logprobs - ref)
     rewards, costs = kl_divergence.clone(), (-kl_divergence if kl_in_cost else torch.zeros_like(kl_divergence))
@@ -99,10 +99,10 @@ def test_safe_advantages_equals_safe_rlhf_on_contiguous_masks(kl_in_cost):
     sequence_mask = mask.to(torch.float64)
     adv_r, ret_r = safe_rlhf_gae(rewards, reward_values, sequence_mask, start, 1.0, 0.95)
     adv_c, ret_c = safe_rlhf_gae(costs, cost_values, sequence_mask, start, 1.0, 0.95)
-    combined = (adv_r - lam_mult * adv_c) / (1 + lam_mult)
+    combined = (adv_r - multiplier * adv_c) / (1 + multiplier)
 
     out = reference.safe_advantages(logprobs, ref, mask, reward_scores, cost_scores, reward_values, cost_values,
-                                    kl_coef=beta, lagrange_multiplier=lam_mult, score_clip=clip,
+                                    kl_coef=beta, lagrange_multiplier=multiplier, score_clip=clip,
                                     kl_in_cost=kl_in_cost)
     valid = mask[:, start:]
     for ours, theirs in ((out.advantages, combined), (out.reward_advantages, adv_r), (out.cost_advantages, adv_c),

@@ -1,4 +1,4 @@
-"""Upper confidence bounds (SPEC §3): closed forms vs scipy, betting-bound properties, seeded
+"""Upper confidence bounds (docs/method.md#confidence-bounds): closed forms vs scipy, betting-bound properties, seeded
 coverage simulations, predicted bounds, and bad input."""
 
 import math

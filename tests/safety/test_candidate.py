@@ -1,4 +1,5 @@
-"""Candidate selection pieces (SPEC §2.3): k, augmented costs, the cost window, the multiplier."""
+"""Candidate selection pieces (docs/method.md#candidate-selection): k, augmented costs, the cost window,
+the multiplier."""
 
 import math
 
@@ -65,7 +66,8 @@ def test_augmented_cost_score_function_gradient_is_grad_of_mean_plus_k_std(seed,
 
 def test_augmented_costs_formula_numpy_torch_and_types():
     costs = np.array([0.0, 0.5, -1.0, 2.0])
-    # SPEC §2.3's centred form; the official c + k·(c² − 2cμ̂)/(2σ̂) is the same up to a constant.
+    # The centred form of docs/method.md#candidate-selection; the official c + k·(c² − 2cμ̂)/(2σ̂) is the same
+    # up to a constant.
     expected = costs + 1.5 * ((costs - 0.3) ** 2 - 0.7**2) / (2 * 0.7)
     official = costs + 1.5 * (costs**2 - 2 * costs * 0.3) / (2 * 0.7)
     np.testing.assert_allclose(expected - official, 1.5 * (0.3**2 - 0.7**2) / (2 * 0.7), rtol=1e-12)
@@ -135,26 +137,26 @@ def test_cost_window_refuses_too_few_and_bad_costs():
 
 
 def test_multiplier_rises_above_threshold_and_falls_below():
-    lam = LagrangeMultiplier(init=1.0, lr=0.1)
-    assert lam.step(bound=0.5, threshold=0.0) > 1.0
-    assert lam.value == pytest.approx(math.exp(0.1 * 1.0 * 0.5), rel=1e-14)
-    previous = lam.value
-    lam.step(bound=-0.2, threshold=0.0)
-    assert lam.log_value == pytest.approx(0.05 + 0.1 * previous * (-0.2), rel=1e-14)
-    assert lam.value < previous
-    unchanged = lam.value
-    lam.step(0.3, 0.3)
-    assert lam.value == unchanged
+    multiplier = LagrangeMultiplier(init=1.0, lr=0.1)
+    assert multiplier.step(bound=0.5, threshold=0.0) > 1.0
+    assert multiplier.value == pytest.approx(math.exp(0.1 * 1.0 * 0.5), rel=1e-14)
+    previous = multiplier.value
+    multiplier.step(bound=-0.2, threshold=0.0)
+    assert multiplier.log_value == pytest.approx(0.05 + 0.1 * previous * (-0.2), rel=1e-14)
+    assert multiplier.value < previous
+    unchanged = multiplier.value
+    multiplier.step(0.3, 0.3)
+    assert multiplier.value == unchanged
     for _ in range(1000):  # falls towards 0 but never below
-        lam.step(-5.0, 0.0)
-    assert 0.0 < lam.value < 0.05
+        multiplier.step(-5.0, 0.0)
+    assert 0.0 < multiplier.value < 0.05
 
 
 def test_multiplier_respects_max_and_delay():
-    lam = LagrangeMultiplier(init=1.0, lr=1.0, max_value=10.0)
+    multiplier = LagrangeMultiplier(init=1.0, lr=1.0, max_value=10.0)
     for _ in range(20):
-        lam.step(5.0, 0.0)
-    assert lam.value == pytest.approx(10.0, rel=1e-12)
+        multiplier.step(5.0, 0.0)
+    assert multiplier.value == pytest.approx(10.0, rel=1e-12)
     delayed = LagrangeMultiplier(init=2.0, lr=0.5, update_delay=3)
     for _ in range(3):
         assert delayed.step(1.0, 0.0) == 2.0
@@ -162,18 +164,19 @@ def test_multiplier_respects_max_and_delay():
 
 
 def test_multiplier_state_round_trip_and_tensor():
-    lam = LagrangeMultiplier(init=0.5, lr=0.05, max_value=100.0, update_delay=2)
+    multiplier = LagrangeMultiplier(init=0.5, lr=0.05, max_value=100.0, update_delay=2)
     for bound in (0.3, 0.1, 0.7):
-        lam.step(bound, 0.2)
+        multiplier.step(bound, 0.2)
     clone = LagrangeMultiplier()
-    clone.load_state_dict(lam.state_dict())
-    assert clone.state_dict() == lam.state_dict()
+    clone.load_state_dict(multiplier.state_dict())
+    assert clone.state_dict() == multiplier.state_dict()
     for bound in (0.9, -0.4, 0.25):  # the clone continues exactly like the original
-        assert clone.step(bound, 0.2) == lam.step(bound, 0.2)
-    tensor = lam.tensor()
-    assert tensor.dim() == 0 and tensor.dtype == torch.float32 and tensor.item() == pytest.approx(lam.value, rel=1e-6)
-    assert lam.tensor(dtype=torch.float64).item() == lam.value
-    assert lam.step(torch.tensor(1.0), torch.tensor(0.2)) > 0  # 0-dim tensors accepted
+        assert clone.step(bound, 0.2) == multiplier.step(bound, 0.2)
+    tensor = multiplier.tensor()
+    assert tensor.dim() == 0 and tensor.dtype == torch.float32
+    assert tensor.item() == pytest.approx(multiplier.value, rel=1e-6)
+    assert multiplier.tensor(dtype=torch.float64).item() == multiplier.value
+    assert multiplier.step(torch.tensor(1.0), torch.tensor(0.2)) > 0  # 0-dim tensors accepted
 
 
 @pytest.mark.parametrize(
@@ -191,9 +194,9 @@ def test_multiplier_bad_input(kwargs, name):
 
 
 def test_multiplier_step_bad_input():
-    lam = LagrangeMultiplier()
+    multiplier = LagrangeMultiplier()
     with pytest.raises(ValueError, match=r"\bbound\b"):
-        lam.step(float("nan"), 0.0)
+        multiplier.step(float("nan"), 0.0)
     with pytest.raises(ValueError, match=r"\bthreshold\b"):
-        lam.step(0.0, float("inf"))
-    assert lam.steps == 0
+        multiplier.step(0.0, float("inf"))
+    assert multiplier.steps == 0

@@ -1,4 +1,4 @@
-"""The λ update rules on a synthetic closed loop (SPEC §2.3), and the PID rule's arithmetic.
+"""The λ update rules on a synthetic closed loop (docs/method.md#candidate-selection), and the PID rule's arithmetic.
 
 The loop stands in for a policy under training: the pessimistic bound U moves towards a level that falls
 as λ rises, with a lag (a policy takes several updates to respond), an upward drift of the uncontrolled
@@ -24,13 +24,13 @@ def closed_loop(multiplier, steps=400, *, seed=0, lag=0.15, sensitivity=1.5, dri
     rng = np.random.default_rng(seed)
     bound, bounds, lambdas = start, [], []
     for t in range(steps):
-        lam = multiplier.value
-        lambdas.append(lam)
+        value = multiplier.value
+        lambdas.append(value)
         # The level the policy would settle at under λ: uncontrolled level minus the effect of λ (saturating
         # in log λ), plus a slow upward drift and an optional sudden shift (a new prompt mix, say).
         shocked = shock_at is not None and shock_at <= t < (shock_until or steps)
         uncontrolled = 2.0 + drift * t + (shock if shocked else 0.0)
-        level = uncontrolled - sensitivity * math.log1p(lam)
+        level = uncontrolled - sensitivity * math.log1p(value)
         bound += lag * (level - bound) + noise * rng.standard_normal()
         bounds.append(bound)
         multiplier.step(bound, THRESHOLD, scale=scale)

@@ -1,4 +1,4 @@
-"""The safety test (SPEC §2.4): verdicts, the result's JSON round trip, and the ledger hook."""
+"""The safety test (docs/method.md#the-safety-test): verdicts, the result's JSON round trip, and the ledger hook."""
 
 import json
 

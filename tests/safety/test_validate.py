@@ -1,4 +1,5 @@
-"""Guarantee validation (SPEC §3 protocol): problem definitions and a few quick trial runs."""
+"""Guarantee validation (the protocol of docs/method.md#confidence-bounds): problem definitions and a few
+quick trial runs."""
 
 import dataclasses
 import math
@@ -70,7 +71,7 @@ def test_safe_candidates_never_count_as_failures_and_unsafe_ones_can():
     for o in validate.run_trials(safe, ["ttest", "betting"], n_trials=200, selection="none"):
         assert o.failures == 0 and o.solution_rate > 0.9
     # The rare-event boundary (J_C = 1.001 τ): the t-test passes an unsafe model far more often than δ
-    # (SPEC §3 found ~21%), Clopper–Pearson stays within δ.
+    # (about 20% in benchmarks/results/guarantee.md), Clopper–Pearson stays within δ.
     boundary = validate.rare_event_problem(relative_means=(1.001,), n_safety=100)
     ttest, cp = validate.run_trials(boundary, ["ttest", "clopper_pearson"], n_trials=400, selection="none", seed=1)
     assert ttest.failure_band[0] > 0.1 and ttest.violates

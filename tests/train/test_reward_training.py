@@ -91,7 +91,7 @@ def test_training_refuses_safety_prompts_and_bad_settings(task, data):
     with pytest.raises(ValueError, match="bf16=True needs a CUDA device"):
         train_reward_model(task.new_score_model(), tokenizer, train, template=task.template,
                            config=config(max_steps=1, bf16=True, device="cpu"))
-    with pytest.raises(ValueError, match="cost_loss must be one of"):
+    with pytest.raises(ValueError, match="'cost_loss': must be one of"):
         train_cost_model(task.new_score_model(), tokenizer, train, config=config(cost_loss="hinge"))
     with pytest.raises(ValueError, match="lacks columns"):
         train_reward_model(task.new_score_model(), tokenizer, [{"prompt": "x"}], config=config())

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 
+from hcrlhf.config import ConfigError
 from hcrlhf.train import SafeRLConfig
 
 
@@ -17,37 +18,51 @@ def test_defaults_are_valid_and_documented():
 
 
 def test_unknown_keys_are_named_with_a_suggestion():
-    with pytest.raises(ValueError, match=r"unknown key\(s\) 'estimater' \(did you mean 'estimator'\?\)"):
+    with pytest.raises(ConfigError, match=r"'estimater': unknown key; did you mean 'estimator'\?"):
         SafeRLConfig.from_dict({"estimater": "rloo"})
-    with pytest.raises(ValueError, match="'no_such_setting'"):
+    with pytest.raises(ConfigError, match="'no_such_setting': unknown key; known keys: .*kl_coef"):
         SafeRLConfig.from_dict({"no_such_setting": 1, "kl_coef": 0.2})
 
 
-@pytest.mark.parametrize("key, value, error, pattern", [
-    ("total_steps", "10", TypeError, "total_steps must be int"),
-    ("total_steps", 2.5, TypeError, "total_steps must be int"),
-    ("kl_coef", True, TypeError, "kl_coef must be float"),
-    ("kl_coef", "lots", TypeError, "kl_coef must be float"),
-    ("estimator", "dpo", ValueError, "estimator must be one of"),
-    ("kl_estimator", "k4", ValueError, "kl_estimator"),
-    ("temperature", 0.0, ValueError, "temperature must be a finite number > 0"),
-    ("top_p", 1.5, ValueError, "top_p must be in"),
-    ("delta", 1.0, ValueError, "delta must be in"),
-    ("gae_lambda", -0.1, ValueError, "gae_lambda must be in"),
-    ("cost_window_size", 1, ValueError, "cost_window_size must be >= 2"),
-    ("lambda_lr", -1.0, ValueError, "lambda_lr must be a finite number >= 0"),
-    ("lambda_update", "adam", ValueError, "lambda_update must be one of"),
-    ("actor_coefficient", "batch", ValueError, "actor_coefficient must be one of"),
-    ("lambda_ki", -0.1, ValueError, "lambda_ki must be a finite number >= 0"),
-    ("lambda_min", 0.0, ValueError, "lambda_min must be a finite number > 0"),
-    ("lambda_error_clip", [1.0], ValueError, "lambda_error_clip must be a pair"),
-    ("lambda_error_clip", [0.0, 1.0], ValueError, "lambda_error_clip must be a pair"),
-    ("ama", "on", ValueError, "ama must be one of"),
-    ("bf16", "yes", ValueError, "bf16 must be one of"),
+def test_every_problem_is_reported_at_once_each_naming_its_key():
+    values = {"estimater": "rloo", "total_steps": "many", "kl_coef": -1.0, "top_p": 2.0}
+    with pytest.raises(ConfigError) as error:
+        SafeRLConfig.from_dict(values)
+    assert [key for key, _ in error.value.problems] == ["estimater", "total_steps", "kl_coef", "top_p"]
+    assert "4 problems" in str(error.value)
+    with pytest.raises(ConfigError) as error:  # created directly: the same checks, all at once
+        SafeRLConfig(kl_coef=-1.0, top_p=2.0, estimator="sgd")
+    assert {key for key, _ in error.value.problems} == {"kl_coef", "top_p", "estimator"}
+    assert str(error.value).startswith("SafeRLConfig: 3 problems")
+
+
+@pytest.mark.parametrize("key, value, pattern", [
+    ("total_steps", "10", "must be int"),
+    ("total_steps", 2.5, "must be int"),
+    ("kl_coef", True, "must be float"),
+    ("kl_coef", "lots", "must be float"),
+    ("estimator", "dpo", "must be one of"),
+    ("kl_estimator", "k4", "must be one of"),
+    ("temperature", 0.0, "must be a finite number > 0"),
+    ("top_p", 1.5, "must be in"),
+    ("delta", 1.0, "must be in"),
+    ("gae_lambda", -0.1, "must be in"),
+    ("cost_window_size", 1, "must be >= 2"),
+    ("lambda_lr", -1.0, "must be a finite number >= 0"),
+    ("lambda_update", "adam", "must be one of"),
+    ("actor_coefficient", "batch", "must be one of"),
+    ("lambda_ki", -0.1, "must be a finite number >= 0"),
+    ("lambda_min", 0.0, "must be a finite number > 0"),
+    ("lambda_error_clip", [1.0], "must be a pair"),
+    ("lambda_error_clip", [0.0, 1.0], "must be a pair"),
+    ("ama", "on", "must be one of"),
+    ("bf16", "yes", "must be one of"),
+    ("score_clip", -1.0, "must be a finite number > 0"),
 ])
-def test_bad_values_are_named(key, value, error, pattern):
-    with pytest.raises(error, match=pattern):
+def test_bad_values_are_named(key, value, pattern):
+    with pytest.raises(ConfigError, match=f"'{key}': {pattern}") as error:
         SafeRLConfig.from_dict({key: value})
+    assert error.value.key == key
 
 
 @pytest.mark.parametrize("values, pattern", [
@@ -59,7 +74,7 @@ def test_bad_values_are_named(key, value, error, pattern):
     ({"lambda_init": 2.0, "lambda_max": 1.0}, "lambda_max"),
     ({"lambda_init": 0.1, "lambda_min": 0.5}, "lambda_min"),
     ({"resume": True}, "resume=True needs output_dir"),
-    ({"checkpoint_every": 5}, "checkpoint_every needs output_dir"),
+    ({"checkpoint_every": 5}, "checkpoint_every=5 needs output_dir"),
     ({"prompts_per_step": 1, "samples_per_prompt": 1}, ">= 2"),
 ])
 def test_invalid_combinations_are_rejected(values, pattern):
@@ -69,13 +84,13 @@ def test_invalid_combinations_are_rejected(values, pattern):
 
 def test_yaml(tmp_path):
     path = tmp_path / "rl.yaml"
-    path.write_text("estimator: rloo\nactor_lr: 1e-6\nreward_clip: null\ntotal_steps: 3\nkl_coef: 1\n")
+    path.write_text("estimator: rloo\nactor_lr: 1e-6\nscore_clip: null\ntotal_steps: 3\nkl_coef: 1\n")
     config = SafeRLConfig.from_yaml(path)
-    assert config.estimator == "rloo" and config.actor_lr == 1e-6 and config.reward_clip is None
+    assert config.estimator == "rloo" and config.actor_lr == 1e-6 and config.score_clip is None
     assert config.total_steps == 3 and isinstance(config.kl_coef, float)
     assert SafeRLConfig.from_dict(config.to_dict()) == config
     path.write_text("- just\n- a list\n")
-    with pytest.raises(ValueError, match="must hold a mapping"):
+    with pytest.raises(ConfigError, match="must hold one mapping"):
         SafeRLConfig.from_yaml(path)
     path.write_text("estimator: ppo\nclip_rnage: 0.1\n")
     with pytest.raises(ValueError, match="clip_rnage.*clip_range"):

@@ -14,7 +14,9 @@ import sys
 import pytest
 import torch
 
-from hcrlhf.train import SafeRLConfig, SafeRLTrainer, response_logprobs
+from hcrlhf.config import ConfigError
+from hcrlhf.models import response_logprobs
+from hcrlhf.train import SafeRLConfig, SafeRLTrainer
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -166,16 +168,15 @@ def test_lora_misuse_is_refused(task, tokenizer):
         make_trainer(task, tokenizer, make_config(lora_target_modules=["q_proj", "lm_head"]))
 
 
-@pytest.mark.parametrize("values, error, pattern", [
-    ({"lora_r": -1}, ValueError, "lora_r must be >= 0"),
-    ({"lora_r": 4, "lora_alpha": 0.0}, ValueError, "lora_alpha must be a finite number > 0"),
-    ({"lora_target_modules": ["q_proj"]}, ValueError, "lora_target_modules is set but lora_r is 0"),
-    ({"lora_r": 4, "lora_target_modules": []}, ValueError, "must name at least one module"),
-    ({"lora_r": 4, "lora_target_modules": ["q_proj", 3]}, TypeError,
-     r"lora_target_modules must be list\[str\] \| str \| None"),
+@pytest.mark.parametrize("values, key, pattern", [
+    ({"lora_r": -1}, "lora_r", "must be >= 0"),
+    ({"lora_r": 4, "lora_alpha": 0.0}, "lora_alpha", "must be a finite number > 0"),
+    ({"lora_target_modules": ["q_proj"]}, "lora_target_modules", "is set but lora_r is 0"),
+    ({"lora_r": 4, "lora_target_modules": []}, "lora_target_modules", "must name at least one module"),
+    ({"lora_r": 4, "lora_target_modules": ["q_proj", 3]}, "lora_target_modules", r"must be list\[str\] \| str \| null"),
 ])
-def test_bad_lora_settings_are_named(values, error, pattern):
-    with pytest.raises(error, match=pattern):
+def test_bad_lora_settings_are_named(values, key, pattern):
+    with pytest.raises(ConfigError, match=f"'{key}': {pattern}"):
         SafeRLConfig.from_dict(values)
 
 

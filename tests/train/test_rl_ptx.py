@@ -197,11 +197,11 @@ def test_plain_text_rows_target_every_token_after_the_first(task, tokenizer, tmp
 
 
 @pytest.mark.parametrize("values, pattern", [
-    ({"ptx_coef": 8.0}, "ptx_coef=8.0 needs ptx_path"),
-    ({"ptx_path": "sft.jsonl"}, "ptx_path is set but ptx_coef is 0"),
-    ({"ptx_batch_size": 4}, "ptx_batch_size is set but ptx_coef is 0"),
-    ({"ptx_coef": -1.0, "ptx_path": "x"}, "ptx_coef must be a finite number >= 0"),
-    ({"ptx_coef": 1.0, "ptx_path": "x", "ptx_batch_size": 0}, "ptx_batch_size must be >= 1"),
+    ({"ptx_coef": 8.0}, "'ptx_path': is required with ptx_coef=8.0"),
+    ({"ptx_path": "sft.jsonl"}, "'ptx_path': is set but ptx_coef is 0"),
+    ({"ptx_batch_size": 4}, "'ptx_batch_size': is set but ptx_coef is 0"),
+    ({"ptx_coef": -1.0, "ptx_path": "x"}, "'ptx_coef': must be a finite number >= 0"),
+    ({"ptx_coef": 1.0, "ptx_path": "x", "ptx_batch_size": 0}, "'ptx_batch_size': must be >= 1"),
 ])
 def test_bad_ptx_settings_are_named(values, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -2,9 +2,10 @@
 
 What is proven here: a few iterations of each estimator change the policy (and critic) weights and
 nothing frozen; λ reaches the advantage kernels as a 0-dim tensor; λ rises while the pessimistic bound
-is above τ and falls below it, by exactly the SPEC §2.3 update; the response-position log-probs equal
-full-logits log-probs and the LM head sees only response positions; the first PPO minibatch sees ratio
-1; a killed-and-resumed run ends bitwise identical to an uninterrupted one; NaN/Inf stops training with
+is above τ and falls below it, by exactly the update of docs/method.md#candidate-selection; the
+response-position log-probs equal full-logits log-probs and the LM head sees only response positions;
+the first PPO minibatch sees ratio 1; a killed-and-resumed run ends bitwise identical to an
+uninterrupted one; NaN/Inf stops training with
 the last good checkpoint kept; a prompt set overlapping the safety set is refused.
 """
 
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 from hcrlhf import ops
-from hcrlhf.train import SafeRLConfig, SafeRLTrainer, TrainingDivergedError, response_logprobs
+from hcrlhf.models import response_logprobs
+from hcrlhf.train import SafeRLConfig, SafeRLTrainer, TrainingDivergedError
 from hcrlhf.train import rl_trainer as rl_trainer_module
 
 
@@ -90,7 +92,8 @@ def test_first_ppo_minibatch_has_ratio_one(task, tokenizer):
 
 
 def _student_k(n_candidate, n_safety, delta, c1, c2):
-    """SPEC §2.3's k, written out here from scipy's t quantiles (independent of hcrlhf.safety)."""
+    """The k of docs/method.md#candidate-selection, written out here from scipy's t quantiles (independent of
+    hcrlhf.safety)."""
     from scipy import stats
 
     return (c1 * stats.t.ppf(1 - delta, n_candidate - 1) / math.sqrt(n_candidate)
@@ -116,9 +119,9 @@ def test_lambda_follows_the_pessimistic_bound(task, tokenizer, rule):
             assert metrics["cost/coefficient_k"] == pytest.approx(k, rel=1e-12)
             bound = metrics["cost/bound"]
             assert bound == pytest.approx(mean + k * std, rel=1e-9)
-            lam = metrics["lambda"]
+            lagrange_multiplier = metrics["lambda"]
             if rule == "official":
-                expected_log = math.log(lam) + 0.002 * lam * (bound - threshold)
+                expected_log = math.log(lagrange_multiplier) + 0.002 * lagrange_multiplier * (bound - threshold)
             else:  # error in σ̂ units, clipped to [-0.5, 1], anti-windup integral
                 error = min(max((bound - threshold) / std, -0.5), 1.0)
                 integral = min(max(integral + 0.3 * error, math.log(0.01)), math.log(1e6))
@@ -126,9 +129,9 @@ def test_lambda_follows_the_pessimistic_bound(task, tokenizer, rule):
                 last_error = error
             assert math.log(metrics["lambda_next"]) == pytest.approx(expected_log, rel=1e-9, abs=1e-12)
             if phase == 0:
-                assert bound > threshold and metrics["lambda_next"] > lam
+                assert bound > threshold and metrics["lambda_next"] > lagrange_multiplier
             else:
-                assert bound < threshold and metrics["lambda_next"] < lam
+                assert bound < threshold and metrics["lambda_next"] < lagrange_multiplier
     assert last_error <= 0.0
     lambdas = [m["lambda"] for m in trainer.history] + [trainer.history[-1]["lambda_next"]]
     assert lambdas[0] < lambdas[1] < lambdas[2] > lambdas[3] > lambdas[4]

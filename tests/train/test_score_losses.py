@@ -1,4 +1,4 @@
-"""Reward / cost losses against a hand computation (SPEC.md §4)."""
+"""Reward / cost losses against a hand computation (docs/method.md#reward-and-cost-models)."""
 
 import math
 
