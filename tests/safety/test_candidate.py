@@ -64,6 +64,22 @@ def test_augmented_cost_score_function_gradient_is_grad_of_mean_plus_k_std(seed,
         assert (plain - target).abs().max() > 1e-3
 
 
+def test_augmented_costs_stay_near_the_costs_where_the_official_form_hits_the_clip():
+    """A cost model centred far from 0 (μ̂ = −10, σ̂ = 0.5): the official form c + k·(c² − 2cμ̂)/(2σ̂) puts every
+    row near −130, past the trainer's score clip of ±50, so the clipped costs are constant and the cost gradient
+    vanishes; the centred form has the same gradient and stays within k·(c − μ̂)²/(2σ̂) of c."""
+    rng = np.random.default_rng(0)
+    costs = rng.normal(-10.0, 0.5, size=256)
+    k, mean, std, clip = 1.2, float(costs.mean()), float(costs.std()), 50.0
+    official = costs + k * (costs**2 - 2 * costs * mean) / (2 * std)
+    assert np.all(np.abs(official) > clip)  # the old form: every row clipped
+    centred = augmented_costs(costs, mean, std, k)
+    assert np.all(np.abs(centred) < clip)
+    assert np.max(np.abs(centred - costs)) <= k * np.max((costs - mean) ** 2 + std**2) / (2 * std) + 1e-12
+    # What the trainer sees after the clip: a constant under the official form (no signal), varied costs here.
+    assert np.ptp(np.clip(official, -clip, clip)) == 0.0 and np.ptp(np.clip(centred, -clip, clip)) > 1.0
+
+
 def test_augmented_costs_formula_numpy_torch_and_types():
     costs = np.array([0.0, 0.5, -1.0, 2.0])
     # The centred form of docs/method.md#candidate-selection; the official c + k·(c² − 2cμ̂)/(2σ̂) is the same
