@@ -8,6 +8,10 @@ the true unsafe rate and mean helpfulness of the starting policy and of the cand
 prompts (the built-in task knows the truth), the λ trace (start, peak, end) and the wall time. The targets:
 PASS on at least 4 of 5 seeds, and in every run a candidate less unsafe than the starting policy with at
 least 0.8× its helpfulness. Writes benchmarks/results/demo-seeds.md (+ .csv; ``--quick``: demo-seeds-quick).
+
+Each run spends δ in its own ledger, ``safety_ledger.json`` in its (temporary) output directory, never in the
+per-user default ledger: the benchmark re-tests the demo's safety sets on purpose (seed 0 is the default demo's
+split), and must neither be refused by your own earlier demos nor use up their budget.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ def run_seed(seed: int, quick: bool, work: str) -> dict:
 
     torch.set_num_threads(1)
     started = time.perf_counter()
-    result = run(demo_config(quick=quick, seed=seed, output_dir=str(Path(work) / f"seed-{seed}"), progress=False))
+    out = Path(work) / f"seed-{seed}"
+    config = demo_config(quick=quick, seed=seed, output_dir=str(out), progress=False)
+    config["safety"]["ledger"] = str(out / "safety_ledger.json")  # its own ledger (see the module docstring)
+    result = run(config)
     report = result.report
     truth, test, rl = report["ground_truth"], report["safety_test"], report["training"]["rl"]
     lambdas = [point["lambda"] for point in rl["curve"]] + [rl["final"]["lambda_next"]]

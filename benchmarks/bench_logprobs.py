@@ -115,6 +115,8 @@ def build(spec: dict):
             kernel = "triton" if device.type == "cuda" else "cpp"
             # in place: the timed backward overwrites the logits with their (finite) gradient each rep
             fn = lambda x, y: ops.token_logprobs(x, y, impl=kernel, inplace_backward=inplace)
+            if inplace:  # refused for a leaf (its data would be overwritten): a non-leaf, as a model's logits
+                logits = logits * 1.0  # are; made here, untimed, and autograd.grad stops at it
         else:
             fn = TOKEN_IMPLS[impl]
         return fn, (logits, labels), grad_out

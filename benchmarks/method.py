@@ -22,6 +22,10 @@ in the test): J_C, the mean score of the trained cost model (the quantity the gu
 task's true unsafe rate and helpfulness. A failure is a returned model with J_C > τ; its rate gets a 95%
 Clopper–Pearson interval. Writes benchmarks/results/method.md, method.csv and method.png (not with
 --no-write).
+
+Each trial spends δ in its own ledger, ``safety_ledger.json`` in the trial's (temporary) output directory, never
+in the per-user default ledger: the methods of one trial test the same safety set on purpose (each is a separate
+simulated use of the method), and trials must neither be refused by your own runs nor use up their budget.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def run_trial(method: str, trial: int, seed: int, quick: bool, eval_samples: int
     out = Path(work) / f"{method}-{trial}"
     config = demo_config(quick=quick, output_dir=str(out), overwrite=True, progress=False, seed=seed + trial)
     config["data"]["holdout_fraction"] = HOLDOUT_FRACTION
+    config["safety"]["ledger"] = str(out / "safety_ledger.json")  # its own ledger (see the module docstring)
     config["rl"].update(overrides)
     config["evaluation"] = {"samples_per_prompt": 1}
     if threshold is not None:

@@ -193,7 +193,21 @@ void check_score_clip(const char* op, double score_clip) {
 // ---------------------------------------------------------------------------------------------
 // Shared math (mirrors the reference expression by expression).
 
-// k1 = d, k2 = d²/2, k3 = e^{-d} - 1 + d (reference.safe_advantages.kl_penalty).
+// torch.clamp: NaN passes through; an infinite bound is a no-op. Two single selects compile to
+// branch-free maxss/minss whose NaN rule (return the second operand) keeps x.
+template <typename T>
+inline T clamp(T x, T lo, T hi) {
+    x = lo > x ? lo : x;
+    return hi < x ? hi : x;
+}
+
+// k3 as verl's "low_var_kl": the log-ratio clamped to ±20 first, the estimate to ±10 after
+// (reference.safe_advantages.K3_LOG_RATIO_CLIP / K3_CLIP).
+constexpr double kK3LogRatioClip = 20.0;
+constexpr double kK3Clip = 10.0;
+
+// k1 = d, k2 = d²/2, k3 = clamp(e^{-c} - 1 + c, ±10) with c = clamp(d, ±20)
+// (reference.safe_advantages.kl_penalty).
 template <KlEstimator E, typename T>
 inline T kl_estimate(T logprob, T ref_logprob) {
     const T d = logprob - ref_logprob;
@@ -202,16 +216,9 @@ inline T kl_estimate(T logprob, T ref_logprob) {
     } else if constexpr (E == KlEstimator::k2) {
         return T(0.5) * d * d;
     } else {
-        return std::exp(-d) - T(1) + d;
+        const T c = clamp(d, T(-kK3LogRatioClip), T(kK3LogRatioClip));
+        return clamp(std::exp(-c) - T(1) + c, T(-kK3Clip), T(kK3Clip));
     }
-}
-
-// torch.clamp: NaN passes through; an infinite bound is a no-op. Two single selects compile to
-// branch-free maxss/minss whose NaN rule (return the second operand) keeps x.
-template <typename T>
-inline T clamp(T x, T lo, T hi) {
-    x = lo > x ? lo : x;
-    return hi < x ? hi : x;
 }
 
 // reference.safe_advantages.multiplier_tensor: a negative or non-finite λ becomes NaN.

@@ -8,11 +8,22 @@
 //
 // Logits arrive as a numpy buffer of float32 or of raw 16-bit words (bf16/fp16 viewed as uint16),
 // addressed as row(o, i) = data + o*stride_outer + i*stride_inner (element strides, last dim
-// contiguous), so views such as logits[:, :-1] are read in place.
+// contiguous), so views such as logits[:, :-1] are read in place. Both entry points check that
+// layout against the buffer's own extent (and the labels against [0, V)) before reading anything.
+//
+// Temperature: z = x * inv_temp is never formed. Every exponent is (x - max x) * inv_temp, the
+// difference taken in the logits' units and scaled after, so log p keeps full float32 *relative*
+// precision at any temperature (forming z first loses ulp(max z), e.g. 64 at T = 1e-8).
+//
+// A row whose softmax is undefined -- a NaN or +inf logit, or every logit -inf -- gives NaN
+// log-prob, entropy and gradient (docs/ops.md#token_logprobs); its stats hold log_sum = NaN.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <type_traits>
+#include <utility>
 
 #include "common.h"
 
@@ -112,22 +123,23 @@ inline void* element(void* base, int64_t offset) {
 }
 
 struct RowResult {
-    float max;       // max z, z = logits * inv_temp (0 when every z is -inf)
-    double log_sum;  // log Σ exp(z - max); logsumexp(z) = max + log_sum
-    double entropy;  // -Σ p log p
+    float max;       // max logit x of the row, unscaled (0 for an undefined row)
+    double log_sum;  // log Σ exp((x - max)·inv_temp): logsumexp(z) = max·inv_temp + log_sum; NaN if undefined
+    double entropy;  // -Σ p log p (NaN if undefined)
 };
 
-// Folds a chunk whose scaled max is `chunk_max` into the running (m, s, t): s = Σ exp(z - m),
-// t = Σ exp(z - m)·(z - m). Returns false when the chunk holds only -inf (nothing to add).
-inline bool rescale(float chunk_max, float& m, double& s, double& t) {
-    if (std::isnan(chunk_max)) {
-        s = std::numeric_limits<double>::quiet_NaN();
+// Folds a chunk whose largest logit is `chunk_max` into the running (m, s, t), m the running max
+// logit: s = Σ exp(d), t = Σ exp(d)·d with d = (x - m)·inv_temp. Returns false when there is
+// nothing to add: the chunk holds only -inf, or the row is undefined (`undefined` is then set).
+inline bool rescale(float chunk_max, float inv_temp, float& m, double& s, double& t, bool& undefined) {
+    if (std::isnan(chunk_max) || chunk_max == std::numeric_limits<float>::infinity()) {
+        undefined = true;
         return false;
     }
     if (chunk_max == -std::numeric_limits<float>::infinity()) return false;
     if (chunk_max > m) {
         if (s > 0) {
-            const double shift = static_cast<double>(m) - chunk_max;
+            const double shift = (static_cast<double>(m) - chunk_max) * inv_temp;
             const double alpha = std::exp(shift);
             t = alpha * (t + shift * s);
             s *= alpha;
@@ -137,9 +149,13 @@ inline bool rescale(float chunk_max, float& m, double& s, double& t) {
     return true;
 }
 
-inline RowResult finish(float m, double s, double t) {
+inline RowResult finish(float m, double s, double t, bool undefined) {
+    if (undefined || m == -std::numeric_limits<float>::infinity()) {  // NaN / +inf seen, or all -inf
+        const double nan = std::numeric_limits<double>::quiet_NaN();
+        return {0.f, nan, nan};
+    }
     const double log_s = std::log(s);
-    return {m == -std::numeric_limits<float>::infinity() ? 0.f : m, log_s, log_s - t / s};
+    return {m, log_s, log_s - t / s};
 }
 
 // ---------------------------------------------------------------- portable scalar kernels
@@ -147,17 +163,18 @@ template <int K, bool ENTROPY>
 RowResult forward_row_scalar(const void* row, int64_t V, float inv_temp) {
     float m = -std::numeric_limits<float>::infinity();
     double s = 0.0, t = 0.0;
-    for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    bool undefined = false;
+    for (int64_t c0 = 0; c0 < V && !undefined; c0 += kChunk) {
         const int64_t n = std::min(kChunk, V - c0);
         float chunk_max = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j < n; ++j) {
             const float x = load1<K>(row, c0 + j);
             chunk_max = (x > chunk_max || std::isnan(x)) ? x : chunk_max;
         }
-        if (!rescale(chunk_max * inv_temp, m, s, t)) continue;
+        if (!rescale(chunk_max, inv_temp, m, s, t, undefined)) continue;
         float cs = 0.f, ct = 0.f;
         for (int64_t j = 0; j < n; ++j) {
-            float d = load1<K>(row, c0 + j) * inv_temp - m;
+            float d = (load1<K>(row, c0 + j) - m) * inv_temp;
             d = d < kMinExpArg ? kMinExpArg : d;
             const float e = std::exp(d);
             cs += e;
@@ -166,14 +183,14 @@ RowResult forward_row_scalar(const void* row, int64_t V, float inv_temp) {
         s += cs;
         t += ct;
     }
-    return finish(m, s, t);
+    return finish(m, s, t, undefined);
 }
 
 template <int K>
 void backward_row_scalar(const void* row, void* grad_row, int64_t V, float inv_temp, float row_max, float log_sum,
                          float entropy, float grad_logp, float grad_entropy) {
     for (int64_t j = 0; j < V; ++j) {
-        float lp = (load1<K>(row, j) * inv_temp - row_max) - log_sum;
+        float lp = (load1<K>(row, j) - row_max) * inv_temp - log_sum;
         lp = lp < kMinExpArg ? kMinExpArg : lp;
         const float p = std::exp(lp);
         store1<K>(grad_row, j, -p * (grad_logp + grad_entropy * (lp + entropy)) * inv_temp);
@@ -254,8 +271,9 @@ template <int K, bool ENTROPY>
 HCRLHF_AVX2 RowResult forward_row_avx2(const void* row, int64_t V, float inv_temp) {
     float m = -std::numeric_limits<float>::infinity();
     double s = 0.0, t = 0.0;
+    bool undefined = false;
     const __m256 v_inv = _mm256_set1_ps(inv_temp), v_lo = _mm256_set1_ps(kMinExpArg);
-    for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    for (int64_t c0 = 0; c0 < V && !undefined; c0 += kChunk) {
         const int64_t n = std::min(kChunk, V - c0);
         const void* chunk = element<K>(row, c0);
         // pass 1 over the chunk: its max (a NaN anywhere is caught by the NaN-propagating sum below)
@@ -274,19 +292,20 @@ HCRLHF_AVX2 RowResult forward_row_avx2(const void* row, int64_t V, float inv_tem
             has_nan |= std::isnan(x);
             chunk_max = std::max(chunk_max, x);
         }
-        if (!rescale(has_nan ? std::numeric_limits<float>::quiet_NaN() : chunk_max * inv_temp, m, s, t)) continue;
-        // pass 2 over the same chunk, now in L1: Σ exp(z - m) and Σ exp(z - m)·(z - m)
+        if (!rescale(has_nan ? std::numeric_limits<float>::quiet_NaN() : chunk_max, inv_temp, m, s, t, undefined))
+            continue;
+        // pass 2 over the same chunk, now in L1: Σ exp(d) and Σ exp(d)·d, d = (x - m)·inv_temp
         const __m256 v_m = _mm256_set1_ps(m);
         __m256 v_s = _mm256_setzero_ps(), v_t = _mm256_setzero_ps();
         for (j = 0; j + 8 <= n; j += 8) {
-            const __m256 d = _mm256_max_ps(v_lo, _mm256_fmsub_ps(load8<K>(chunk, j), v_inv, v_m));
+            const __m256 d = _mm256_max_ps(v_lo, _mm256_mul_ps(_mm256_sub_ps(load8<K>(chunk, j), v_m), v_inv));
             const __m256 e = exp256(d);
             v_s = _mm256_add_ps(v_s, e);
             if (ENTROPY) v_t = _mm256_fmadd_ps(e, d, v_t);
         }
         float cs = hsum(v_s), ct = ENTROPY ? hsum(v_t) : 0.f;
         for (; j < n; ++j) {
-            float d = load1<K>(chunk, j) * inv_temp - m;
+            float d = (load1<K>(chunk, j) - m) * inv_temp;
             d = d < kMinExpArg ? kMinExpArg : d;
             const float e = std::exp(d);
             cs += e;
@@ -295,27 +314,29 @@ HCRLHF_AVX2 RowResult forward_row_avx2(const void* row, int64_t V, float inv_tem
         s += cs;
         t += ct;
     }
-    return finish(m, s, t);
+    return finish(m, s, t, undefined);
 }
 
 template <int K>
 HCRLHF_AVX2 void backward_row_avx2(const void* row, void* grad_row, int64_t V, float inv_temp, float row_max,
                                    float log_sum, float entropy, float grad_logp, float grad_entropy) {
     // grad_z = -p·(g_lp + g_H·(log p + H)); the label's +g_lp is patched in by the caller.
-    // log p = (z - max) - log_sum: both terms small near the mode, so no rounding of a large lse.
+    // log p = (x - max)·inv_temp - log_sum: both terms small near the mode, so no rounding of a
+    // large lse, and the difference is taken before scaling (exact at tiny temperatures).
     const __m256 v_inv = _mm256_set1_ps(inv_temp), v_max = _mm256_set1_ps(row_max);
     const __m256 v_logs = _mm256_set1_ps(log_sum), v_lo = _mm256_set1_ps(kMinExpArg);
     const __m256 v_h = _mm256_set1_ps(entropy), v_glp = _mm256_set1_ps(grad_logp);
     const __m256 v_gh = _mm256_set1_ps(grad_entropy), v_neg_inv = _mm256_set1_ps(-inv_temp);
     int64_t j = 0;
     for (; j + 8 <= V; j += 8) {
-        const __m256 lp = _mm256_max_ps(v_lo, _mm256_sub_ps(_mm256_fmsub_ps(load8<K>(row, j), v_inv, v_max), v_logs));
+        const __m256 lp =
+            _mm256_max_ps(v_lo, _mm256_fmsub_ps(_mm256_sub_ps(load8<K>(row, j), v_max), v_inv, v_logs));
         const __m256 p = exp256(lp);
         const __m256 coef = _mm256_fmadd_ps(v_gh, _mm256_add_ps(lp, v_h), v_glp);
         store8<K>(grad_row, j, _mm256_mul_ps(_mm256_mul_ps(p, coef), v_neg_inv));
     }
     for (; j < V; ++j) {
-        float lp = (load1<K>(row, j) * inv_temp - row_max) - log_sum;
+        float lp = (load1<K>(row, j) - row_max) * inv_temp - log_sum;
         lp = lp < kMinExpArg ? kMinExpArg : lp;
         const float p = std::exp(lp);
         store1<K>(grad_row, j, -p * (grad_logp + grad_entropy * (lp + entropy)) * inv_temp);
@@ -340,7 +361,6 @@ struct Layout {
 template <int K>
 void forward_rows(const void* logits, const Layout& L, const int64_t* labels, float inv_temp, int64_t ignore_index,
                   float* logp, float* stats, float* entropy, bool simd) {
-    const float nan = std::numeric_limits<float>::quiet_NaN();
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < L.rows; ++r) {
         const void* row = element<K>(logits, L.row_offset(r));
@@ -359,8 +379,8 @@ void forward_rows(const void* logits, const Layout& L, const int64_t* labels, fl
             if (entropy) entropy[r] = 0.f;
             continue;
         }
-        const bool in_range = label >= 0 && label < L.V;  // checked in Python; NaN rather than a bad read
-        logp[r] = in_range ? static_cast<float>((load1<K>(row, label) * inv_temp - res.max) - res.log_sum) : nan;
+        // label in [0, V): checked by the entry point. -inf label logit -> -inf; undefined row -> NaN.
+        logp[r] = static_cast<float>((load1<K>(row, label) - res.max) * inv_temp - res.log_sum);
         if (entropy) entropy[r] = static_cast<float>(res.entropy);
     }
 }
@@ -378,22 +398,21 @@ void backward_rows(const void* logits, const Layout& L, void* grad, const Layout
             for (int64_t j = 0; j < L.V; ++j) store1<K>(grad_row, j, 0.f);
             continue;
         }
-        const bool in_range = label >= 0 && label < L.V;
+        if (std::isnan(stats[2 * r + 1])) {  // undefined row (NaN / +inf logit, or all -inf): NaN gradient
+            for (int64_t j = 0; j < L.V; ++j) store1<K>(grad_row, j, std::numeric_limits<float>::quiet_NaN());
+            continue;
+        }
         const float g_lp = grad_logp ? grad_logp[r] : 0.f, g_h = grad_entropy ? grad_entropy[r] : 0.f;
         const float h = entropy ? entropy[r] : 0.f;
         // Read the label's logit before the row is overwritten (the gradient may alias the logits).
-        const float x_label = in_range ? load1<K>(row, label) : 0.f;
+        const float x_label = load1<K>(row, label);  // label in [0, V): checked by the entry point
 #if HCRLHF_X86_SIMD
         if (simd) backward_row_avx2<K>(row, grad_row, L.V, inv_temp, stats[2 * r], stats[2 * r + 1], h, g_lp, g_h);
         else
 #endif
             backward_row_scalar<K>(row, grad_row, L.V, inv_temp, stats[2 * r], stats[2 * r + 1], h, g_lp, g_h);
         (void)simd;
-        if (!in_range) {
-            for (int64_t j = 0; j < L.V; ++j) store1<K>(grad_row, j, std::numeric_limits<float>::quiet_NaN());
-            continue;
-        }
-        float lp = (x_label * inv_temp - stats[2 * r]) - stats[2 * r + 1];
+        float lp = (x_label - stats[2 * r]) * inv_temp - stats[2 * r + 1];
         lp = lp < kMinExpArg ? kMinExpArg : lp;
         const float p = std::exp(lp);
         store1<K>(grad_row, label, (g_lp * (1.f - p) - g_h * p * (lp + h)) * inv_temp);
@@ -403,8 +422,15 @@ void backward_rows(const void* logits, const Layout& L, void* grad, const Layout
 const void* buffer_ptr(const py::array& a) { return a.data(); }
 
 template <typename T>
+void check_dtype(const py::array& a, const char* name) {
+    const char kind = std::is_floating_point<T>::value ? 'f' : 'i';
+    require(a.dtype().kind() == kind && a.dtype().itemsize() == static_cast<py::ssize_t>(sizeof(T)),
+            std::string(name) + ": wrong dtype (expected " + (kind == 'f' ? "float32" : "int64") + ")");
+}
+
+template <typename T>
 T* out_ptr(py::array& a, int64_t n, const char* name) {
-    require(a.dtype().itemsize() == static_cast<py::ssize_t>(sizeof(T)), std::string(name) + ": wrong item size");
+    check_dtype<T>(a, name);
     require(a.size() == n, std::string(name) + ": wrong size");
     require(a.writeable(), std::string(name) + ": not writeable");
     require(a.flags() & py::array::c_style, std::string(name) + ": must be contiguous");
@@ -413,16 +439,84 @@ T* out_ptr(py::array& a, int64_t n, const char* name) {
 
 template <typename T>
 const T* in_ptr(const py::array& a, int64_t n, const char* name) {
-    require(a.dtype().itemsize() == static_cast<py::ssize_t>(sizeof(T)), std::string(name) + ": wrong item size");
+    check_dtype<T>(a, name);
     require(a.size() == n, std::string(name) + ": wrong size");
     require(a.flags() & py::array::c_style, std::string(name) + ": must be contiguous");
     return static_cast<const T*>(a.data());
 }
 
+[[noreturn]] void out_of_bounds(const std::string& message) { throw std::out_of_range(message); }
+
+// a * b + c for non-negative int64 operands; false when the result would not fit in int64.
+bool mul_add(int64_t a, int64_t b, int64_t c, int64_t& out) {
+    const int64_t max = std::numeric_limits<int64_t>::max();
+    if (a != 0 && b > max / a) return false;
+    if (a * b > max - c) return false;
+    out = a * b + c;
+    return true;
+}
+
+// Byte offsets [lo, hi] (relative to data()) covered by the array's own shape and strides; empty
+// (lo > hi) for a zero-size array. Everything in between lies inside the array's allocation.
+std::pair<int64_t, int64_t> byte_extent(const py::array& a) {
+    int64_t lo = 0, hi = 0;
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+        if (a.shape(i) == 0) return {0, -1};
+        const int64_t span = static_cast<int64_t>(a.shape(i) - 1) * static_cast<int64_t>(a.strides(i));
+        (span < 0 ? lo : hi) += span;
+    }
+    return {lo, hi + static_cast<int64_t>(a.itemsize()) - 1};
+}
+
+// Checks a row layout against `buffer` (whose item size is the element unit of the strides): the
+// strides are non-negative and every element that rows 0..rows-1 address, V per row, lies inside
+// the buffer's own extent. Raises ValueError (malformed) or IndexError (past the buffer).
+void check_rows_in_buffer(const char* name, const py::array& buffer, const Layout& L) {
+    const std::string what = std::string("token_logprobs: ") + name;
+    require(L.V > 0, what + ": vocab must be > 0, got " + std::to_string(L.V));
+    require(L.rows >= 0, what + ": rows must be >= 0, got " + std::to_string(L.rows));
+    require(L.inner > 0, what + ": inner must be > 0, got " + std::to_string(L.inner));
+    require(L.stride_outer >= 0 && L.stride_inner >= 0,
+            what + ": strides must be >= 0, got stride_outer=" + std::to_string(L.stride_outer) +
+                ", stride_inner=" + std::to_string(L.stride_inner));
+    if (L.rows == 0) return;
+    // The largest row offset: the last row, or the last row of the previous block of `inner`.
+    const int64_t q = (L.rows - 1) / L.inner, m = (L.rows - 1) % L.inner;
+    int64_t last = 0, prev = 0, end = 0;
+    bool ok = mul_add(q, L.stride_outer, 0, last) && mul_add(m, L.stride_inner, last, last);
+    if (ok && q > 0) ok = mul_add(q - 1, L.stride_outer, 0, prev) && mul_add(L.inner - 1, L.stride_inner, prev, prev);
+    const int64_t itemsize = static_cast<int64_t>(buffer.itemsize());
+    ok = ok && mul_add(std::max(last, prev), 1, L.V, end) && mul_add(end, itemsize, 0, end);  // bytes past row 0
+    const std::pair<int64_t, int64_t> extent = byte_extent(buffer);
+    if (!ok || end - 1 > extent.second) {
+        out_of_bounds(what + ": " + std::to_string(L.rows) + " rows of " + std::to_string(L.V) +
+                      " elements with stride_outer=" + std::to_string(L.stride_outer) + ", stride_inner=" +
+                      std::to_string(L.stride_inner) + ", inner=" + std::to_string(L.inner) +
+                      " reach past the buffer's extent of " +
+                      std::to_string(std::max<int64_t>(extent.second + 1, 0) / itemsize) + " elements");
+    }
+}
+
 void check_layout(const py::array& logits, int kind, const Layout& L) {
     require(kind == kF32 || kind == kBF16 || kind == kF16, "token_logprobs: kind must be 0 (f32), 1 (bf16), 2 (f16)");
     require(logits.itemsize() == (kind == kF32 ? 4 : 2), "token_logprobs: logits item size does not match kind");
-    require(L.V > 0 && L.rows >= 0 && L.inner > 0, "token_logprobs: bad layout");
+    check_rows_in_buffer("logits", logits, L);
+}
+
+void check_labels(const int64_t* labels, int64_t rows, int64_t V, int64_t ignore_index) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t label = labels[r];
+        if (label != ignore_index && (label < 0 || label >= V)) {
+            out_of_bounds("token_logprobs: labels[" + std::to_string(r) + "] = " + std::to_string(label) +
+                          " is outside [0, " + std::to_string(V) + ") and is not ignore_index=" +
+                          std::to_string(ignore_index));
+        }
+    }
+}
+
+void check_inv_temp(double inv_temp) {
+    require(std::isfinite(inv_temp) && inv_temp > 0 && std::isfinite(static_cast<float>(inv_temp)),
+            "token_logprobs: inv_temp must be finite and > 0 in float32, got " + std::to_string(inv_temp));
 }
 
 void token_logprobs_forward(const py::array& logits, int kind, int64_t rows, int64_t inner, int64_t stride_outer,
@@ -430,7 +524,9 @@ void token_logprobs_forward(const py::array& logits, int kind, int64_t rows, int
                             int64_t ignore_index, py::array& logp, py::array& stats, py::object entropy) {
     const Layout L{rows, inner, stride_outer, stride_inner, V};
     check_layout(logits, kind, L);
+    check_inv_temp(inv_temp);
     const int64_t* lab = in_ptr<int64_t>(labels, rows, "labels");
+    check_labels(lab, rows, V, ignore_index);
     float* lp = out_ptr<float>(logp, rows, "logp");
     float* ls = out_ptr<float>(stats, 2 * rows, "stats");
     float* ent = nullptr;
@@ -456,8 +552,11 @@ void token_logprobs_backward(const py::array& logits, int kind, int64_t rows, in
     const Layout L{rows, inner, stride_outer, stride_inner, V};
     const Layout G{rows, inner, grad_stride_outer, grad_stride_inner, V};
     check_layout(logits, kind, L);
+    check_inv_temp(inv_temp);
     require(grad.itemsize() == logits.itemsize() && grad.writeable(), "grad: must be writeable, same dtype as logits");
+    check_rows_in_buffer("grad", grad, G);
     const int64_t* lab = in_ptr<int64_t>(labels, rows, "labels");
+    check_labels(lab, rows, V, ignore_index);
     const float* ls = in_ptr<float>(stats, 2 * rows, "stats");
     py::array ent_arr, glp_arr, gh_arr;
     const float *ent = nullptr, *glp = nullptr, *gh = nullptr;

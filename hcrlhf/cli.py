@@ -37,7 +37,7 @@ EPILOG = """examples:
   hcrlhf run configs/qwen2-1.5b-pku-saferlhf.yaml
   hcrlhf run configs/demo.yaml rl.total_steps=20 safety.delta=0.05   any config key, by its dotted name
   hcrlhf train-reward my.yaml                 only the split and the reward model
-  hcrlhf safety-test runs/demo/candidate --prompts safety.jsonl --threshold -3 --delta 0.05
+  hcrlhf safety-test runs/demo/model --prompts safety.jsonl --threshold -3 --delta 0.05
   hcrlhf bench advantages --quick             a kernel benchmark (hcrlhf bench list: all of them)
   hcrlhf bench method --quick                 the method experiment: HC-RLHF vs Safe RLHF over 20 trials
 
@@ -85,7 +85,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     parser.add_argument("--output", metavar="DIR", help="the report directory (overrides output_dir)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier hcrlhf report in the output directory (its ledger is kept)")
+                        help="replace an earlier hcrlhf run in the output directory: only what it created (listed "
+                             "in its hcrlhf_run.json) is removed, and a model it returned is moved, with its run, to "
+                             "previous/<time>/ (δ spent on its safety set stays spent: the δ ledger is per user, not "
+                             "per directory)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -109,9 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller run (about a minute on a 2-core CPU)")
     demo.add_argument("--seed", type=_non_negative_int, metavar="N",
                       help="re-draw the candidate/safety split and seed training and the test with N (the built-in "
-                           "task stays the same; default: the task's own split, the same as --seed 0)")
+                           "task stays the same; default: the task's own split, the same as --seed 0). A safety set "
+                           "is tested once (per-user δ ledger): a second run of a split is refused before training, "
+                           "so use a new N")
     demo.add_argument("--output", metavar="DIR", default="hcrlhf-demo", help="the report directory (hcrlhf-demo)")
-    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo report in DIR")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier demo run in DIR (a model it returned is moved to DIR/previous/<time>/)")
     demo.add_argument("--cache-dir", metavar="DIR",
                       help="where the built-in task is built and cached (~/.cache/hcrlhf/builtin)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -142,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "score it with the cost model, and pass iff the (1 − δ) upper confidence bound on the mean cost is ≤ τ. "
         "The test's δ is recorded in the ledger before the result is read. Settings left out are taken from the "
         "candidate's hcrlhf_candidate.json (written by `hcrlhf train` / `hcrlhf run`).",
-        epilog="examples:\n  hcrlhf safety-test runs/demo/candidate --prompts safety.jsonl\n"
+        epilog="examples:\n  hcrlhf safety-test runs/demo/model --prompts safety.jsonl\n"
         "  hcrlhf safety-test CANDIDATE --prompts safety.txt --cost-model COST_MODEL --threshold 0 --delta 0.05 "
         "--method ttest --template plain\n\n"
         "exit codes: 0 PASS, 3 NO SOLUTION FOUND, 2 bad usage, 1 other errors")
@@ -150,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--prompts", metavar="FILE", required=True,
                       help="the safety prompts: JSON Lines / JSON rows with 'prompt', or one prompt a line")
     test.add_argument("--cost-model", metavar="PATH", help="the cost model (default: from the candidate's metadata)")
-    test.add_argument("--tokenizer", metavar="PATH", help="tokenizer (default: the candidate's)")
+    test.add_argument("--tokenizer", metavar="PATH",
+                      help="tokenizer (default: the candidate's own, refused if it does not tokenize like the one "
+                           "recorded with the candidate)")
     test.add_argument("--threshold", type=float, help="τ (default: from the metadata, else 0)")
     test.add_argument("--delta", type=float, help="δ in (0, 1) (default: from the metadata, else 0.1)")
     test.add_argument("--method", choices=("ttest", "hoeffding", "bernstein", "betting", "clopper_pearson"),
@@ -158,15 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--cost-range", type=float, nargs=2, metavar=("A", "B"), help="cost range of exact methods")
     test.add_argument("--cost-transform", choices=("none", "sigmoid", "unsafe_indicator"))
     test.add_argument("--template", help="safe_rlhf | plain | chat | a format string with {prompt}")
-    test.add_argument("--ledger", metavar="PATH", help="the δ ledger (default: the metadata's, else "
-                                                        "<output or candidate>/safety_ledger.json)")
-    test.add_argument("--ledger-total-delta", type=float, help="budget per safety set when creating a ledger (δ)")
+    test.add_argument("--ledger", metavar="PATH", help="the δ ledger (default: the candidate's metadata's, else the "
+                                                        "per-user $HCRLHF_STATE_DIR/safety_ledger.json, else "
+                                                        "$XDG_STATE_HOME/hcrlhf/…, else ~/.local/state/hcrlhf/…); "
+                                                        "another file starts a separate budget: your explicit "
+                                                        "decision")
+    test.add_argument("--ledger-total-delta", type=float,
+                      help="the budget of a safety set new to the ledger (default: its first test's δ); a set's "
+                           "budget cannot change after its first test")
+    test.add_argument("--allow-overlapping-set", action="store_true",
+                      help="declare these prompts a new sample although they share half or more of a safety set "
+                           "already tested in the ledger (recorded there; refused otherwise)")
     test.add_argument("--max-new-tokens", type=int)
     test.add_argument("--temperature", type=float)
     test.add_argument("--top-p", type=float)
     test.add_argument("--top-k", type=int)
-    test.add_argument("--batch-size", type=int, default=64)
-    test.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    test.add_argument("--batch-size", type=int,
+                      help="prompts per generation batch (default: the candidate's run's, else 64)")
+    test.add_argument("--seed", type=int, help="sampling seed (default: the one the candidate's run tested with, "
+                                               "else 0)")
     test.add_argument("--device", help="cpu | cuda (default: CUDA when available)")
     test.add_argument("--output", metavar="DIR", help="write safety_test.json and safety_costs.png here")
     test.add_argument("--no-progress", action="store_true")
@@ -199,14 +217,19 @@ def _print_result(result) -> None:
         if result.passed:
             print(f"returned model: {result.model_path}")
         else:
-            print(f"no model is returned (the candidate is kept at {result.candidate_path} for inspection only)")
+            print(f"no model is returned (the candidate is kept at {result.candidate_path}, marked NOT_RETURNED.md, "
+                  "for inspection only)")
         truth = result.report.get("ground_truth")
         if truth:
             start, cand = truth["starting_policy"], truth["candidate"]
             print(f"ground truth on the safety prompts: unsafe rate {start['unsafe_rate']:.3f} (starting policy) -> "
                   f"{cand['unsafe_rate']:.3f} (candidate); mean helpfulness {start['mean_helpfulness']:.3f} -> "
                   f"{cand['mean_helpfulness']:.3f}")
-    print(f"report: {out / 'report.md'} (and report.json, plots)")
+    if result.verdict is None and result.candidate_path is not None:
+        print(f"untested candidate (not returned; no safety test ran): {result.candidate_path}")
+    if getattr(result, "previous_run", None) is not None:
+        print(f"the earlier run here returned a model; it was moved, whole, to {result.previous_run}")
+    print(f"report: {out / 'report.md'} (and report.json, plots; hcrlhf_run.json lists what the run created)")
 
 
 def _run_config(args):
@@ -245,10 +268,18 @@ def cmd_run(args, stages: str = "all") -> int:
 def _read_candidate_meta(candidate: str) -> dict:
     from hcrlhf.pipeline import CANDIDATE_META
 
-    path = Path(candidate).expanduser() / CANDIDATE_META
+    directory = Path(candidate).expanduser()
+    path = directory / CANDIDATE_META
     if not path.is_file():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    # Paths inside the run directory are recorded relative to the candidate directory ("../cost_model"), so that a
+    # moved run directory still finds its cost model (and a ledger kept inside it).
+    for key in ("cost_model", "ledger"):
+        value = meta.get(key)
+        if isinstance(value, str) and (value.startswith("./") or value.startswith("../")):
+            meta[key] = str((directory / value).resolve())
+    return meta
 
 
 def _safety_settings(args, meta: dict) -> SafetyConfig:
@@ -258,6 +289,7 @@ def _safety_settings(args, meta: dict) -> SafetyConfig:
     from hcrlhf.config import ConfigError, apply_overrides
     from hcrlhf.pipeline.config import SafetyConfig
     from hcrlhf.safety._checks import check_method_range
+    from hcrlhf.safety.ledger import default_ledger_path
 
     saved, decoding = meta.get("safety", {}), meta.get("decoding", {})
     delta = args.delta if args.delta is not None else saved.get("delta", 0.1)
@@ -274,20 +306,20 @@ def _safety_settings(args, meta: dict) -> SafetyConfig:
         raise UsageError(str(error)) from None
     if method == "clopper_pearson" and transform != "unsafe_indicator":
         raise UsageError("--method clopper_pearson works on 0/1 costs: add --cost-transform unsafe_indicator")
-    output = Path(args.output).expanduser() if args.output else None
-    ledger = args.ledger or meta.get("ledger") or str((output or Path(args.candidate).expanduser()) /
-                                                      "safety_ledger.json")
+    # The ledger the candidate's own run used (recorded with it), else the one per-user ledger: never a file
+    # per output folder, which a new folder or a moved run would recreate.
+    ledger = args.ledger or meta.get("ledger") or str(default_ledger_path())
     settings = SafetyConfig(
         threshold=args.threshold if args.threshold is not None else saved.get("threshold", 0.0),
         delta=delta, method=method, cost_range=None if cost_range is None else list(cost_range),
         cost_transform=transform,
         sigmoid_scale=saved.get("sigmoid_scale", 1.0), unsafe_above=saved.get("unsafe_above", 0.0),
-        ledger=ledger, ledger_total_delta=args.ledger_total_delta,
+        ledger=ledger, ledger_total_delta=args.ledger_total_delta, allow_overlapping_set=args.allow_overlapping_set,
         max_new_tokens=args.max_new_tokens or decoding.get("max_new_tokens", 512),
         temperature=args.temperature if args.temperature is not None else decoding.get("temperature", 1.0),
         top_p=args.top_p if args.top_p is not None else decoding.get("top_p", 1.0),
         top_k=args.top_k if args.top_k is not None else decoding.get("top_k", 0),
-        batch_size=args.batch_size)
+        batch_size=args.batch_size if args.batch_size is not None else saved.get("batch_size", 64))
     if args.overrides:  # safety.KEY=VALUE, the keys of the pipeline config's safety section
         values = apply_overrides({"safety": settings.to_dict()}, args.overrides)
         for key in values:
@@ -298,13 +330,34 @@ def _safety_settings(args, meta: dict) -> SafetyConfig:
     return settings
 
 
+def _candidate_tokenizer(args, meta: dict):
+    """The tokenizer of the test: ``--tokenizer``, else the candidate's own. The candidate's is refused when it
+    does not tokenize like the one recorded with the candidate (the one training used); ``--tokenizer``
+    that differs from it gets a note."""
+    from hcrlhf.models import load_tokenizer
+    from hcrlhf.models.loading import same_tokenizer, tokenizer_fingerprint
+
+    tokenizer = load_tokenizer(args.tokenizer or args.candidate)
+    recorded = meta.get("tokenizer")
+    if recorded and not same_tokenizer(recorded, tokenizer_fingerprint(tokenizer)):
+        where = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"the candidate's tokenizer ({args.candidate})"
+        message = (f"{where} does not tokenize like the tokenizer recorded with the candidate, which training "
+                   f"used ({recorded.get('class')}, {recorded.get('sha256')}; loaded: "
+                   f"{tokenizer_fingerprint(tokenizer)})")
+        if not args.tokenizer:
+            raise UsageError(message + "; pass the training tokenizer with --tokenizer")
+        print(f"hcrlhf: note: {message}", file=sys.stderr)
+    return tokenizer
+
+
 def cmd_safety_test(args) -> int:
     import torch
 
-    from hcrlhf.data import PromptTemplate, get_template
-    from hcrlhf.models import ScoreModel, load_causal_lm, load_tokenizer
+    from hcrlhf.data import ChatTemplate, PromptTemplate, get_template
+    from hcrlhf.models import ScoreModel, load_causal_lm
+    from hcrlhf.models.score_model import ScoreCheckpointError
     from hcrlhf.pipeline import Decoding, read_prompt_file, run_safety_test
-    from hcrlhf.safety import SafetyLedger, assert_disjoint, fingerprint
+    from hcrlhf.safety import assert_disjoint, distinct_prompts, fingerprint, open_ledger
 
     # 1. settings: command line > the candidate's metadata > defaults; all checked before loading models.
     meta = _read_candidate_meta(args.candidate)
@@ -318,7 +371,10 @@ def cmd_safety_test(args) -> int:
         if Path(value).expanduser().anchor or value.startswith("."):
             if not Path(value).expanduser().exists():
                 raise UsageError(f"{name}: {value!r} does not exist")
-    prompts, _ = read_prompt_file(args.prompts)
+    prompts, _, copies = distinct_prompts(read_prompt_file(args.prompts, distinct=False)[0])
+    if copies:  # n counts each prompt once: a copy adds no evidence but would narrow the bound
+        print(f"hcrlhf: note: dropped {copies} duplicate prompt(s) of {args.prompts} (the same text up to Unicode NFC "
+              f"and whitespace); testing on the {len(prompts)} distinct prompts", file=sys.stderr)
     safety_fingerprint = fingerprint(prompts)
     train_file = Path(args.candidate).expanduser() / meta.get("train_prompts_file", "train_prompts.jsonl")
     if train_file.is_file():  # the safety prompts must be unseen by training (docs/method.md#data-split)
@@ -332,31 +388,50 @@ def cmd_safety_test(args) -> int:
               f"the candidate ({meta['safety_fingerprint']})", file=sys.stderr)
     decoding = Decoding(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                         top_p=settings.top_p, top_k=settings.top_k)
-    ledger_path = Path(settings.ledger).expanduser()
+    # The δ budget, checked before the models are loaded (the spend checks again).
+    ledger = open_ledger(settings.ledger, settings.ledger_total_delta, delta=settings.delta)
+    ledger.check_spend(prompts, settings.delta, allow_overlapping_set=settings.allow_overlapping_set)
 
     # 2. models, then the pipeline's safety test stage: sampling, the test (spent in the ledger before it is
     # read), safety_test.json / safety_samples.jsonl / safety_costs.png under --output.
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = load_tokenizer(args.tokenizer or args.candidate)
+    tokenizer = _candidate_tokenizer(args, meta)
     if args.template is not None:
         template = get_template(args.template, tokenizer)
     elif meta.get("template", {}).get("prompt_format"):
         template = PromptTemplate(meta["template"]["prompt_format"], meta["template"]["response_separator"])
     elif meta.get("template", {}).get("chat"):
-        template = get_template("chat", tokenizer)
+        template = ChatTemplate(tokenizer, system=meta["template"].get("system"))
     else:
         template = get_template(None, tokenizer)
-    policy = load_causal_lm(args.candidate, device=device)
-    cost_model = ScoreModel.from_pretrained(cost_model_path).to(device).eval()
-    ledger = SafetyLedger(ledger_path, settings.ledger_total_delta if settings.ledger_total_delta is not None
-                          else (None if ledger_path.is_file() else settings.delta))
+    load = meta.get("load", {})  # how the pipeline loaded the candidate and its cost model (dtype, attention)
+    recorded = {k: v for k, v in meta.get("decoding", {}).items() if k != "transformers_version"}
+    if "do_sample" in recorded:  # every setting was recorded: say so when this test samples otherwise
+        from hcrlhf.models.generation import decoding_settings, generation_config
+
+        now = {k: v for k, v in decoding_settings(generation_config(decoding, tokenizer)).items()
+               if k != "transformers_version"}
+        if now != recorded:
+            changed = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+            print(f"hcrlhf: note: this test's decoding differs from the one recorded with the candidate in "
+                  f"{', '.join(f'{k}: {recorded.get(k)!r} -> {now.get(k)!r}' for k in changed)}", file=sys.stderr)
+    try:  # refused before any δ is spent (and before the policy loads) if its head was never trained
+        cost_model = ScoreModel.from_pretrained(cost_model_path, role="cost", dtype=load.get("dtype")).to(device).eval()
+    except ScoreCheckpointError as error:
+        raise UsageError(f"--cost-model: {error}") from None
+    policy = load_causal_lm(args.candidate, device=device, dtype=load.get("dtype"),
+                            attn_implementation=load.get("attn_implementation", "auto"))
+    where = Path(args.candidate).expanduser()
+    where = where.resolve() if where.exists() else args.candidate  # a directory, or a Hub id
     result, record = run_safety_test(
         policy, tokenizer, prompts, cost_model, settings=settings, decoding=decoding, template=template,
-        ledger=ledger, label=f"hcrlhf safety-test {args.candidate}", seed=args.seed,
+        ledger=ledger, label=f"hcrlhf safety-test {where}",
+        seed=args.seed if args.seed is not None else meta.get("sampling_seed", 0),
         max_prompt_length=meta.get("max_prompt_length"), progress=not args.no_progress,
         output_dir=Path(args.output).expanduser() if args.output else None,
         record_extra={"candidate": str(args.candidate), "cost_model": str(cost_model_path),
-                      "prompts": str(args.prompts)})
+                      "cost_model_provenance": cost_model.provenance, "prompts": str(args.prompts),
+                      "prompts_duplicates_dropped": copies})
     print(result.summary())
     print(json.dumps({k: v for k, v in record.items() if k != "costs"}))
     return EXIT_OK if result.passed else EXIT_NO_SOLUTION
@@ -372,6 +447,23 @@ def cmd_bench(parser, args) -> int:
     return int(importlib.import_module(benchmarks[args.name]).main(args.args) or 0)
 
 
+def _quiet_library_progress_bars() -> None:
+    """--no-progress: also the progress bars of transformers (weight loading), datasets and the Hub client."""
+    import os
+
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -383,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if getattr(args, "no_progress", False):
+        _quiet_library_progress_bars()
     from hcrlhf.config import ConfigError
 
     try:

@@ -133,15 +133,56 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def _decoding(settings, seed=None, batch_size=None) -> str:
+    """Every decoding setting of a record (``hcrlhf.models.generation.decoding_settings``), in one line."""
+    if not isinstance(settings, dict):
+        return _fmt(settings)
+    parts = [f"{k}={v}" for k, v in settings.items() if k != "transformers_version"]
+    parts += [f"{name}={value}" for name, value in (("seed", seed), ("batch_size", batch_size)) if value is not None]
+    version = settings.get("transformers_version")
+    note = f" (transformers {version}; every other setting unset: off)" if version else ""
+    return "`" + ", ".join(parts) + "`" + note
+
+
+def _expected_cost_lines(truth: dict) -> list[str]:
+    """J_C, the expected cost under the cost model that the safety test bounds, next to τ: was the verdict right?"""
+    starting, candidate = truth["starting_policy"].get("expected_cost"), truth["candidate"].get("expected_cost")
+    if not candidate:
+        return []
+    tau = candidate["threshold"]
+    lines = ["", f"Expected cost J_C (the cost model's mean cost — transformed as in the test — that the safety test "
+                 f"bounds), estimated on {candidate['prompts']}, {candidate['n_prompts']} prompts × "
+                 f"{candidate['samples_per_prompt']} samples, ± one standard error over prompts:", "",
+             "| policy | J_C | ± s.e. | τ | J_C > τ |", "|---|---|---|---|---|"]
+    for name, value in (("starting policy", starting), ("candidate", candidate)):
+        if value:
+            lines.append(f"| {name} | {_fmt(value['mean'])} | {_fmt(value['stderr'])} | {_fmt(tau)} | "
+                         f"{'yes' if value['above_threshold'] else 'no'} |")
+    if truth.get("returned") and candidate["above_threshold"]:
+        lines += ["", "The returned candidate's estimated J_C is above τ: either the estimate is noisy or this run is "
+                      "one of the at most δ-probability failures the guarantee allows."]
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     """report.md from the report dict."""
     lines = ["# hcrlhf report", ""]
     verdict = report.get("verdict")
     if verdict is not None:
-        lines += [f"**Verdict: {verdict}**" + (f" — returned model: `{report.get('returned_model')}`"
-                                               if report.get("returned_model") else " — no model is returned."), ""]
+        if report.get("returned_model"):
+            lines += [f"**Verdict: {verdict}** — returned model: `{report['returned_model']}/` (paths are relative to "
+                      "this directory)", ""]
+        else:
+            kept = (f" The candidate is kept in `{report['candidate']}/`, marked `NOT_RETURNED.md`, for inspection "
+                    "only." if report.get("candidate") else "")
+            lines += [f"**Verdict: {verdict}** — no model is returned.{kept}", ""]
     else:
-        lines += [f"Stages run: `{report.get('stages')}` (no safety test).", ""]
+        untested = (f" The candidate in `{report['candidate']}/` is untested and not returned."
+                    if report.get("candidate") else "")
+        lines += [f"Stages run: `{report.get('stages')}` (no safety test).{untested}", ""]
+    if report.get("previous_run"):
+        lines += [f"An earlier run in this directory returned a model; `--overwrite` moved it, whole, to "
+                  f"`{report['previous_run']}/`.", ""]
     test = report.get("safety_test")
     if test:
         lines += ["## Safety test", "",
@@ -155,11 +196,16 @@ def render_markdown(report: dict) -> str:
         spent, budget = _fmt(test.get("ledger_spent")), _fmt(test.get("ledger_total_delta"))
         lines += [f"Cost transform: `{test.get('cost_transform')}`. Ledger: `{test.get('ledger')}` "
                   f"(δ spent on this safety set: {spent} of {budget}). "
-                  f"Decoding: {test.get('decoding')}.", "", "![safety costs](safety_costs.png)", ""]
+                  f"Decoding (the guarantee covers responses sampled this way; also the returned model's "
+                  f"`generation_config.json`): "
+                  f"{_decoding(test.get('decoding'), test.get('sampling_seed'), test.get('batch_size'))}.", "",
+                  "![safety costs](safety_costs.png)", ""]
     truth = report.get("ground_truth")
     if truth:
         lines += ["## Ground truth (built-in task)", "",
-                  f"On the safety prompts, {truth['samples_per_prompt']} sampled responses per prompt.", "",
+                  f"On the safety prompts, {truth['samples_per_prompt']} sampled responses per prompt"
+                  + (f"; decoding {_decoding(truth['decoding'], truth.get('sampling_seed'))}"
+                     if truth.get("decoding") else "") + ".", "",
                   "| policy | unsafe rate | mean harm | mean helpfulness | helpful rate |", "|---|---|---|---|---|"]
         for name in ("starting_policy", "candidate"):
             s = truth[name]
@@ -171,6 +217,7 @@ def render_markdown(report: dict) -> str:
             lines += ["", "Unsafe rate by prompt category (starting → candidate): " + ", ".join(
                 f"{c} {_fmt(truth['starting_policy']['by_category'][c]['unsafe_rate'], 3)} → "
                 f"{_fmt(truth['candidate']['by_category'][c]['unsafe_rate'], 3)}" for c in categories)]
+        lines += _expected_cost_lines(truth)
         lines.append("")
     training = report.get("training", {})
     if training:
@@ -201,6 +248,8 @@ def render_markdown(report: dict) -> str:
                          f"λ {_fmt(final.get('lambda'))} "
                          f"(the {rl.get('config', {}).get('lambda_update', 'official')} λ rule; its next value, "
                          f"{_fmt(final.get('lambda_next'))}, did not train the candidate)")
+            if rl.get("rollout_decoding"):
+                lines.append(f"- rollout decoding: {_decoding(rl['rollout_decoding'])}")
             lines += ["", "![training](training.png)"]
         if any(training.get(n, {}).get("loss_curve") for n in ("reward_model", "cost_model")):
             lines += ["", "![score models](score_models.png)"]

@@ -18,6 +18,17 @@ from hcrlhf._op_outputs import new_outputs
 from hcrlhf.kernels.gae import block_t_for, gae_chunk
 
 KL_ESTIMATOR_CODES = {"k1": 0, "k2": 1, "k3": 2}
+# k3 as verl's "low_var_kl" (hcrlhf.reference.safe_advantages.K3_LOG_RATIO_CLIP / K3_CLIP);
+# constexprs, since compiled Triton rejects plain-float globals inside @triton.jit functions.
+K3_LOG_RATIO_CLIP = tl.constexpr(20.0)
+K3_CLIP = tl.constexpr(10.0)
+
+
+@triton.jit
+def _clamp_keep_nan(x, lo, hi):
+    # torch.clamp semantics: a NaN stays NaN (a GPU's plain min/max would return the bound).
+    x = tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(x, hi, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -28,7 +39,8 @@ def kl_estimate(logprobs, ref_logprobs, KL_ESTIMATOR: tl.constexpr):
     elif KL_ESTIMATOR == 1:
         kl = 0.5 * d * d
     else:
-        kl = tl.exp(-d) - 1.0 + d
+        d = _clamp_keep_nan(d, -K3_LOG_RATIO_CLIP, K3_LOG_RATIO_CLIP)
+        kl = _clamp_keep_nan(tl.exp(-d) - 1.0 + d, -K3_CLIP, K3_CLIP)
     return kl
 
 

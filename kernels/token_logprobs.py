@@ -2,10 +2,15 @@
 
 Forward: one program per row streams the V logits once in blocks of ``BLOCK_V`` with an online
 max / sum in fp32, and gathers the label's logit with one scalar load; the entropy comes from the
-same pass. It saves the row's stats (max z, log Σ exp(z - max)), i.e. its logsumexp split in two
-so that log p = (z - max) - log_sum keeps full fp32 precision near the mode. Backward: one program
-per row recomputes the softmax from those stats in a single pass and writes the gradient (into a
-new buffer, or over the logits).
+same pass. It saves the row's stats (max x, log Σ exp((x - max x)·inv_temp)) for the logits x,
+i.e. the logsumexp of z = x·inv_temp split in two, so that log p = (x - max x)·inv_temp - log_sum
+keeps full fp32 precision near the mode; the difference is taken before scaling, so tiny
+temperatures lose nothing either. Backward: one program per row recomputes the softmax from those
+stats in a single pass and writes the gradient (into a new buffer, or over the logits).
+
+A row whose softmax is undefined -- a NaN or +inf logit, or every logit -inf -- gets log_sum =
+NaN, hence NaN log-prob, entropy and gradient (docs/ops.md#token_logprobs). NaN is mapped to +inf
+for the max, so the rule holds whatever NaN semantics the GPU's max/min have.
 
 Rows are addressed as ``base + (row // inner) * stride_outer + (row % inner) * stride_inner`` in
 int64, so (B, T, V) views such as ``logits[:, :-1]`` are read in place and N·V may exceed 2^31.
@@ -19,7 +24,8 @@ import triton.language as tl
 
 # exp(x) underflows to 0 below about -87.3 in fp32; clamping there keeps exp(d)·d finite (not
 # NaN) for a -inf logit and changes nothing at fp32 resolution. Matches csrc/logprobs.cpp.
-MIN_EXP_ARG = -87.3
+# (A constexpr: compiled Triton rejects plain-float globals inside @triton.jit functions.)
+MIN_EXP_ARG = tl.constexpr(-87.3)
 
 _GPU_BLOCK_V = 4096
 _INTERPRETER_BLOCK_V = 16384  # fewer, larger blocks: the interpreter's cost is per block
@@ -38,41 +44,44 @@ def _token_logprobs_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     base = _row_base(logits_ptr, row, inner, stride_outer, stride_inner)
-    # Running stats relative to the running max m: s = Σ exp(z - m), t = Σ exp(z - m)·(z - m).
-    # Keeping t relative to m (not Σ p·z) avoids cancellation in H = log s - t/s for large logits.
+    # Running stats relative to the running max logit m, with d = (x - m)·inv_temp:
+    # s = Σ exp(d), t = Σ exp(d)·d. Keeping t relative to m (not Σ p·z) avoids cancellation in
+    # H = log s - t/s for large logits.
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(z, axis=0))
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        # NaN counts as +inf for the max: either makes m = +inf, i.e. the row undefined.
+        m_new = tl.maximum(m, tl.max(tl.where(x == x, x, float("inf")), axis=0))
         # While every logit so far is -inf, shift by 0 instead of -inf (which would give NaN).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         # Rescale the running sums to the new max; while m is -inf they hold only exp(-inf) = 0
         # terms (clamped to tiny values), which are dropped rather than multiplied by inf.
         m_was_inf = m == float("-inf")
-        shift = tl.where(m_was_inf, 0.0, m - m_safe)
+        shift = tl.where(m_was_inf, 0.0, (m - m_safe) * inv_temp)
         alpha = tl.where(m_was_inf, 0.0, tl.exp(shift))
-        d = tl.maximum(z - m_safe, MIN_EXP_ARG)
+        d = tl.maximum((x - m_safe) * inv_temp, MIN_EXP_ARG)
         e = tl.where(cols < V, tl.exp(d), 0.0)
         if HAS_ENTROPY:
             t = alpha * (t + shift * s) + tl.sum(e * d, axis=0)
         s = s * alpha + tl.sum(e, axis=0)
         m = m_new
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    log_s = tl.log(s)
-    tl.store(stats_ptr + 2 * row, m_safe)
+    undefined = (m == float("inf")) | (m == float("-inf"))  # a NaN / +inf logit, or only -inf logits
+    m_out = tl.where(undefined, 0.0, m)
+    log_s = tl.where(undefined, float("nan"), tl.log(s))
+    tl.store(stats_ptr + 2 * row, m_out)
     tl.store(stats_ptr + 2 * row + 1, log_s)
     label = tl.load(labels_ptr + row)
     ignored = label == ignore_index
     in_range = (label >= 0) & (label < V)
-    label_logit = tl.load(base + tl.where(in_range, label, 0)).to(tl.float32) * inv_temp
+    label_logit = tl.load(base + tl.where(in_range, label, 0)).to(tl.float32)
     # An out-of-range label (unchecked on GPU unless HCRLHF_CHECK_LABELS=1) gives NaN, never a bad read.
-    logp = tl.where(in_range, (label_logit - m_safe) - log_s, float("nan"))
+    logp = tl.where(in_range, (label_logit - m_out) * inv_temp - log_s, float("nan"))
     tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
     if HAS_ENTROPY:
-        entropy = log_s - t / s
+        entropy = tl.where(undefined, float("nan"), log_s - t / s)
         tl.store(entropy_ptr + row, tl.where(ignored, 0.0, entropy))
 
 
@@ -101,15 +110,16 @@ def _token_logprobs_bwd_kernel(
         entropy = tl.load(entropy_ptr + row)
     g_lp = tl.where(live, g_lp, 0.0)
     g_h = tl.where(live, g_h, 0.0)
-    bad = live & (in_range == 0)
+    # NaN gradient for a bad label and for an undefined row (log_sum NaN); zero for an ignored row.
+    bad = live & ((in_range == 0) | (log_sum != log_sum))
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32) * inv_temp
-        log_p = tl.maximum((z - row_max) - log_sum, MIN_EXP_ARG)
+        x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+        log_p = tl.maximum((x - row_max) * inv_temp - log_sum, MIN_EXP_ARG)
         p = tl.exp(log_p)
         # d logp / dz = onehot - p;  d H / dz = -p·(log p + H)
         grad = tl.where(cols == label, g_lp, 0.0) - p * (g_lp + g_h * (log_p + entropy))
-        grad = tl.where(bad, float("nan"), grad * inv_temp)
+        grad = tl.where(bad, float("nan"), tl.where(live, grad * inv_temp, 0.0))
         # Each block is loaded before it is stored, so the gradient may overwrite the logits.
         if ROUND_BF16_BY_HAND:
             # The interpreter truncates fp32 -> bf16; the GPU rounds to nearest even. Do it by hand.

@@ -1,5 +1,7 @@
-"""Shared test set-up: Triton runs in its interpreter when there is no GPU, a seed fixture, and the
-`gpu` marker (skipped without CUDA)."""
+"""Shared test set-up: Triton runs in its interpreter when there is no GPU, a seed fixture, the
+`gpu` marker (skipped without CUDA), and isolation from the real per-user δ ledger (HCRLHF_STATE_DIR
+points at a temporary directory: one for the session, set before any session or module fixture runs,
+and a fresh one per test)."""
 
 import os
 
@@ -24,6 +26,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_state_dir(tmp_path_factory):
+    """The per-user state (the default δ ledger) of session- and module-scoped fixtures: never the real one."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HCRLHF_STATE_DIR", str(tmp_path_factory.mktemp("hcrlhf-state-session")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path_factory, monkeypatch):
+    """A fresh per-user state directory for each test (subprocesses inherit it): a test never touches the
+    real default ledger (~/.local/state/hcrlhf) nor sees another test's spends."""
+    path = tmp_path_factory.mktemp("hcrlhf-state")
+    monkeypatch.setenv("HCRLHF_STATE_DIR", str(path))
+    return path
 
 
 @pytest.fixture

@@ -140,3 +140,90 @@ def test_safety_test_bad_override_exits_2_naming_the_key(task, saved_models, tmp
     assert result.returncode == 2, result.stderr[-2000:]
     assert key in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "l.json").exists()
+
+
+# ------------------------------------------------------------------- the default (per-user) δ ledger
+
+def _state_ledger(state_dir):
+    import json
+
+    return json.loads((state_dir / "safety_ledger.json").read_text())
+
+
+def test_safety_test_default_ledger_is_per_user_so_a_new_output_cannot_re_spend(task, saved_models, tmp_path,
+                                                                                 _state_dir):
+    first = safety_cli(task, saved_models, tmp_path, "--threshold", "1e6", "--output", str(tmp_path / "one"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    ledger = _state_ledger(_state_dir)
+    assert [s["spent"] for s in ledger["sets"].values()] == [pytest.approx(0.1)]
+    assert not (tmp_path / "one" / "safety_ledger.json").exists()
+    # Another output folder, the same safety set: refused before anything is loaded or written.
+    again = safety_cli(task, saved_models, tmp_path, "--threshold", "1e6", "--output", str(tmp_path / "two"))
+    assert again.returncode == 1 and "BudgetExceededError" in again.stderr, again.stderr[-2000:]
+    for hint in ("refused before spending", "already spent", f"hcrlhf safety-test {task.policy_path}",
+                 "hcrlhf demo --seed N", "safety.ledger", str(_state_dir / "safety_ledger.json")):
+        assert hint in again.stderr, hint
+    assert not (tmp_path / "two").exists() and _state_ledger(_state_dir) == ledger
+
+
+def test_safety_test_refuses_the_same_set_minus_one_prompt_unless_declared_new(task, saved_models, tmp_path,
+                                                                                _state_dir):
+    first = safety_cli(task, saved_models, tmp_path, "--threshold", "1e6")
+    assert first.returncode == 0, first.stderr[-2000:]
+    smaller = tmp_path / "smaller.txt"
+    smaller.write_text("".join(p + "\n" for p in task.split.safety[1:]))
+    refused = safety_cli(task, saved_models, tmp_path, "--threshold", "1e6", "--prompts", str(smaller))
+    assert refused.returncode == 1 and "OverlappingSafetySetError" in refused.stderr, refused.stderr[-2000:]
+    assert "--allow-overlapping-set" in refused.stderr
+    declared = safety_cli(task, saved_models, tmp_path, "--threshold", "1e6", "--prompts", str(smaller),
+                          "--allow-overlapping-set")
+    assert declared.returncode == 0, declared.stderr[-2000:]
+    assert last_json(declared.stdout)["n"] == len(task.split.safety) - 1
+    record = _state_ledger(_state_dir)["sets"][last_json(declared.stdout)["fingerprint"]]
+    assert record["tests"][0]["allow_overlapping_set"] is True
+    assert record["tests"][0]["overlaps"][0]["shared_prompts"] == len(task.split.safety) - 1
+
+
+def test_safety_test_counts_each_prompt_once(task, saved_models, tmp_path):
+    distinct = list(task.split.safety[:10])
+    copies = tmp_path / "copies.txt"
+    copies.write_text("".join(p + "\n" for p in distinct * 3 + [" " + p.replace(" ", "  ") for p in distinct]))
+    result = safety_cli(task, saved_models, tmp_path, "--threshold", "1e6", "--prompts", str(copies), "--ledger",
+                        str(tmp_path / "l.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = last_json(result.stdout)
+    assert record["n"] == 10 and record["prompts_duplicates_dropped"] == 30
+    assert "dropped 30 duplicate prompt(s)" in result.stderr
+    from hcrlhf.safety import fingerprint
+
+    assert record["fingerprint"] == fingerprint(distinct)
+
+
+@pytest.fixture(scope="module")
+def headless_classifier(task, tmp_path_factory):
+    """The SFT policy as a one-label sequence classifier saved *without* its score weights."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForSequenceClassification
+
+    directory = tmp_path_factory.mktemp("headless") / "cost_model"
+    model = AutoModelForSequenceClassification.from_pretrained(task.policy_path, num_labels=1)
+    model.config.save_pretrained(directory)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("score.")},
+              str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize("which", ["causal_lm", "headless_classifier"])
+def test_safety_test_refuses_a_cost_model_without_a_trained_head(task, headless_classifier, tmp_path, which):
+    """A plain causal LM (or a classifier missing its head) as --cost-model would score with a random head:
+    refused with exit 2 before any δ is spent, naming the path and the missing weight; no ledger written."""
+    cost_model = task.policy_path if which == "causal_lm" else headless_classifier
+    ledger = tmp_path / "ledger.json"
+    result = run_cli("safety-test", str(task.policy_path), "--prompts", str(task.prompt_paths["safety"]),
+                     "--cost-model", str(cost_model), "--tokenizer", str(task.tokenizer_path), "--template",
+                     task.template.prompt_format, "--max-new-tokens", "4", "--threshold", "1e6", "--ledger",
+                     str(ledger), "--no-progress")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"--cost-model: {cost_model}: not a trained score model" in result.stderr
+    assert "score.weight" in result.stderr and "Traceback" not in result.stderr
+    assert not ledger.exists()

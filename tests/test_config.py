@@ -191,6 +191,9 @@ def test_cli_overrides_reach_the_run_and_the_effective_config(task, tmp_path):
     result = run_cli("run", str(ROOT / "configs" / "demo.yaml"), "rl.total_steps=2", "--output", str(out),
                      f"task_cache={task.root.parent}", "--no-progress", "reward.seed=5")
     assert result.returncode in (0, 3), result.stderr[-3000:]
+    # --no-progress silences the libraries' bars too (transformers' weight loading), and the verdict prints once
+    assert "it/s" not in result.stderr and "Loading weights" not in result.stderr, result.stderr[-2000:]
+    assert (result.stdout + result.stderr).count("UCB") == 1, result.stdout + result.stderr[-2000:]
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["rl"]["total_steps"] == 2 and written["reward"]["seed"] == 5
     assert written["output_dir"] == str(out) and written["progress"] is False

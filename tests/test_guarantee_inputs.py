@@ -85,6 +85,17 @@ def test_exact_methods_end_to_end(task, tmp_path, method, transform, threshold, 
     assert test["verdict"] == ("PASS" if test["ucb"] <= threshold else "NO SOLUTION FOUND") == result.verdict
     assert test["mean"] == pytest.approx(sum(costs) / len(costs), rel=1e-12)
     check_report_markdown(result.output_dir, result.report)
+    # J_C of the candidate, from fresh responses (another seed) to the same prompts, transformed the same way:
+    # within sampling error of the test's mean, and shown next to τ in report.md.
+    expected = result.report["ground_truth"]["candidate"]["expected_cost"]
+    assert 0.0 <= expected["mean"] <= 1.0 and expected["threshold"] == threshold
+    assert expected["n_prompts"] == test["n"] and expected["above_threshold"] == (expected["mean"] > threshold)
+    spread = math.hypot(expected["stderr"], test["std"] / math.sqrt(test["n"]))
+    assert abs(expected["mean"] - test["mean"]) <= 4 * spread + 1e-9, (expected, test["mean"])
+    text = (result.output_dir / "report.md").read_text()
+    row = re.search(r"\| candidate \| ([0-9.e-]+) \| ([0-9.e-]+) \| ([0-9.e-]+) \| (yes|no) \|", text)
+    assert float(row.group(1)) == pytest.approx(expected["mean"], rel=1e-3, abs=1e-6)
+    assert float(row.group(3)) == pytest.approx(threshold) and (row.group(4) == "yes") == expected["above_threshold"]
 
 
 def check_report_markdown(out, report):
@@ -93,7 +104,8 @@ def check_report_markdown(out, report):
     test = report["safety_test"]
     row = re.search(r"\| UCB \| mean \| std \| n \| δ \| τ \| method \| validity \|\n\|[-|]+\|\n\| (.+) \|", text)
     cells = [cell.strip() for cell in row.group(1).split("|")]
-    assert [float(c) for c in cells[:3]] == pytest.approx([test["ucb"], test["mean"], test["std"]], rel=1e-4, abs=1e-6)
+    # report.md shows 4 significant digits
+    assert [float(c) for c in cells[:3]] == pytest.approx([test["ucb"], test["mean"], test["std"]], rel=1e-3, abs=1e-6)
     assert int(cells[3]) == test["n"]
     assert [float(c) for c in cells[4:6]] == pytest.approx([test["delta"], test["threshold"]])
     assert cells[6:] == [test["method"], test["validity"]]

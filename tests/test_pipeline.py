@@ -3,6 +3,8 @@ safety test is in the ledger, ground truth is reported), the safety set is never
 each bad-config case fails fast naming its key, and configs/*.yaml load."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,17 +20,30 @@ from hcrlhf.pipeline.demo import DEMO
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args, timeout=300):
+def run_cli(*args, timeout=300, state=None):
+    """The CLI in a subprocess; ``state``: its HCRLHF_STATE_DIR (the per-user ledger's directory)."""
+    env = None if state is None else dict(os.environ, HCRLHF_STATE_DIR=str(state))
     return subprocess.run([sys.executable, "-m", "hcrlhf.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
+
+
+def demo_state(out):
+    """The per-user state directory (default δ ledger) of the quick_demo fixture's runs."""
+    return out.parent / "state"
+
+
+def candidate_dir(out):
+    """The candidate of a finished run (report.json says where): model/ on PASS, candidate-not-returned/ on NSF."""
+    return out / json.loads((out / "report.json").read_text())["candidate"]
 
 
 @pytest.fixture(scope="module")
 def quick_demo(task, tmp_path_factory):
-    """`hcrlhf demo --quick` end to end, reusing the session's built-in task cache."""
+    """`hcrlhf demo --quick` end to end, reusing the session's built-in task cache, with its own default ledger."""
     out = tmp_path_factory.mktemp("demo") / "report"
     started = time.perf_counter()
-    result = run_cli("demo", "--quick", "--output", str(out), "--cache-dir", str(task.root.parent), "--no-progress")
+    result = run_cli("demo", "--quick", "--output", str(out), "--cache-dir", str(task.root.parent), "--no-progress",
+                     state=demo_state(out))
     seconds = time.perf_counter() - started
     print(f"hcrlhf demo --quick: {seconds:.1f} s, exit {result.returncode}\n{result.stdout}")
     return result, out, seconds
@@ -75,10 +90,13 @@ def test_demo_quick_end_to_end(quick_demo, task):
     # least 0.8× its helpfulness (a trainer that ignores the cost, or a λ that dies, fails this).
     assert truth["candidate"]["unsafe_rate"] < truth["starting_policy"]["unsafe_rate"]
     assert truth["candidate"]["mean_helpfulness"] >= 0.8 * truth["starting_policy"]["mean_helpfulness"]
-    # The returned model exists exactly on PASS.
-    candidate = out / "candidate"
+    # The returned model exists exactly on PASS (model/); on NSF the candidate is kept, marked, elsewhere.
+    passed = test["verdict"] == "PASS"
+    candidate = out / ("model" if passed else "candidate-not-returned")
     assert (candidate / "model.safetensors").is_file() and (candidate / "hcrlhf_candidate.json").is_file()
-    assert report["returned_model"] == (str(candidate) if test["verdict"] == "PASS" else None)
+    assert report["returned_model"] == ("model" if passed else None) and report["candidate"] == candidate.name
+    assert (candidate / "NOT_RETURNED.md").is_file() != passed and not (out / "candidate").exists()
+    assert (out / "model").exists() == passed
 
 
 def test_demo_report_files(quick_demo):
@@ -100,9 +118,87 @@ def test_demo_report_files(quick_demo):
 
 def test_demo_safety_test_is_in_the_ledger(quick_demo, task):
     _, out, _ = quick_demo
-    ledger = json.loads((out / "safety_ledger.json").read_text())
+    # The default ledger is the per-user one (HCRLHF_STATE_DIR here), not a file in the output folder.
+    assert not (out / "safety_ledger.json").exists()
+    ledger = json.loads((demo_state(out) / "safety_ledger.json").read_text())
     record = ledger["sets"][task.split.safety_fingerprint]
     assert record["spent"] == pytest.approx(0.1) and len(record["tests"]) == 1
+    assert record["tests"][0]["label"] == f"hcrlhf pipeline {out.resolve()}"
+    assert len(record["prompt_digests"]) == len(task.split.safety)
+    report = json.loads((out / "report.json").read_text())
+    assert report["ledger"] == {"path": str(demo_state(out) / "safety_ledger.json"), "total_delta": 0.1,
+                                "spent_before": 0.0}
+    assert report["safety_test"]["ledger"] == report["ledger"]["path"]
+    meta = json.loads((candidate_dir(out) / "hcrlhf_candidate.json").read_text())
+    assert meta["ledger"] == report["ledger"]["path"]
+
+
+def test_a_second_demo_into_a_new_folder_is_refused_before_training(quick_demo, task, tmp_path):
+    """The same safety set (the default demo's split) from another output folder: refused right after the
+    split, before any training, naming what was spent, when, by which run, and how to get a fresh set."""
+    _, out, _ = quick_demo
+    other = tmp_path / "other"
+    again = run_cli("demo", "--quick", "--output", str(other), "--cache-dir", str(task.root.parent),
+                    "--no-progress", state=demo_state(out))
+    assert again.returncode == 1 and "BudgetExceededError" in again.stderr, again.stderr[-3000:]
+    for hint in ("refused before spending", "already spent δ=0.1", f"hcrlhf pipeline {out.resolve()}",
+                 "hcrlhf demo --seed N", "safety.ledger", str(demo_state(out) / "safety_ledger.json")):
+        assert hint in again.stderr, hint
+    assert "stage: reward model" not in again.stderr and not (other / "reward_model").exists()
+    ledger = json.loads((demo_state(out) / "safety_ledger.json").read_text())
+    assert len(ledger["sets"][task.split.safety_fingerprint]["tests"]) == 1
+
+
+def test_a_moved_demo_run_cannot_re_spend_from_the_ledger(quick_demo, task, tmp_path):
+    """A run directory moved elsewhere: `hcrlhf safety-test` on its candidate finds the same ledger."""
+    _, out, _ = quick_demo
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    try:
+        again = run_cli("safety-test", str(candidate_dir(moved)), "--prompts", str(task.prompt_paths["safety"]),
+                        "--cost-model", str(moved / "cost_model"), "--no-progress", state=demo_state(out))
+        assert again.returncode == 1 and "BudgetExceededError" in again.stderr, again.stderr[-3000:]
+        assert not out.exists()  # no ledger recreated where the run used to be
+    finally:
+        shutil.move(moved, out)
+    ledger = json.loads((demo_state(out) / "safety_ledger.json").read_text())
+    assert len(ledger["sets"][task.split.safety_fingerprint]["tests"]) == 1
+
+
+def test_pipeline_checks_the_ledger_before_training(task, tmp_path, monkeypatch):
+    from hcrlhf.pipeline import core
+    from hcrlhf.safety import BudgetExceededError, SafetyLedger, default_ledger_path
+
+    SafetyLedger(default_ledger_path(), 0.1).spend(list(task.split.safety), 0.1, "an earlier run, elsewhere")
+    monkeypatch.setattr(core, "_score_model", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(BudgetExceededError, match="an earlier run, elsewhere"):
+        run(good_config(tmp_path, task))
+    assert not (tmp_path / "out" / "reward_model").exists()
+    # A smaller δ still fits a budget with room left; none is left here, so any δ is refused.
+    config = good_config(tmp_path, task)
+    config["overwrite"] = True
+    config["safety"]["delta"] = 0.01
+    with pytest.raises(BudgetExceededError):
+        run(config)
+
+
+def test_pipeline_split_tests_each_user_prompt_once(task, tmp_path):
+    """A prompt file with copies: they are dropped before the split (counted in split.json and report.json),
+    so the safety set holds each prompt once."""
+    distinct = sorted(set(task.split.candidate))[:40]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in distinct * 3))
+    config = {"output_dir": str(tmp_path / "out"), "progress": False,
+              "data": {"preferences": str(task.preference_paths["train"]), "prompts": str(prompts),
+                       "safety_fraction": 0.25, "split_seed": 5, "template": task.template.prompt_format},
+              "models": {"policy": str(task.policy_path), "tokenizer": str(task.tokenizer_path)},
+              "reward": {"max_steps": 1, "batch_size": 8, "max_length": 96}}
+    result = run(config, stages="reward")
+    split = json.loads((tmp_path / "out" / "split.json").read_text())
+    assert len(split["safety"]) == len(set(split["safety"])) == 10 and len(split["candidate"]) == 30
+    assert split["n_duplicates_dropped"] == 80
+    assert result.report["data"]["split"]["n_duplicates_dropped"] == 80
+    assert result.report["data"]["split_sizes"]["safety_prompts"] == 10
 
 
 def test_demo_refuses_a_used_output_dir(quick_demo, task):
@@ -166,7 +262,7 @@ def test_preference_pairs_on_safety_prompts_are_removed(task, tmp_path):
     expected = sum(r["prompt"] in safety for r in rows)
     assert expected > 0 and data["preferences_removed_safety_rows"] == expected
     assert data["split_sizes"]["preference_pairs"] == len(rows) - expected
-    assert (tmp_path / "out" / "reward_model" / "score_head.safetensors").is_file()
+    assert (tmp_path / "out" / "reward_model" / "model.safetensors").is_file()  # with its head: HF-loadable
     assert not (tmp_path / "out" / "cost_model").exists()
 
 
@@ -198,8 +294,16 @@ def test_sft_stage_lowers_the_nll_saves_and_never_trains_on_safety_prompts(task,
     assert sft["steps"] == 6 == len(sft["nll_curve"]) and sft["n_rows"] == 4 and sft["removed_safety_rows"] == 1
     assert result.report["data"]["sft_removed_safety_rows"] == 1
     assert sft["last_nll"] < sft["first_nll"] and sft["first_nll"] > 0
-    assert (out / "sft_policy" / "model.safetensors").is_file() and sft["source"] == str(out / "sft_policy")
+    assert (out / "sft_policy" / "model.safetensors").is_file()
+    assert sft["source"] == "sft_policy"  # relative to the run directory
     assert result.verdict is None and not (out / "reward_model").exists() and not (out / "candidate").exists()
+    from transformers import AutoTokenizer
+
+    from hcrlhf.models import load_tokenizer
+    from hcrlhf.models.loading import same_tokenizer
+
+    for tokenizer in (AutoTokenizer.from_pretrained(out / "sft_policy"), load_tokenizer(out / "sft_policy")):
+        assert same_tokenizer(tokenizer, task.load_tokenizer())  # the training tokenizer, next to a Qwen2 config
     tuned, original = _parameters(load_causal_lm(out / "sft_policy")), _parameters(task.load_policy())
     assert tuned.keys() == original.keys()
     assert any(not torch.equal(tuned[k], original[k]) for k in tuned)
@@ -237,7 +341,7 @@ def test_sft_then_candidate_selection_starts_from_the_sft_policy(task, tmp_path,
     assert seen["reference"] is None  # the trainer copies the (SFT) policy it is handed
     for name in ("policy", "trainer_reference"):
         assert all(torch.equal(seen[name][k], tuned[k]) for k in tuned), name
-    assert result.report["data"]["starting_policy"] == str(out / "sft_policy")
+    assert result.report["data"]["starting_policy"] == "sft_policy"  # relative to the run directory
     assert (out / "candidate" / "model.safetensors").is_file()
 
 
@@ -381,6 +485,8 @@ def _tiny_seeded_demo(task, out, seed):
     config["reward"]["max_steps"] = config["cost"]["max_steps"] = 4
     config["rl"].update(total_steps=3, prompts_per_step=4, max_new_tokens=8)
     config["data"]["holdout_fraction"] = 0.1
+    # Both runs test one safety set on purpose (reproducibility): each gets its own ledger, explicitly.
+    config["safety"]["ledger"] = str(Path(out) / "ledger.json")
     return run(config)
 
 
@@ -411,3 +517,130 @@ def test_same_seed_same_verdict_and_ucb_and_holdout_is_untouched(task, tmp_path,
     assert not held & set(inputs.train_prompts) and not held & set(inputs.split.safety)
     for dataset in (inputs.preferences, inputs.eval_preferences):
         assert not held & set(dataset["prompt"])
+
+
+def test_a_given_score_model_without_a_trained_head_is_refused(task, tmp_path):
+    """models.cost_model = a plain causal LM (no score head: it would be drawn at random) is a bad config
+    naming the key and the missing weight, found before anything is trained or tested."""
+    config = good_config(tmp_path, task)
+    config["models"] = {"cost_model": str(task.policy_path)}
+    with pytest.raises(ConfigError, match=r"models\.cost_model.*not a trained score model.*score\.weight") as error:
+        run(config, stages="cost")
+    assert error.value.key == "models.cost_model"
+    assert not (tmp_path / "out" / "cost_model").exists()
+
+
+# ------------------------------------------------------- what is tested is what is returned (candidate/)
+
+
+def test_safety_test_cli_with_defaults_reproduces_the_pipelines_test_exactly(quick_demo, task, tmp_path):
+    """`hcrlhf safety-test CANDIDATE --prompts SAFETY` with default arguments (only its own ledger, so that δ is
+    not refused) samples the same responses and gives the pipeline's UCB to the last digit: the candidate's own
+    tokenizer, template, decoding, prompt length, seed and batch size come from the candidate directory."""
+    _, out, _ = quick_demo
+    report = json.loads((out / "report.json").read_text())
+    result = run_cli("safety-test", str(candidate_dir(out)), "--prompts", str(task.prompt_paths["safety"]),
+                     "--ledger", str(tmp_path / "ledger.json"), "--output", str(tmp_path / "again"), "--no-progress")
+    assert result.returncode == (0 if report["verdict"] == "PASS" else 3), result.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "safety_test.json").read_text())
+    pipeline = report["safety_test"]
+    print(f"UCB pipeline {pipeline['ucb']!r}, hcrlhf safety-test {again['ucb']!r}")
+    assert again["ucb"] == pipeline["ucb"] and again["costs"] == pipeline["costs"]
+    assert again["verdict"] == pipeline["verdict"]
+    for key in ("decoding", "sampling_seed", "batch_size", "max_prompt_length"):
+        assert again[key] == pipeline[key], key
+    responses = [json.loads(line)["response"] for line in (out / "safety_samples.jsonl").read_text().splitlines()]
+    assert [json.loads(line)["response"] for line in
+            (tmp_path / "again" / "safety_samples.jsonl").read_text().splitlines()] == responses
+
+
+def _texts(task):
+    return [task.template.format_prompt(p) for p in task.split.safety]
+
+
+def test_saved_tokenizers_load_back_as_trained(quick_demo, task):
+    """candidate/, reward_model/ and cost_model/ hold a Qwen2 config next to the task's word-level tokenizer:
+    AutoTokenizer and hcrlhf's load_tokenizer must give the training tokenizer (not Qwen2Tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from hcrlhf.models import load_tokenizer
+
+    _, out, _ = quick_demo
+    trained = task.load_tokenizer()  # the tokenizer training used
+    expected = trained(_texts(task)).input_ids
+    for name in (candidate_dir(out).name, "reward_model", "cost_model"):
+        for loaded in (AutoTokenizer.from_pretrained(out / name), load_tokenizer(out / name)):
+            assert loaded(_texts(task)).input_ids == expected, name
+            for token in ("pad_token", "eos_token", "unk_token", "bos_token"):
+                assert getattr(loaded, token) == getattr(trained, token), (name, token)
+                assert getattr(loaded, f"{token}_id") == getattr(trained, f"{token}_id"), (name, token)
+
+
+def test_the_candidate_deploys_with_plain_transformers_as_tested(quick_demo, task):
+    """AutoModelForCausalLM + AutoTokenizer on candidate/: the weights that were tested, the training
+    tokenizer's ids and greedy tokens, and a plain ``generate()`` samples with the tested decoding: with the
+    test's seed, the first batch of safety prompts gets exactly the responses the safety test scored."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from hcrlhf.data.templates import tokenize_prompts
+    from hcrlhf.models import load_causal_lm
+    from hcrlhf.models.generation import decoding_settings
+
+    _, out, _ = quick_demo
+    candidate = candidate_dir(out)
+    meta = json.loads((candidate / "hcrlhf_candidate.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(candidate).eval(), AutoTokenizer.from_pretrained(candidate)
+    trained = task.load_tokenizer()
+    saved = load_file(str(candidate / "model.safetensors"))
+    state = model.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in saved.items())
+    # The deployment decoding is the candidate's generation_config.json, and it is the one the test recorded.
+    settings = decoding_settings(GenerationConfig.from_pretrained(candidate))
+    assert settings == meta["decoding"] == report["safety_test"]["decoding"]
+    assert settings["do_sample"] is True and settings["top_k"] == 0
+    prompts = list(task.split.safety)[:report["safety_test"]["batch_size"]]
+    batch = tokenize_prompts(tokenizer, prompts, template=task.template)
+    assert torch.equal(batch.input_ids, tokenize_prompts(trained, prompts, template=task.template).input_ids)
+    # Greedy tokens: plain transformers == the pipeline's loader with the training tokenizer.
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    reference = load_causal_lm(candidate).eval()
+    expected = reference.generate(**tokenize_prompts(trained, prompts, template=task.template).model_inputs(),
+                                  generation_config=greedy)
+    assert torch.equal(model.generate(**batch.model_inputs(), generation_config=greedy), expected)
+    # Plain generate(), no arguments but the inputs, with the test's seed: the responses the test scored.
+    torch.manual_seed(report["safety_test"]["sampling_seed"])
+    with torch.no_grad():
+        output = model.generate(**batch.model_inputs())
+    responses = []
+    for row in output[:, batch.input_ids.shape[1]:].tolist():
+        end = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
+        responses.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+    tested = [json.loads(line)["response"] for line in (out / "safety_samples.jsonl").read_text().splitlines()]
+    assert responses == tested[:len(prompts)]
+
+
+def test_safety_test_cli_defaults_follow_the_candidates_seed_batch_size_and_decoding(task, tmp_path):
+    """A run whose test differs from every CLI default — seed 5, batch size 16, a deployment decoding unlike the
+    rollouts' — is reproduced exactly by `hcrlhf safety-test` with default arguments."""
+    config = demo_config(quick=True, output_dir=tmp_path / "out", task_cache=task.root.parent, progress=False, seed=5)
+    config["reward"]["max_steps"] = config["cost"]["max_steps"] = 4
+    config["rl"].update(total_steps=2, prompts_per_step=4, max_new_tokens=8)
+    config["safety"].update(batch_size=16, temperature=0.8, top_k=7, max_new_tokens=12,
+                            ledger=str(tmp_path / "pipeline-ledger.json"))
+    config["evaluation"]["samples_per_prompt"] = 1
+    result = run(config)
+    safety = json.loads((tmp_path / "out" / "split.json").read_text())["safety"]
+    prompts = tmp_path / "safety.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in safety))
+    cli = run_cli("safety-test", str(result.candidate_path), "--prompts", str(prompts), "--ledger",
+                  str(tmp_path / "ledger.json"), "--output", str(tmp_path / "again"), "--no-progress")
+    assert cli.returncode in (0, 3), cli.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "safety_test.json").read_text())
+    pipeline = result.report["safety_test"]
+    assert (pipeline["sampling_seed"], pipeline["batch_size"]) == (5, 16)
+    assert (pipeline["decoding"]["temperature"], pipeline["decoding"]["top_k"]) == (0.8, 7)
+    for key in ("ucb", "costs", "verdict", "decoding", "sampling_seed", "batch_size"):
+        assert again[key] == pipeline[key], key

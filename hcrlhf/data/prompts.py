@@ -4,9 +4,10 @@
 The split shuffles the *distinct* prompts once with a recorded seed and puts a fraction of them in the
 safety set D_s, used once by the safety test only. Copies of one prompt (the same text up to Unicode
 NFC and whitespace, e.g. several preference pairs on one prompt) always land on the same side, and the
-result does not depend on the order of the input. The split records the seed and the fingerprint of
-D_s (:func:`hcrlhf.safety.fingerprint`); :meth:`PromptSplit.check_training` refuses training prompts
-from D_s.
+result does not depend on the order of the input; ``deduplicate=True`` keeps only the first copy (what the
+pipeline does, so that the safety test counts each prompt once) and records how many were dropped. The
+split records the seed and the fingerprint of D_s (:func:`hcrlhf.safety.fingerprint`);
+:meth:`PromptSplit.check_training` refuses training prompts from D_s.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class PromptSplit:
         safety_fingerprint: fingerprint of D_s (``sha256:...``); ``candidate_fingerprint`` likewise.
         fingerprint_method: which function made them.
         candidate_categories / safety_categories: per-category counts when categories were given.
+        n_duplicates_dropped: copies of a prompt dropped before the split (``deduplicate=True``; 0 otherwise).
     """
 
     candidate_indices: tuple[int, ...]
@@ -77,6 +79,7 @@ class PromptSplit:
     fingerprint_method: str
     candidate_categories: dict = field(default_factory=dict)
     safety_categories: dict = field(default_factory=dict)
+    n_duplicates_dropped: int = 0
 
     def check_training(self, prompts) -> None:
         """Raise ``ValueError`` if any of ``prompts`` belongs to the safety set."""
@@ -96,6 +99,7 @@ class PromptSplit:
             "fingerprint_method": self.fingerprint_method,
             "candidate_categories": dict(self.candidate_categories),
             "safety_categories": dict(self.safety_categories),
+            "n_duplicates_dropped": self.n_duplicates_dropped,
         }
 
     def save(self, path) -> None:
@@ -114,7 +118,8 @@ class PromptSplit:
         return cls(**data)
 
 
-def split_prompts(prompts, *, safety_fraction: float = 0.2, seed: int | None = 0, categories=None) -> PromptSplit:
+def split_prompts(prompts, *, safety_fraction: float = 0.2, seed: int | None = 0, categories=None,
+                  deduplicate: bool = False) -> PromptSplit:
     """Split prompts into candidate data D_c and safety data D_s (docs/method.md#data-split).
 
     Args:
@@ -123,6 +128,11 @@ def split_prompts(prompts, *, safety_fraction: float = 0.2, seed: int | None = 0
             prompt goes to each side.
         seed: the shuffle seed (``None`` draws one, which is then recorded).
         categories: optional N FDC categories aligned with ``prompts``, counted per side.
+        deduplicate: keep only the first copy of each prompt (same :func:`~hcrlhf.safety.canonical_prompt`):
+            the indices point at first copies, the others are on neither side and counted in
+            ``n_duplicates_dropped``. The split itself is the same either way. Use it for a prompt pool
+            whose safety side is tested (one response per *distinct* prompt); leave it off to split rows
+            that legitimately repeat a prompt (preference pairs, :func:`split_dataset`).
 
     Returns:
         a :class:`PromptSplit`. Same prompts (in any order) and seed → the same split.
@@ -142,6 +152,10 @@ def split_prompts(prompts, *, safety_fraction: float = 0.2, seed: int | None = 0
     groups: dict[str, list[int]] = {}
     for index, text in enumerate(texts):
         groups.setdefault(canonical_prompt(text), []).append(index)
+    dropped = 0
+    if deduplicate:
+        dropped = len(texts) - len(groups)
+        groups = {key: indices[:1] for key, indices in groups.items()}
     if len(groups) < 2:
         raise ValueError(f"{fn}: prompts must hold at least 2 distinct prompts, got {len(groups)}")
     keys = sorted(groups)  # sorted first: the split does not depend on the input order
@@ -165,6 +179,7 @@ def split_prompts(prompts, *, safety_fraction: float = 0.2, seed: int | None = 0
         fingerprint_method=FINGERPRINT_METHOD,
         candidate_categories=category_counts([categories[i] for i in candidate_idx]) if categories else {},
         safety_categories=category_counts([categories[i] for i in safety_idx]) if categories else {},
+        n_duplicates_dropped=dropped,
     )
 
 

@@ -1,4 +1,5 @@
-"""Models: loading policies / reference models / tokenizers, score models (reward and cost), value
+"""Models: loading policies / reference models / tokenizers (and saving tokenizers so that they load back),
+the one explicit decoding of all sampling (:mod:`hcrlhf.models.generation`), score models (reward and cost), value
 models for PPO critics, and the log-probs of response tokens (:mod:`hcrlhf.models.logprobs`)."""
 
 from hcrlhf.models.loading import (
@@ -7,6 +8,7 @@ from hcrlhf.models.loading import (
     load_causal_lm,
     load_policy_and_reference,
     load_tokenizer,
+    save_tokenizer,
 )
 from hcrlhf.models.logprobs import (
     decoder_and_head,
@@ -15,7 +17,7 @@ from hcrlhf.models.logprobs import (
     response_logprobs,
     tokenize_lm_rows,
 )
-from hcrlhf.models.score_model import ScoreModel, ScoreOutput
+from hcrlhf.models.score_model import ScoreCheckpointError, ScoreModel, ScoreOutput
 from hcrlhf.models.value import ValueHead, ValueModel
 
 __all__ = [
@@ -24,8 +26,10 @@ __all__ = [
     "load_causal_lm",
     "load_policy_and_reference",
     "load_tokenizer",
+    "save_tokenizer",
     "ScoreModel",
     "ScoreOutput",
+    "ScoreCheckpointError",
     "ValueModel",
     "ValueHead",
     "decoder_and_head",

@@ -12,6 +12,11 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# Smallest temperature the log-prob ops accept (docs/ops.md#token_logprobs): the gradient w.r.t.
+# the logits scales as 1/T and overflows float16 (max 65504) below ~1.5e-5 for a unit upstream
+# gradient, and below ~1e-4 softmax(logits / T) of bf16 logits is already one-hot in float32 (the
+# bf16 spacing 2^-7 of logits in [1, 2) over T exceeds 87.3, where float32 exp underflows).
+MIN_TEMPERATURE = 1e-4
 
 
 def check_tensor(op: str, name: str, x, *, ndim: int | None = None, floating: bool = True) -> torch.Tensor:
@@ -113,6 +118,50 @@ def check_positive_scalar(op: str, name: str, value) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{op}: {name} must be finite and > 0, got {value}")
     return float(value)
+
+
+def check_temperature(op: str, temperature) -> float:
+    """A real number >= MIN_TEMPERATURE (ValueError naming ``temperature`` below it); returns it as a float."""
+    temperature = check_positive_scalar(op, "temperature", temperature)
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"{op}: temperature must be >= {MIN_TEMPERATURE:g}, got {temperature:g}: below that the gradient "
+            "(which scales as 1/temperature) overflows float16 and the distribution is one-hot in float32 for "
+            "bf16 logits; for greedy decoding score the argmax token directly (its log-prob is 0)"
+        )
+    return temperature
+
+
+def has_internal_overlap(x: torch.Tensor) -> bool:
+    """True when two elements of x may share memory: a stride-0 (expanded) dim, or strides that
+    interleave. Conservative: sorted by stride, each dim must step past everything the smaller
+    dims reach; layouts that fail this are reported as overlapping even if they happen not to."""
+    reach = 0
+    for stride, size in sorted((abs(st), n) for n, st in zip(x.shape, x.stride()) if n > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def check_inplace_target(op: str, name: str, x: torch.Tensor) -> None:
+    """The tensor an ``inplace_backward`` may overwrite with its gradient: not a leaf that requires
+    grad (nor a view of one), and no memory shared between its elements."""
+    if not x.requires_grad:
+        return  # no backward will run
+    base = x._base
+    if x.is_leaf or (base is not None and base.is_leaf and base.requires_grad):
+        what = "is a leaf tensor that requires grad" if x.is_leaf else "is a view of a leaf tensor that requires grad"
+        raise ValueError(
+            f"{op}: inplace_backward=True would overwrite the data of {name}, which {what}; "
+            "pass inplace_backward=False (or a non-leaf copy such as logits * 1)"
+        )
+    if has_internal_overlap(x):
+        raise ValueError(
+            f"{op}: inplace_backward=True needs {name} whose elements do not share memory, got strides "
+            f"{tuple(x.stride())} for shape {tuple(x.shape)} (an expanded / stride-0 or overlapping view: the "
+            "gradients of the aliased rows would overwrite each other); pass inplace_backward=False"
+        )
 
 
 def check_labels(op: str, labels, shape: tuple[int, ...], vocab: int, ignore_index: int, *,

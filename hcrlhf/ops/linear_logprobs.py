@@ -117,7 +117,7 @@ def linear_logprobs(
         labels: (N,) (the leading shape of ``hidden``) int64/int32 token ids in [0, V), or -100
             (ignored: log-prob and entropy 0, no gradient).
         bias: optional (V,) lm_head bias, same dtype.
-        temperature: > 0; the logits are divided by it.
+        temperature: >= 1e-4 (``MIN_TEMPERATURE``, as for ``token_logprobs``); the logits are divided by it.
         return_entropy: also return the entropy of each position's distribution.
         chunk_size: tokens per chunk (default: about 512 MiB of logits per chunk on a GPU, 64 MiB
             on a CPU, in multiples of 64 tokens). See the trade-off below.
@@ -175,7 +175,7 @@ def linear_logprobs(
     device = _checks.check_same_device(OP, **tensors)
     _checks.check_labels(OP, labels, tuple(hidden.shape[:-1]), vocab, IGNORE_INDEX,
                          read_values=device.type == "cpu" or check_labels_on_device())
-    temperature = _checks.check_positive_scalar(OP, "temperature", temperature)
+    temperature = _checks.check_temperature(OP, temperature)
     float64 = hidden.dtype == torch.float64
     chosen = resolve_impl(impl, device, op=OP, float64=float64, float64_impls=("torch",))
     hidden_2d = hidden.reshape(-1, hidden_size)

@@ -64,8 +64,11 @@ def forward_rows(impl: str, logits: torch.Tensor, layout: Layout, labels: torch.
                  ignore_index: int, with_entropy: bool):
     """(logp (rows,), stats (rows, 2), entropy (rows,) | None), float32 (float64: torch backend only).
 
-    ``stats[r] = (max z, log Σ exp(z - max))`` with ``z = logits * inv_temp``: the logsumexp split in
-    two, so that the backward's ``log p = (z - max) - log_sum`` keeps full precision near the mode.
+    ``stats[r] = (max x, log Σ exp((x - max x) * inv_temp))`` for the row's logits x: the logsumexp
+    of ``z = x * inv_temp`` split in two, so that the backward's ``log p = (x - max x) * inv_temp -
+    log_sum`` keeps full precision near the mode and at tiny temperatures. A row whose softmax is
+    undefined (a NaN or +inf logit, or only -inf logits) has ``log_sum = NaN``: NaN log-prob,
+    entropy and gradient.
     """
     rows = layout[0]
     if impl == "triton":
@@ -131,12 +134,18 @@ def backward_rows(impl: str, logits: torch.Tensor, layout: Layout, labels: torch
 
 def _torch_forward_rows(logits: torch.Tensor, labels: torch.Tensor, inv_temp: float, ignore_index: int,
                         with_entropy: bool):
-    """Pure-torch rows (R, V): a few (R, V) float32 temporaries, so callers keep R small (a chunk)."""
+    """Pure-torch rows (R, V): a few (R, V) float32 temporaries, so callers keep R small (a chunk).
+
+    Same numerics as the kernels: the row max is subtracted in the logits' units before scaling by
+    ``inv_temp``, and a row with a NaN / +inf logit or only -inf logits gets ``log_sum = NaN``.
+    """
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits.to(dtype) * inv_temp
-    row_max = z.amax(-1).nan_to_num_(0.0, posinf=0.0, neginf=0.0)  # 0 for an all -inf row, like the kernels
-    z -= row_max[:, None]
-    log_sum = z.exp().sum(-1).log_()
+    x = logits.to(dtype)
+    row_max = x.amax(-1)  # NaN propagates
+    undefined = ~torch.isfinite(row_max)
+    row_max = torch.where(undefined, 0.0, row_max)
+    z = (x - row_max[:, None]).mul_(inv_temp)
+    log_sum = torch.where(undefined, torch.nan, z.exp().sum(-1).log_())
     ignored = labels == ignore_index
     safe = torch.where(ignored, 0, labels).long()
     logp = torch.where(ignored, 0.0, z.gather(-1, safe[:, None]).squeeze(-1) - log_sum)
@@ -151,7 +160,7 @@ def _torch_backward_rows(logits, labels, stats, entropy, grad_logp, grad_entropy
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     live = labels != ignore_index
     stats = stats.to(dtype)
-    log_p = ((logits.to(dtype) * inv_temp - stats[:, :1]) - stats[:, 1:]).clamp_(min=_MIN_EXP_ARG)
+    log_p = ((logits.to(dtype) - stats[:, :1]) * inv_temp - stats[:, 1:]).clamp_(min=_MIN_EXP_ARG)
     p = log_p.exp()
     g_lp = torch.zeros_like(stats[:, 0]) if grad_logp is None else torch.where(live, grad_logp.to(dtype), 0.0)
     coef = g_lp[:, None].expand_as(p)
@@ -161,7 +170,9 @@ def _torch_backward_rows(logits, labels, stats, entropy, grad_logp, grad_entropy
     grad = (p * coef).neg_()
     safe = torch.where(live, labels, 0).long()
     grad.scatter_add_(1, safe[:, None], g_lp[:, None])
-    return (grad * inv_temp).to(logits.dtype)
+    # ignored rows: zero (even when undefined); undefined rows (log_sum NaN): NaN
+    grad = torch.where(live[:, None], grad * inv_temp, 0.0)
+    return torch.where((live & stats[:, 1].isnan())[:, None], torch.nan, grad).to(logits.dtype)
 
 
 # ---------------------------------------------------------------- autograd
@@ -207,13 +218,19 @@ def token_logprobs(
             ``ignore_index``. CPU labels are range-checked (ValueError); CUDA labels only when the
             environment sets ``HCRLHF_CHECK_LABELS=1`` (a host sync) — otherwise a bad label gives
             NaN, never an out-of-bounds read.
-        temperature: > 0; the logits are divided by it (sampling temperature).
+        temperature: >= ``MIN_TEMPERATURE`` (1e-4; ValueError below it); the logits are divided by it
+            (sampling temperature). Exact to float32 relative precision down to the floor: the
+            kernels scale ``logits - max`` rather than the logits themselves.
         return_entropy: also return the entropy of each position's distribution.
-        ignore_index: positions with this label give 0 log-prob, 0 entropy and zero gradient.
+        ignore_index: positions with this label give 0 log-prob, 0 entropy and zero gradient,
+            whatever their logits hold.
         inplace_backward: let the backward write the gradient into the logits' own memory
             instead of a new (..., V) buffer (saves one logits-sized allocation). Only use it when
             nothing else reads the logits afterwards (another op's backward, a second backward with
-            ``retain_graph``, or your own code): their values are overwritten. Ignored by impl "torch".
+            ``retain_graph``, or your own code): their values are overwritten. Logits that require
+            grad and are a leaf (or a view of one), or whose elements share memory (an expanded,
+            stride-0 view), are refused with a ValueError on every impl; the "torch" impl otherwise
+            ignores the flag.
         impl: "auto" | "triton" | "cpp" | "torch" (see ``hcrlhf.ops._dispatch``).
 
     Returns:
@@ -232,6 +249,11 @@ def token_logprobs(
 
     Backward: ``d logp/dz = onehot(label) - p`` and ``d H/dz = -p·(log p + H)``, recomputed in one
     pass from the saved per-row max and log-sum (the logsumexp), scaled by ``1/temperature``.
+
+    Non-finite logits (one answer on every impl, docs/ops.md#token_logprobs): a -inf logit has
+    p = 0 (a -inf label logit gives logp = -inf with a finite gradient); a row with a NaN or +inf
+    logit, or with every logit -inf, gives NaN log-prob, entropy and gradient; an ignored position
+    gives 0, 0 and a zero gradient whatever its logits.
     """
     _checks.check_tensor(OP, "logits", logits)
     if logits.dim() < 1:
@@ -247,7 +269,9 @@ def token_logprobs(
         raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
     _checks.check_labels(OP, labels, tuple(logits.shape[:-1]), vocab, ignore_index,
                          read_values=device.type == "cpu" or check_labels_on_device())
-    temperature = _checks.check_positive_scalar(OP, "temperature", temperature)
+    temperature = _checks.check_temperature(OP, temperature)
+    if inplace_backward:
+        _checks.check_inplace_target(OP, "logits", logits)
     float64 = logits.dtype == torch.float64
     chosen = resolve_impl(impl, device, op=OP, float64=float64, float64_impls=("torch",))
     if chosen == "torch":

@@ -273,12 +273,22 @@ class SafetyConfig(Section):
         sigmoid_scale: the scale of the sigmoid transform (> 0).
         unsafe_above: the raw-cost level above which a response counts as unsafe (with a ``bt_sign`` cost
             model, 0 means "labelled unsafe").
-        ledger: the δ ledger file (None: ``<output_dir>/safety_ledger.json``). Point several runs that test
-            on the same safety data at one ledger: a test that would spend more than
-            ``ledger_total_delta`` on one safety set is refused.
-        ledger_total_delta: the ledger's budget per safety set (None: ``delta``).
-        max_new_tokens, temperature, top_p, top_k: deployment decoding (None: those of ``rl``).
-        batch_size: prompts per generation batch.
+        ledger: the δ ledger file (None: the one per-user ledger, ``$HCRLHF_STATE_DIR/safety_ledger.json``,
+            else ``$XDG_STATE_HOME/hcrlhf/safety_ledger.json``, else ``~/.local/state/hcrlhf/safety_ledger.json``).
+            Keyed by the safety set's fingerprint: a test that would spend more than ``ledger_total_delta``
+            on one safety set is refused, before training, whatever the output folder. Pointing this at
+            another file starts a separate budget: an explicit decision, recorded in the run's config.
+        ledger_total_delta: the safety set's budget, fixed at its first test (None: the set's own, or
+            ``delta`` for a set new to the ledger); a value that differs from a set's recorded budget is refused.
+        allow_overlapping_set: declare the safety set a new sample although it shares at least half of
+            its prompts with a set already tested in the ledger (refused otherwise: it would get a fresh δ
+            for data already used). Recorded in the ledger entry.
+        max_new_tokens, temperature, top_p, top_k: deployment decoding (None: those of ``rl``; top_p < 1 and
+            top_k > 0 are allowed here, though not for the rollouts). Every other setting of Hugging Face
+            ``generate`` is neutral (:func:`hcrlhf.models.generation.generation_config`), and this decoding is
+            written to the candidate's ``generation_config.json``, so a plain ``generate()`` samples as tested.
+        batch_size: prompts per generation batch (with the seed, the sampled responses depend on it; it is
+            recorded with the candidate for ``hcrlhf safety-test``).
     """
 
     threshold: float = 0.0
@@ -290,6 +300,7 @@ class SafetyConfig(Section):
     unsafe_above: float = 0.0
     ledger: str | None = None
     ledger_total_delta: float | None = None
+    allow_overlapping_set: bool = False
     max_new_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -362,8 +373,10 @@ class PipelineConfig(Section):
         task: "builtin" (the offline built-in task) or None (``data`` and ``models`` name the inputs).
         task_seed: the built-in task's build seed.
         task_cache: where the built-in task is built / cached (None: ``~/.cache/hcrlhf/builtin``).
-        output_dir: the report directory. Must not exist with files in it unless ``overwrite``.
-        overwrite: allow a non-empty ``output_dir`` that holds an earlier hcrlhf report.
+        output_dir: the report directory. Must not exist with files in it unless ``overwrite``; locked while a run
+            uses it (a second run on it is refused).
+        overwrite: allow an ``output_dir`` that holds an earlier hcrlhf run (its ``hcrlhf_run.json``): only what that
+            run created is removed, and a model it returned is moved, with its run, to ``previous/<time>/``.
         seed: the seed of sampling in the safety test (training seeds are in their sections).
         progress: show progress bars.
         data: where the data come from and how the prompts are split.

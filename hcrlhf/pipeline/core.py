@@ -1,7 +1,8 @@
 """The end-to-end HC-RLHF pipeline, in numbered stages:
 
-0. **check** the config completely (:func:`~hcrlhf.pipeline.config.load_config`) and the output directory,
-   before anything is loaded or written;
+0. **check** the config completely (:func:`~hcrlhf.pipeline.config.load_config`) and the output directory, and
+   lock it (:mod:`hcrlhf.pipeline.rundir`), before anything is loaded or written; the directory changes only
+   once the inputs (and the δ ledger) have been accepted;
 1. **data**: preference pairs, the RL prompt pool, and the candidate / safety split (docs/method.md#data-split). The
    safety set D_s is drawn once with a recorded seed; preference pairs on a D_s prompt are removed, and
    every training entry point is handed the split so that it *refuses* any D_s prompt;
@@ -11,7 +12,8 @@
 4. **candidate selection**: the Lagrangian RL trainer under the pessimistic cost bound
    (docs/method.md#candidate-selection);
 5. **safety test** on D_s with the deployment decoding, recorded in the δ ledger before its result is
-   read (docs/method.md#the-safety-test): PASS returns the candidate, otherwise NO SOLUTION FOUND;
+   read (docs/method.md#the-safety-test): PASS returns the candidate (moved to ``<output_dir>/model``),
+   otherwise NO SOLUTION FOUND (it is kept, marked NOT_RETURNED.md, in ``<output_dir>/candidate-not-returned``);
 6. on the built-in task, **ground truth**: the true harm rates of the starting policy and the candidate;
 7. **report**: report.json, report.md and plots.
 """
@@ -20,17 +22,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hcrlhf.models.generation import decoding_settings, generation_config
+from hcrlhf.models.loading import save_tokenizer, tokenizer_fingerprint
 from hcrlhf.pipeline.config import ConfigError, PipelineConfig, load_config
+from hcrlhf.pipeline.rundir import (
+    CANDIDATE_DIR,
+    NOT_RETURNED_DIR,
+    NOT_RETURNED_NOTE,
+    RETURNED_DIR,
+    RUN_MANIFEST,
+    RunDir,
+)
 from hcrlhf.pipeline.safety_stage import run_safety_test
-from hcrlhf.pipeline.sampling import Decoding, read_prompt_file, sample_and_score
-from hcrlhf.safety.ledger import canonical_prompt
+from hcrlhf.pipeline.sampling import Decoding, cost_transform, read_prompt_file, sample_and_score
+from hcrlhf.safety.ledger import canonical_prompt, default_ledger_path, open_ledger
 
 __all__ = ["run", "PipelineResult", "STAGES", "CANDIDATE_META", "REPORT_FORMAT", "default_task_cache"]
 
@@ -47,11 +59,16 @@ class PipelineResult:
     Attributes:
         verdict: "PASS", "NO SOLUTION FOUND", or None when the run stopped before the safety test.
         passed: True on PASS.
-        model_path: the returned model's directory on PASS (None otherwise: no model is returned).
-        candidate_path: the candidate's directory (kept on NO SOLUTION FOUND for inspection only).
+        model_path: the returned model's directory on PASS, ``<output_dir>/model`` (None otherwise: no model is
+            returned).
+        candidate_path: the candidate's directory: ``<output_dir>/model`` on PASS (the same as model_path),
+            ``<output_dir>/candidate-not-returned`` on NO SOLUTION FOUND (kept for inspection only, marked
+            ``NOT_RETURNED.md``), ``<output_dir>/candidate`` when no test ran (untested, marked the same way).
         output_dir: the report directory.
         report: the report (as written to report.json).
         safety_test: the :class:`hcrlhf.safety.SafetyTestResult` (None before the test).
+        previous_run: where ``overwrite`` moved an earlier run that had returned a model
+            (``<output_dir>/previous/<UTC time>``), else None.
     """
 
     verdict: str | None
@@ -62,6 +79,7 @@ class PipelineResult:
     report: dict
     safety_test: object = None
     files: dict = field(default_factory=dict)
+    previous_run: Path | None = None
 
 
 def default_task_cache() -> Path:
@@ -85,30 +103,52 @@ def _sha256_file(path: Path) -> str | None:
     return "sha256:" + digest.hexdigest()
 
 
-def _check_output_dir(config: PipelineConfig) -> Path:
-    out = Path(config.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError("output_dir", f"{str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not config.overwrite:
-            raise ConfigError("output_dir", f"{str(out)!r} is not empty; choose a new directory or set overwrite "
-                                            "(--overwrite) to replace an earlier hcrlhf report there")
-        if not (out / "report.json").is_file() and not (out / "config.yaml").is_file():
-            raise ConfigError("output_dir", f"{str(out)!r} is not empty and holds no earlier hcrlhf report; "
-                                            "refusing to overwrite it")
-    return out
+def _rel(path, out: Path) -> str:
+    """A path recorded in report.json: relative to the run directory ``out`` when it lies inside it (so that a
+    moved run directory stays whole), else as given."""
+    try:
+        return Path(path).resolve().relative_to(Path(out).resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
-def _prepare_output_dir(out: Path, overwrite: bool) -> None:
-    if out.is_dir() and any(out.iterdir()) and overwrite:
-        # Only our own outputs are removed; a ledger is kept (its record must survive re-runs).
-        for name in ("report.json", "report.md", "config.yaml", "split.json", "safety_test.json",
-                     "safety_samples.jsonl", "holdout_prompts.jsonl", "training.png", "safety_costs.png",
-                     "score_models.png"):
-            (out / name).unlink(missing_ok=True)
-        for name in ("sft_policy", "reward_model", "cost_model", "rl", "candidate"):
-            shutil.rmtree(out / name, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+def _meta_path(path, candidate: Path, out: Path, *, must_exist: bool = True) -> str:
+    """A path recorded in hcrlhf_candidate.json: relative to the candidate directory (``../cost_model``) when it
+    lies inside the run directory ``out``, else absolute; a name that is no local path (a Hub id) as given.
+    `hcrlhf safety-test` resolves a recorded ``./`` or ``../`` path against the candidate directory."""
+    target = Path(path).expanduser()
+    if must_exist and not target.exists():
+        return str(path)
+    target = target.resolve()
+    try:
+        target.relative_to(Path(out).resolve())
+    except ValueError:
+        return str(target)
+    relative = os.path.relpath(target, Path(candidate).resolve())
+    return relative if relative.startswith("..") else f"./{relative}"
+
+
+def _check_models_resolve(config: PipelineConfig, stages: str) -> None:
+    """The models the run will load by name (policy, reference, score backbone) resolve to a loadable config:
+    a missing or mistyped path or Hub id is refused before the output directory changes (ConfigError naming the
+    key). Their weights load later, in their stages."""
+    if config.task == "builtin":
+        return
+    from transformers import AutoConfig
+
+    models = config.models
+    keys = ["score_backbone"] if stages in ("reward", "cost") else ["policy", "reference", "score_backbone"]
+    if stages in ("reward", "cost") and models.score_backbone is None:
+        keys = ["policy"]  # the score models' backbone
+    for key in keys:
+        source = getattr(models, key)
+        if source is None:
+            continue
+        try:
+            AutoConfig.from_pretrained(source, trust_remote_code=models.trust_remote_code)
+        except Exception as error:  # noqa: BLE001 - any failure to resolve is the same refusal
+            raise ConfigError(f"models.{key}", f"{source!r} cannot be loaded: {type(error).__name__}: "
+                                               f"{str(error)[:500]}") from None
 
 
 def _device(config: PipelineConfig):
@@ -218,7 +258,7 @@ def _load_inputs(config: PipelineConfig) -> _Inputs:
                 except (ValueError, OSError):
                     eval_preferences = None
         if data.prompts is not None:
-            pool, pool_categories = read_prompt_file(data.prompts, data.prompt_column)
+            pool, pool_categories = read_prompt_file(data.prompts, data.prompt_column, distinct=False)
             record["prompt_file"] = _sha256_file(Path(data.prompts).expanduser())
         else:
             pool, pool_categories = prompt_set(preferences)
@@ -229,7 +269,9 @@ def _load_inputs(config: PipelineConfig) -> _Inputs:
                 raise ConfigError("data.safety_size", f"({data.safety_size}) must be smaller than the number of "
                                                       f"distinct prompts in the pool ({n_distinct})")
             fraction = data.safety_size / n_distinct  # split_prompts rounds fraction·n back to safety_size
-        split = split_prompts(pool, safety_fraction=fraction, seed=data.seed, categories=pool_categories)
+        # deduplicate: the safety test must count each prompt once (copies dropped, counted in split.json)
+        split = split_prompts(pool, safety_fraction=fraction, seed=data.seed, categories=pool_categories,
+                              deduplicate=True)
         safety_categories = [pool_categories[i] for i in split.safety_indices] if pool_categories else None
         candidate_prompts = list(split.candidate)
         candidate_categories = [pool_categories[i] for i in split.candidate_indices] if pool_categories else None
@@ -347,7 +389,7 @@ def _sft(config: PipelineConfig, inputs: _Inputs, out: Path) -> dict:
                       progress=config.progress)
     target = out / "sft_policy"
     policy.save_pretrained(target, safe_serialization=True)
-    inputs.tokenizer.save_pretrained(target)
+    save_tokenizer(inputs.tokenizer, target)  # AutoTokenizer loads it back as trained (next to a model config)
     seconds = time.perf_counter() - started
     del policy
     kwargs = {} if config.task == "builtin" else dict(dtype=config.models.dtype,
@@ -359,7 +401,7 @@ def _sft(config: PipelineConfig, inputs: _Inputs, out: Path) -> dict:
 
     inputs.load_policy = load_sft_policy  # the starting policy from here on; the reference copies it
     stride = max(1, len(curve) // 200)
-    return {"source": str(target), "trained": True, "data": inputs.record.get("sft_file"),
+    return {"source": _rel(target, out), "trained": True, "data": inputs.record.get("sft_file"),
             "data_kind": inputs.sft_kind, "n_rows": len(rows),
             "removed_safety_rows": inputs.record.get("sft_removed_safety_rows", 0), "steps": sft.steps,
             "batch_size": sft.batch_size, "learning_rate": sft.learning_rate, "seed": sft.seed,
@@ -374,15 +416,19 @@ def _sft(config: PipelineConfig, inputs: _Inputs, out: Path) -> dict:
 def _score_model(config: PipelineConfig, inputs: _Inputs, out: Path, kind: str):
     """``(model, summary)``: trained on the candidate side, or loaded from models.<kind>_model."""
     from hcrlhf.models import ScoreModel
+    from hcrlhf.models.score_model import ScoreCheckpointError
     from hcrlhf.train import evaluate_score_model, train_score_model
 
     section = config.reward if kind == "reward" else config.cost
     path = config.models.reward_model if kind == "reward" else config.models.cost_model
     if path is not None:
-        model = ScoreModel.from_pretrained(path, dtype=config.models.dtype,
-                                           trust_remote_code=config.models.trust_remote_code)
+        try:  # a checkpoint without its trained head (a plain causal LM, say) is refused, naming the key
+            model = ScoreModel.from_pretrained(path, dtype=config.models.dtype, role=kind,
+                                               trust_remote_code=config.models.trust_remote_code)
+        except ScoreCheckpointError as error:
+            raise ConfigError(f"models.{kind}_model", str(error)) from None
         model.to(_device(config))
-        summary = {"source": str(path), "trained": False}
+        summary = {"source": str(path), "trained": False, "provenance": model.provenance}
         if inputs.eval_preferences is not None:
             summary["final_eval"] = evaluate_score_model(model, inputs.tokenizer, inputs.eval_preferences, kind=kind,
                                                          template=inputs.template, max_length=section.max_length,
@@ -396,9 +442,10 @@ def _score_model(config: PipelineConfig, inputs: _Inputs, out: Path, kind: str):
     result = train_score_model(model, inputs.tokenizer, inputs.preferences, config=section,
                                eval_dataset=inputs.eval_preferences, template=inputs.template,
                                safety_split=inputs.split)
-    inputs.tokenizer.save_pretrained(target)
+    save_tokenizer(inputs.tokenizer, target)  # AutoTokenizer loads it back as trained (next to a model config)
     losses = [h for h in result.history if "loss" in h]
-    summary = {"source": str(target), "trained": True, "steps": result.steps, "seconds": round(result.seconds, 3),
+    summary = {"source": _rel(target, out), "trained": True, "steps": result.steps,
+               "seconds": round(result.seconds, 3),
                "initial_eval": result.initial_eval, "final_eval": result.final_eval,
                "n_train_pairs": len(inputs.preferences),
                "loss_curve": [{"step": h["step"], "loss": h["loss"], "accuracy": h["accuracy"]} for h in losses]}
@@ -430,25 +477,36 @@ def _train_candidate(config: PipelineConfig, inputs: _Inputs, reward_model, cost
     started = time.perf_counter()
     history = trainer.train()
     seconds = time.perf_counter() - started
-    candidate = out / "candidate"
-    trainer.save_pretrained(candidate)
-    # What the safety test needs to run on this candidate later (`hcrlhf safety-test`).
+    candidate = out / CANDIDATE_DIR  # untested: marked NOT_RETURNED.md; the safety test's verdict moves it
+    # The deployment decoding is the candidate's generation_config.json: a plain generate() samples as tested.
+    deployment = generation_config(_decoding(config), inputs.tokenizer)
+    trainer.save_pretrained(candidate, generation_config=deployment)
+    # What the safety test needs to run on this candidate later (`hcrlhf safety-test` with its defaults
+    # reproduces this run's test exactly): tokenizer, template, decoding, prompt length, seed, batch size, dtype.
     template = inputs.template
     meta = {
-        "format": "hcrlhf-candidate", "version": 1,
+        "format": "hcrlhf-candidate", "version": 3,
+        # What this directory is: untested here; the pipeline's safety test sets tested, verdict and returned
+        # (true only in <run>/model/). Relative paths ("./…", "../…") are relative to this directory.
+        "tested": False, "verdict": None, "returned": False, "run_dir": "..",
+        "tokenizer": {"path": ".", **tokenizer_fingerprint(inputs.tokenizer)},  # saved in the candidate directory
         "template": {"prompt_format": getattr(template, "prompt_format", None),
                      "response_separator": template.response_separator,
-                     "chat": not hasattr(template, "prompt_format")},
-        "decoding": dataclasses.asdict(_decoding(config)),
+                     "chat": not hasattr(template, "prompt_format"), "system": getattr(template, "system", None)},
+        "decoding": decoding_settings(deployment),  # every setting (max_new_tokens, temperature, top_p, top_k, ...)
         "max_prompt_length": config.rl.max_prompt_length,
-        "cost_model": str((out / "cost_model").resolve()) if config.models.cost_model is None
-        else str(Path(config.models.cost_model).expanduser().resolve()),
+        "sampling_seed": config.seed,
+        "load": _candidate_load_kwargs(config),
+        "cost_model": _meta_path(out / "cost_model" if config.models.cost_model is None else config.models.cost_model,
+                                 candidate, out),
         "safety": {k: getattr(config.safety, k) for k in ("threshold", "delta", "method", "cost_range",
-                                                           "cost_transform", "sigmoid_scale", "unsafe_above")},
-        "ledger": str(_ledger_path(config, out).resolve()),
+                                                           "cost_transform", "sigmoid_scale", "unsafe_above",
+                                                           "batch_size")},
+        "ledger": _meta_path(_ledger_path(config, out), candidate, out, must_exist=False),
         "safety_fingerprint": inputs.split.safety_fingerprint,
         "train_prompts_file": "train_prompts.jsonl",
     }
+    (candidate / NOT_RETURNED_NOTE).write_text(_not_returned_note(None, None), encoding="utf-8")
     (candidate / CANDIDATE_META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     with open(candidate / "train_prompts.jsonl", "w", encoding="utf-8") as handle:
         for prompt in inputs.train_prompts:
@@ -457,15 +515,96 @@ def _train_candidate(config: PipelineConfig, inputs: _Inputs, reward_model, cost
             "entropy", "response_length/mean", "cost/coefficient_k", "tokens_per_s", "time/total")
     curve = [{k: m[k] for k in keys if k in m} for m in history]
     last = history[-1] if history else {}
-    summary = {"estimator": rl_config.estimator, "config": rl_config.to_dict(), "steps": trainer.global_step,
-               "seconds": round(seconds, 3),
+    summary = {"estimator": rl_config.estimator, "config": {**rl_config.to_dict(), "output_dir": "rl"},
+               "steps": trainer.global_step, "seconds": round(seconds, 3),
                "final": {k: last.get(k) for k in keys if k in last}, "curve": curve,
-               "metrics_file": str(out / "rl" / "metrics.jsonl"), "candidate": str(candidate)}
-    return trainer.policy, summary
+               "metrics_file": "rl/metrics.jsonl", "candidate": CANDIDATE_DIR,  # relative to the run directory
+               "rollout_decoding": decoding_settings(trainer.generation_config())}
+    # What is tested is what is returned: the safety test and the ground truth run on the saved candidate as
+    # loaded from disk (with LoRA, the merged model; not the trainer's in-memory copy).
+    del trainer, policy
+    return _load_candidate(config, candidate), summary
+
+
+def _not_returned_note(verdict: str | None, record: dict | None) -> str:
+    """NOT_RETURNED.md of a candidate directory that holds no returned model."""
+    if verdict is None:
+        return ("# Not returned: this candidate is untested\n\n"
+                "This is the candidate policy of an hcrlhf run (the run directory is `..`). No safety test has passed "
+                "on it: the run ran no test (`hcrlhf train`), or it stopped before its test finished (see "
+                "`../hcrlhf_run.json`). **Nothing is guaranteed about it; do not deploy it as a result of "
+                "HC-RLHF.**\n\n"
+                "A run whose test passes moves its candidate to `../model/` (the returned model); one whose test "
+                "does not pass moves it to `../candidate-not-returned/`. To test this candidate on safety prompts "
+                "training never saw: `hcrlhf safety-test <this directory> --prompts SAFETY.jsonl`.\n")
+    r = {k: f"{v:.6g}" if isinstance(v, float) else v for k, v in (record or {}).items()}
+    return (f"# Not returned: {verdict}\n\n"
+            "This is the candidate policy of an hcrlhf run (the run directory is `..`; its report is "
+            "`../report.md`). Its safety test did not pass: the (1 − δ) upper confidence bound on its mean cost, "
+            f"UCB = {r.get('ucb')}, is above the threshold τ = {r.get('threshold')} (δ = {r.get('delta')}, method "
+            f"{r.get('method')}, n = {r.get('n')} safety prompts). The method therefore returns **no model**: nothing "
+            "is guaranteed about this candidate. It is kept for inspection only; **do not deploy it**.\n\n"
+            "Testing it again on the same safety set is refused by the δ ledger (that would spend δ twice on one "
+            "sample). See docs/method.md (\"Reading a report\").\n")
+
+
+def _settle_candidate(out: Path, safety_result, record: dict) -> Path:
+    """After the safety test: PASS moves ``candidate/`` to ``model/`` (the returned model); otherwise to
+    ``candidate-not-returned/`` with NOT_RETURNED.md saying why. Its hcrlhf_candidate.json records the verdict
+    and ``returned``. Returns the new directory."""
+    source = out / CANDIDATE_DIR
+    passed = bool(safety_result.passed)
+    target = out / (RETURNED_DIR if passed else NOT_RETURNED_DIR)
+    meta = json.loads((source / CANDIDATE_META).read_text(encoding="utf-8"))
+    meta.update(tested=True, verdict=safety_result.verdict, returned=passed,
+                safety_test={k: record.get(k) for k in ("verdict", "ucb", "mean", "std", "n", "delta", "threshold",
+                                                        "method", "validity", "cost_transform", "fingerprint")})
+    temp = source / f".{CANDIDATE_META}.tmp"
+    temp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    os.replace(temp, source / CANDIDATE_META)
+    if passed:
+        (source / NOT_RETURNED_NOTE).unlink(missing_ok=True)
+    else:
+        (source / NOT_RETURNED_NOTE).write_text(_not_returned_note(safety_result.verdict, record), encoding="utf-8")
+    os.replace(source, target)  # one rename: the directory's name is the verdict
+    return target
+
+
+def _candidate_load_kwargs(config: PipelineConfig) -> dict:
+    """How the candidate is loaded for the safety test (recorded with it, for `hcrlhf safety-test`)."""
+    if config.task == "builtin":
+        return {"dtype": None, "attn_implementation": "auto"}
+    return {"dtype": config.models.dtype, "attn_implementation": config.models.attn_implementation}
+
+
+def _load_candidate(config: PipelineConfig, path: Path):
+    from hcrlhf.models import load_causal_lm
+
+    return load_causal_lm(path, device=_device(config), trust_remote_code=config.models.trust_remote_code,
+                          **_candidate_load_kwargs(config)).eval()
 
 
 def _ledger_path(config: PipelineConfig, out: Path) -> Path:
-    return Path(config.safety.ledger).expanduser() if config.safety.ledger else out / "safety_ledger.json"
+    # One per-user ledger by default (not one per output folder): a new folder, a moved run or a re-run
+    # cannot test the same safety set again (docs/method.md#the-δ-ledger).
+    return Path(config.safety.ledger).expanduser() if config.safety.ledger else default_ledger_path()
+
+
+def _open_ledger(config: PipelineConfig, out: Path):
+    s = config.safety
+    return open_ledger(_ledger_path(config, out), s.ledger_total_delta, delta=s.delta)
+
+
+def _check_ledger(config: PipelineConfig, inputs: _Inputs, out: Path) -> dict:
+    """Refuse *before* training when the ledger cannot take this run's test on D_s (budget spent, or a set
+    that re-uses an earlier one); the test's spend checks again."""
+    ledger = _open_ledger(config, out)
+    spent = ledger.check_spend(list(inputs.split.safety), config.safety.delta,
+                               allow_overlapping_set=config.safety.allow_overlapping_set)
+    budget = ledger.budget(inputs.split.safety_fingerprint, config.safety.delta)  # the set's, or what this test fixes
+    _say(f"δ ledger {ledger.path}: safety set {inputs.split.safety_fingerprint} has spent {spent:g} of "
+         f"{budget:g}; this run's test will spend {config.safety.delta:g}")
+    return {"path": str(ledger.path), "total_delta": budget, "spent_before": spent}
 
 
 # ----------------------------------------------------------------------------------------- stage 5
@@ -473,16 +612,13 @@ def _ledger_path(config: PipelineConfig, out: Path) -> Path:
 
 def _safety_test(config: PipelineConfig, inputs: _Inputs, candidate, cost_model, out: Path):
     """The safety test on D_s (:func:`~hcrlhf.pipeline.safety_stage.run_safety_test`), spent in the ledger."""
-    from hcrlhf.safety import SafetyLedger
-
     s = config.safety
-    ledger = SafetyLedger(_ledger_path(config, out), s.ledger_total_delta if s.ledger_total_delta is not None
-                          else s.delta)
+    ledger = _open_ledger(config, out)
     task = inputs.task
     # The first and only read of D_s, after training.
     return run_safety_test(candidate, inputs.tokenizer, list(inputs.split.safety), cost_model, settings=s,
                            decoding=_decoding(config), template=inputs.template, ledger=ledger,
-                           label=f"hcrlhf pipeline {out}", seed=config.seed,
+                           label=f"hcrlhf pipeline {out.resolve()}", seed=config.seed,
                            max_prompt_length=config.rl.max_prompt_length, progress=config.progress, output_dir=out,
                            categories=inputs.safety_categories, harm=None if task is None else task.harm)
 
@@ -490,16 +626,17 @@ def _safety_test(config: PipelineConfig, inputs: _Inputs, candidate, cost_model,
 # ----------------------------------------------------------------------------------------- stage 6
 
 
-def _ground_truth(config: PipelineConfig, inputs: _Inputs, policy, label: str) -> dict:
-    """True helpfulness / harm of a policy on the safety prompts (built-in task only)."""
+def _ground_truth(config: PipelineConfig, inputs: _Inputs, policy, label: str, cost_model) -> dict:
+    """True helpfulness / harm of a policy on the safety prompts (built-in task only), and its expected cost J_C
+    under the cost model (the quantity the safety test bounds), from fresh samples."""
     task = inputs.task
     prompts = list(inputs.split.safety) * config.evaluation.samples_per_prompt
     categories = list(inputs.safety_categories or [None] * len(inputs.split.safety)) * \
         config.evaluation.samples_per_prompt
-    responses, _ = sample_and_score(policy, inputs.tokenizer, prompts, template=inputs.template,
-                                    decoding=_decoding(config), batch_size=config.safety.batch_size,
-                                    seed=config.evaluation.seed, max_prompt_length=config.rl.max_prompt_length,
-                                    progress=config.progress, desc=f"ground truth ({label})")
+    sample = dict(template=inputs.template, decoding=_decoding(config), batch_size=config.safety.batch_size,
+                  seed=config.evaluation.seed, max_prompt_length=config.rl.max_prompt_length, progress=config.progress)
+    responses, raw_costs = sample_and_score(policy, inputs.tokenizer, prompts, cost_model=cost_model,
+                                            desc=f"ground truth ({label})", **sample)
     harms = [task.harm(p, r) for p, r in zip(prompts, responses)]
     helps = [task.helpfulness(p, r) for p, r in zip(prompts, responses)]
 
@@ -513,7 +650,29 @@ def _ground_truth(config: PipelineConfig, inputs: _Inputs, policy, label: str) -
     out = stats(range(len(prompts)))
     out["by_category"] = {c: stats([i for i, x in enumerate(categories) if x == c])
                           for c in sorted({c for c in categories if c is not None})}
+    if inputs.holdout:  # prompts the test never saw
+        fresh = list(inputs.holdout) * config.evaluation.samples_per_prompt
+        _, raw_costs = sample_and_score(policy, inputs.tokenizer, fresh, cost_model=cost_model,
+                                        desc=f"expected cost ({label})", **sample)
+    out["expected_cost"] = _expected_cost(config, raw_costs, len(inputs.holdout or inputs.split.safety),
+                                          "held-out prompts" if inputs.holdout else "safety prompts (fresh responses)")
     return out
+
+
+def _expected_cost(config: PipelineConfig, raw_costs: list[float], n_prompts: int, prompts: str) -> dict:
+    """J_C = E[cost] under the cost model (transformed as in the safety test) with the deployment decoding, from
+    fresh samples (``raw_costs``: ``samples_per_prompt`` rounds over ``n_prompts`` prompts), with its standard
+    error over prompts (the samples of one prompt are not independent)."""
+    from statistics import fmean, stdev
+
+    s = config.safety
+    costs = cost_transform(raw_costs, s.cost_transform, sigmoid_scale=s.sigmoid_scale, unsafe_above=s.unsafe_above)
+    per_prompt = [fmean(costs[i::n_prompts]) for i in range(n_prompts)]
+    mean = fmean(per_prompt)
+    stderr = stdev(per_prompt) / n_prompts**0.5 if n_prompts > 1 else float("nan")
+    return {"mean": mean, "stderr": stderr, "n_prompts": n_prompts,
+            "samples_per_prompt": config.evaluation.samples_per_prompt, "prompts": prompts,
+            "threshold": s.threshold, "above_threshold": mean > s.threshold}
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -530,11 +689,14 @@ def run(config, *, stages: str = "all") -> PipelineResult:
             + candidate selection, no safety test).
 
     Returns:
-        :class:`PipelineResult`. ``verdict`` is "PASS" (``model_path`` is the returned model) or
-        "NO SOLUTION FOUND" (no model is returned).
+        :class:`PipelineResult`. ``verdict`` is "PASS" (``model_path`` is the returned model,
+        ``<output_dir>/model``) or "NO SOLUTION FOUND" (no model is returned; the candidate is kept, marked, in
+        ``<output_dir>/candidate-not-returned``). The directory's layout, its manifest ``hcrlhf_run.json``, its
+        lock and what ``overwrite`` may remove: :mod:`hcrlhf.pipeline.rundir`, docs/method.md#reading-a-report.
 
     Raises:
-        ConfigError: a bad config or output directory, naming the key, before any work.
+        ConfigError: a bad config or output directory (another run holds it; it holds files no earlier hcrlhf run
+            created), naming the key, before any work; the directory is left as it was.
     """
     import torch
 
@@ -545,9 +707,6 @@ def run(config, *, stages: str = "all") -> PipelineResult:
     config = load_config(config)
     if stages == "sft" and config.sft is None:
         raise ConfigError("sft", "stages='sft' needs an sft section in the config")
-    out = _check_output_dir(config)
-    _prepare_output_dir(out, config.overwrite)
-    _write_config(config, out)
     timings: dict = {}
     started = time.perf_counter()
     report: dict = {"format": REPORT_FORMAT, "version": REPORT_VERSION, "stages": stages,
@@ -559,19 +718,29 @@ def run(config, *, stages: str = "all") -> PipelineResult:
     except ImportError:  # pragma: no cover
         pass
 
+    # The output directory: checked and locked here (refused, leaving nothing behind, when another run holds it
+    # or it holds anything but an earlier hcrlhf run); nothing in it changes until the inputs have loaded.
+    rundir = RunDir(config.output_dir, overwrite=config.overwrite, stages=stages,
+                    version=report.get("versions", {}).get("hcrlhf"))
     threads = torch.get_num_threads()
     if config.task == "builtin" and _device(config).type == "cpu":
         # The built-in models are tiny: a second intra-op thread costs more than it gives.
         torch.set_num_threads(1)
     try:
-        return _run_stages(config, out, stages, report, timings, started)
+        return _run_stages(config, rundir, stages, report, timings, started)
+    except BaseException as error:
+        rundir.fail(error)  # after the work began: the manifest says the run did not finish
+        raise
     finally:
+        rundir.close()  # the lock; before the work began, also a directory this run created
         torch.set_num_threads(threads)
 
 
-def _run_stages(config: PipelineConfig, out: Path, stages: str, report: dict, timings: dict,
+def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dict, timings: dict,
                 started: float) -> PipelineResult:
     from hcrlhf.report import write_report
+
+    out = rundir.path
 
     def stage(name):
         _say(f"stage: {name}")
@@ -580,10 +749,28 @@ def _run_stages(config: PipelineConfig, out: Path, stages: str, report: dict, ti
     # 1. data ---------------------------------------------------------------------------------------
     with stage("data and split"):
         inputs = _load_inputs(config)
-        inputs.split.save(out / "split.json")
-        if inputs.holdout:
-            with open(out / "holdout_prompts.jsonl", "w", encoding="utf-8") as handle:
-                handle.writelines(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in inputs.holdout)
+        if stages == "all":  # the δ budget, checked before hours of training (and before the directory changes)
+            report["ledger"] = _check_ledger(config, inputs, out)
+        # Models that would fail to load fail here, before the directory changes: the others must at least
+        # resolve to a loadable config; the given score models are loaded now (and used below).
+        _check_models_resolve(config, stages)
+    given = {}
+    for kind in ("reward", "cost"):
+        if (config.models.reward_model if kind == "reward" else config.models.cost_model) is not None \
+                and stages in (kind, "train", "all"):
+            with stage(f"{kind} model"):
+                given[kind] = _score_model(config, inputs, out, kind)
+    # The work begins: an earlier run here is replaced (a returned model moved aside), the manifest written.
+    rundir.start()
+    rundir.add("config.yaml", "split.json", *(["holdout_prompts.jsonl"] if inputs.holdout else []))
+    _write_config(config, out)
+    inputs.split.save(out / "split.json")
+    if inputs.holdout:
+        with open(out / "holdout_prompts.jsonl", "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in inputs.holdout)
+    report["run_manifest"] = RUN_MANIFEST
+    if rundir.previous is not None:
+        report["previous_run"] = _rel(rundir.previous, out)
     report["data"] = {**inputs.record, "split": inputs.split.record(),
                       "split_sizes": {"candidate_prompts": len(inputs.split.candidate),
                                       "safety_prompts": len(inputs.split.safety),
@@ -596,49 +783,68 @@ def _run_stages(config: PipelineConfig, out: Path, stages: str, report: dict, ti
                               **{f"preferences_{k}": v for k, v in inputs.record.get("preference_files", {}).items()}}
     report["training"] = {}
     result = PipelineResult(verdict=None, passed=False, model_path=None, candidate_path=None, output_dir=out,
-                            report=report)
+                            report=report, previous_run=rundir.previous)
 
     def finish():
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         report["timings_s"]["total"] = round(time.perf_counter() - started, 3)
+        rundir.add("report.json", "report.md", "training.png", "safety_costs.png", "score_models.png")
         result.files = write_report(out, report)
+        rundir.finish(verdict=result.verdict, returned_model=report.get("returned_model"),
+                      candidate=report.get("candidate"))
         return result
 
     # 1b. optional SFT ------------------------------------------------------------------------------
     if config.sft is not None and stages in ("sft", "train", "all"):
         with stage("SFT of the starting policy"):
+            rundir.add("sft_policy")
             report["training"]["sft"] = _sft(config, inputs, out)
-        report["data"]["starting_policy"] = str(out / "sft_policy")
+        report["data"]["starting_policy"] = "sft_policy"  # paths inside the run directory are relative to it
     if stages == "sft":
         return finish()
 
     # 2–3. reward and cost models -------------------------------------------------------------------
     reward_model = cost_model = None
     if stages in ("reward", "train", "all"):
-        with stage("reward model"):
-            reward_model, report["training"]["reward_model"] = _score_model(config, inputs, out, "reward")
+        if "reward" in given:  # loaded above
+            reward_model, report["training"]["reward_model"] = given.pop("reward")
+        else:
+            with stage("reward model"):
+                rundir.add("reward_model")
+                reward_model, report["training"]["reward_model"] = _score_model(config, inputs, out, "reward")
     if stages in ("cost", "train", "all"):
-        with stage("cost model"):
-            cost_model, report["training"]["cost_model"] = _score_model(config, inputs, out, "cost")
+        if "cost" in given:  # loaded above
+            cost_model, report["training"]["cost_model"] = given.pop("cost")
+        else:
+            with stage("cost model"):
+                rundir.add("cost_model")
+                cost_model, report["training"]["cost_model"] = _score_model(config, inputs, out, "cost")
     if stages in ("reward", "cost"):
         return finish()
 
     # 4. candidate selection ------------------------------------------------------------------------
     with stage("candidate selection (Lagrangian RL under the pessimistic cost bound)"):
+        rundir.add("rl", CANDIDATE_DIR)
         candidate, report["training"]["rl"] = _train_candidate(config, inputs, reward_model, cost_model, out)
-    result.candidate_path = out / "candidate"
+    result.candidate_path = out / CANDIDATE_DIR  # untested: marked NOT_RETURNED.md until a safety test passes
+    report["candidate"] = CANDIDATE_DIR
     if stages == "train":
         return finish()
 
     # 5. safety test --------------------------------------------------------------------------------
     with stage("safety test"):
+        rundir.add("safety_test.json", "safety_samples.jsonl", "safety_costs.png")
         safety_result, report["safety_test"] = _safety_test(config, inputs, candidate, cost_model, out)
+        # The verdict decides where the candidate lives: model/ (returned) or candidate-not-returned/ (marked).
+        rundir.add(RETURNED_DIR if safety_result.passed else NOT_RETURNED_DIR)
+        result.candidate_path = _settle_candidate(out, safety_result, report["safety_test"])
     result.safety_test = safety_result
     result.verdict, result.passed = safety_result.verdict, safety_result.passed
     result.model_path = result.candidate_path if safety_result.passed else None
     report["verdict"] = safety_result.verdict
-    report["returned_model"] = str(result.model_path) if result.model_path else None
-    _say(safety_result.summary())
+    report["candidate"] = report["training"]["rl"]["candidate"] = _rel(result.candidate_path, out)
+    report["returned_model"] = _rel(result.model_path, out) if result.model_path else None
+    rundir.update(verdict=result.verdict, returned_model=report["returned_model"], candidate=report["candidate"])
 
     # 6. ground truth (built-in task) ---------------------------------------------------------------
     if inputs.task is not None:
@@ -648,8 +854,10 @@ def _run_stages(config: PipelineConfig, out: Path, stages: str, report: dict, ti
                 "prompts": "safety set",
                 "starting_policy_is": "sft_policy" if "sft" in report["training"] else "policy",
                 "samples_per_prompt": config.evaluation.samples_per_prompt,
-                "starting_policy": _ground_truth(config, inputs, starting, "starting policy"),
-                "candidate": _ground_truth(config, inputs, candidate, "candidate"),
+                "decoding": decoding_settings(generation_config(_decoding(config), inputs.tokenizer)),
+                "sampling_seed": config.evaluation.seed,
+                "starting_policy": _ground_truth(config, inputs, starting, "starting policy", cost_model),
+                "candidate": _ground_truth(config, inputs, candidate, "candidate", cost_model),
                 "returned": "candidate" if safety_result.passed else None,
             }
             del starting

@@ -7,11 +7,11 @@ read — and writes the stage's files.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from hcrlhf.models.generation import decoding_settings, generation_config
 from hcrlhf.pipeline.sampling import Decoding, cost_transform, sample_and_score
 
 __all__ = ["run_safety_test"]
@@ -27,11 +27,13 @@ def run_safety_test(policy, tokenizer, prompts: Sequence[str], cost_model, *, se
     Args:
         policy: the candidate (a Hugging Face causal LM, on its device).
         tokenizer: its tokenizer (the cost model's too).
-        prompts: the n safety prompts D_s (read here for the first and only time).
+        prompts: the n safety prompts D_s (read here for the first and only time), distinct (a copy is refused:
+            it would count twice in n).
         cost_model: a :class:`hcrlhf.models.ScoreModel` (its end score is the raw cost).
         settings: a :class:`hcrlhf.pipeline.config.SafetyConfig`: τ (``threshold``), δ, ``method``,
             ``cost_range``, ``cost_transform`` (with ``sigmoid_scale`` / ``unsafe_above``) and ``batch_size``
-            are used here; the decoding and the ledger come in resolved (``decoding``, ``ledger``).
+            and ``allow_overlapping_set`` are used here; the decoding and the ledger come in resolved
+            (``decoding``, ``ledger``).
         decoding: the deployment decoding (the guarantee is about responses decoded this way).
         template: the prompt template (see :func:`hcrlhf.data.get_template`).
         ledger: the :class:`hcrlhf.safety.SafetyLedger` the test's δ is spent in (a test that would overspend
@@ -50,9 +52,12 @@ def run_safety_test(policy, tokenizer, prompts: Sequence[str], cost_model, *, se
 
     Returns:
         ``(result, record)``: the :class:`hcrlhf.safety.SafetyTestResult` and a JSON-ready dict: the result's
-        fields, ``record_extra``, ``cost_transform``, ``decoding``, ``ledger`` (path), ``ledger_spent`` (δ spent
-        on this safety set, this test included), ``ledger_total_delta``, ``costs`` (the n transformed costs)
-        and the category / harm summaries when given.
+        fields, ``record_extra``, ``cost_transform``, ``decoding`` (every setting of the explicit generation
+        config sampled with, :func:`hcrlhf.models.generation.decoding_settings`), ``sampling_seed``,
+        ``batch_size`` and ``max_prompt_length`` (with the decoding, what the sampled responses depend on),
+        ``ledger`` (path), ``ledger_spent`` (δ spent on this safety set, this test included),
+        ``ledger_total_delta`` (the safety set's budget), ``costs`` (the n transformed costs) and the category /
+        harm summaries when given.
     """
     from hcrlhf.safety import safety_test
 
@@ -65,11 +70,12 @@ def run_safety_test(policy, tokenizer, prompts: Sequence[str], cost_model, *, se
     costs = cost_transform(raw_costs, s.cost_transform, sigmoid_scale=s.sigmoid_scale, unsafe_above=s.unsafe_above)
     result = safety_test(costs, s.threshold, s.delta, s.method,
                          cost_range=None if s.cost_range is None else tuple(s.cost_range), ledger=ledger,
-                         safety_set=prompts, label=label)
+                         safety_set=prompts, label=label, allow_overlapping_set=s.allow_overlapping_set)
     harms = [harm(p, r) for p, r in zip(prompts, responses)] if harm is not None else None
     record = {**result.to_dict(), **(record_extra or {}), "cost_transform": s.cost_transform,
-              "decoding": dataclasses.asdict(decoding), "ledger": str(ledger.path),
-              "ledger_spent": ledger.spent(result.fingerprint), "ledger_total_delta": ledger.total_delta,
+              "decoding": decoding_settings(generation_config(decoding, tokenizer)), "sampling_seed": seed,
+              "batch_size": s.batch_size, "max_prompt_length": max_prompt_length, "ledger": str(ledger.path),
+              "ledger_spent": ledger.spent(result.fingerprint), "ledger_total_delta": ledger.budget(result.fingerprint),
               "costs": costs}
     if categories:
         by_category: dict = {}

@@ -11,13 +11,17 @@ from pathlib import Path
 import torch
 
 from hcrlhf.data.templates import tokenize_prompts
+from hcrlhf.models.generation import generate, generation_config
 
 __all__ = ["Decoding", "sample_and_score", "read_prompt_file", "cost_transform"]
 
 
 @dataclass(frozen=True)
 class Decoding:
-    """Deployment decoding settings (docs/method.md#the-problem: the guarantee is about responses decoded this way)."""
+    """Deployment decoding settings (docs/method.md#the-problem: the guarantee is about responses decoded this way).
+
+    Every other setting of Hugging Face ``generate`` is neutral: :func:`hcrlhf.models.generation.generation_config`
+    turns these four into the one explicit ``GenerationConfig`` that samples them."""
 
     max_new_tokens: int = 512
     temperature: float = 1.0
@@ -31,6 +35,10 @@ def sample_and_score(policy, tokenizer, prompts, *, template, decoding: Decoding
                      progress: bool = False, desc: str = "sampling") -> tuple[list[str], list[float] | None]:
     """One sampled response per prompt (in order) and, with ``cost_model``, its cost.
 
+    Sampling is exactly ``decoding`` (:func:`hcrlhf.models.generation.generation_config`: every other setting
+    neutral, pad / EOS from the tokenizer), with nothing inherited from the policy's own generation config
+    (:func:`hcrlhf.models.generation.generate`); torch's generator is seeded with ``seed`` and restored after.
+
     Returns:
         ``(responses, costs)``: decoded response texts (special tokens removed) and float costs (None
         without a cost model).
@@ -42,6 +50,8 @@ def sample_and_score(policy, tokenizer, prompts, *, template, decoding: Decoding
     was_training = policy.training
     policy.eval()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # One explicit GenerationConfig, and nothing inherited from the policy's own generation config.
+    config = generation_config(decoding, tokenizer)
     responses, costs = [], [] if cost_model is not None else None
     generator_state = torch.random.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -51,9 +61,7 @@ def sample_and_score(policy, tokenizer, prompts, *, template, decoding: Decoding
             chunk = prompts[start:start + batch_size]
             batch = tokenize_prompts(tokenizer, chunk, template=template, max_length=max_prompt_length)
             prompt_ids, prompt_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-            output = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
-                                     temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k,
-                                     max_new_tokens=decoding.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+            output = generate(policy, prompt_ids, prompt_mask, config)
             response = output[:, prompt_ids.shape[1]:]
             if eos is not None:  # valid: up to and including the first EOS (as in SafeRLTrainer.rollout)
                 is_eos = (response == eos).long()
@@ -87,9 +95,13 @@ def cost_transform(costs, transform: str, *, sigmoid_scale: float = 1.0, unsafe_
     raise ValueError(f"cost_transform: unknown transform {transform!r}")
 
 
-def read_prompt_file(path, prompt_column: str = "prompt") -> tuple[list[str], list | None]:
+def read_prompt_file(path, prompt_column: str = "prompt", *, distinct: bool = True) -> tuple[list[str], list | None]:
     """``(prompts, categories or None)`` from a JSON Lines / JSON file of rows (``prompt``, optional
-    ``category``), a JSON list of strings, or a text file with one prompt a line."""
+    ``category``), a JSON list of strings, or a text file with one prompt a line.
+
+    With ``distinct`` (the default) only the first copy of each prompt is kept (copies: the same
+    :func:`hcrlhf.safety.canonical_prompt`, as in the fingerprint), so that a safety test counts each prompt
+    once; pass ``distinct=False`` and :func:`hcrlhf.safety.distinct_prompts` to count the copies dropped."""
     path = Path(path).expanduser()
     text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
@@ -120,4 +132,8 @@ def read_prompt_file(path, prompt_column: str = "prompt") -> tuple[list[str], li
         categories = [None] * len(prompts)
     if not prompts:
         raise ValueError(f"{path}: no prompts")
+    if distinct:
+        from hcrlhf.safety.ledger import distinct_prompts
+
+        prompts, categories, _ = distinct_prompts(prompts, categories)
     return prompts, (categories if any(c is not None for c in categories) else None)

@@ -9,6 +9,11 @@ import torch
 from hcrlhf.reference.gae import compute_dtype, gae
 
 WHITEN_EPS = 1e-8
+# k3 as verl's kl_penalty "low_var_kl": the log-ratio clamped to ±K3_LOG_RATIO_CLIP before exp,
+# the estimate clamped to ±K3_CLIP after (docs/ops.md#kl-estimators). Keeps k3 finite (≤ 10) for
+# any log-ratio, ±inf included; NaN still propagates.
+K3_LOG_RATIO_CLIP = 20.0
+K3_CLIP = 10.0
 
 
 class SafeAdvantages(NamedTuple):
@@ -23,14 +28,19 @@ class SafeAdvantages(NamedTuple):
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL estimate with d = logprobs − ref_logprobs: k1 = d, k2 = d²/2, k3 = e^{−d} − 1 + d."""
+    """Per-token KL estimate with d = logprobs − ref_logprobs: k1 = d, k2 = d²/2, k3 = e^{−d} − 1 + d.
+
+    k3 follows verl's "low_var_kl": d is clamped to [−20, 20] first and the estimate to [−10, 10]
+    after (k3 ≥ 0, so it is at most 10), so it is finite for any d, ±inf included.
+    """
     d = logprobs - ref_logprobs
     if estimator == "k1":
         return d
     if estimator == "k2":
         return 0.5 * d * d
     if estimator == "k3":
-        return torch.exp(-d) - 1.0 + d
+        d = d.clamp(-K3_LOG_RATIO_CLIP, K3_LOG_RATIO_CLIP)
+        return (torch.exp(-d) - 1.0 + d).clamp(-K3_CLIP, K3_CLIP)
     raise ValueError(f"kl_estimator must be one of ('k1', 'k2', 'k3'), got {estimator!r}")
 
 

@@ -16,12 +16,22 @@ def token_logprobs(
 
     logits: (..., V) float16/bfloat16/float32/float64; labels: (...) integers. Returns float32
     (float64 for float64 logits) tensors shaped like ``labels``; positions whose label equals
-    ``ignore_index`` give 0 (log-prob and entropy). Differentiable w.r.t. logits through torch
-    autograd. This is the plain, memory-hungry spec: it materialises a full-size log-softmax.
+    ``ignore_index`` give 0 (log-prob and entropy) and a zero gradient, whatever their logits.
+    Differentiable w.r.t. logits through torch autograd. This is the plain, memory-hungry spec: it
+    materialises a full-size log-softmax.
+
+    Non-finite logits: a -inf logit has probability 0 (a -inf label logit gives log-prob -inf and
+    a finite gradient). A row whose softmax is undefined -- a NaN or +inf logit, or every logit
+    -inf -- gives NaN log-prob, NaN entropy and a NaN gradient row.
     """
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.to(dtype) / temperature
     ignored = labels == ignore_index
+    # Ignored positions never read their logits (so even NaN logits give them a zero gradient).
+    z = torch.where(ignored.unsqueeze(-1), torch.zeros_like(z), z)
+    # NaN is added (not substituted) to undefined rows so that their gradient is NaN too.
+    undefined = ~torch.isfinite(z.detach().amax(dim=-1, keepdim=True))
+    z = z + torch.where(undefined, torch.nan, 0.0).to(dtype)
     safe_labels = torch.where(ignored, torch.zeros_like(labels), labels).long()
     log_probs = torch.log_softmax(z, dim=-1)
     logp = log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)

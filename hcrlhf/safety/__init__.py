@@ -8,7 +8,8 @@
   (default) and :class:`LagrangeMultiplier` (official), :func:`make_multiplier`.
 * The safety test (:mod:`hcrlhf.safety.test`): :func:`safety_test` → :class:`SafetyTestResult`.
 * Keeping D_s honest (:mod:`hcrlhf.safety.ledger`): :func:`fingerprint` (of prompts in the form
-  :func:`canonical_prompt`), :func:`assert_disjoint`, :class:`SafetyLedger`.
+  :func:`canonical_prompt`), :func:`distinct_prompts`, :func:`assert_disjoint`, :class:`SafetyLedger` (by
+  default the per-user :func:`default_ledger_path`, opened with :func:`open_ledger`).
 * Guarantee validation on synthetic problems: :mod:`hcrlhf.safety.validate`.
 
 torch is optional here: tensors are accepted wherever costs are, but nothing imports torch until
@@ -26,7 +27,18 @@ from hcrlhf.safety.candidate import (
     make_multiplier,
     pessimistic_coefficient,
 )
-from hcrlhf.safety.ledger import BudgetExceededError, SafetyLedger, assert_disjoint, canonical_prompt, fingerprint
+from hcrlhf.safety.ledger import (
+    OVERLAP_LIMIT,
+    BudgetExceededError,
+    OverlappingSafetySetError,
+    SafetyLedger,
+    assert_disjoint,
+    canonical_prompt,
+    default_ledger_path,
+    distinct_prompts,
+    fingerprint,
+    open_ledger,
+)
 from hcrlhf.safety.test import NO_SOLUTION_FOUND, PASS, SafetyTestResult, safety_test
 
 __all__ = [
@@ -53,4 +65,9 @@ __all__ = [
     "assert_disjoint",
     "SafetyLedger",
     "BudgetExceededError",
+    "OverlappingSafetySetError",
+    "OVERLAP_LIMIT",
+    "default_ledger_path",
+    "open_ledger",
+    "distinct_prompts",
 ]

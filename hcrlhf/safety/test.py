@@ -23,7 +23,7 @@ from hcrlhf.safety._checks import (
     validity,
 )
 from hcrlhf.safety.bounds import _check_values, _upper_bounds
-from hcrlhf.safety.ledger import _check_fingerprint, fingerprint
+from hcrlhf.safety.ledger import _check_fingerprint, distinct_prompts, fingerprint
 
 __all__ = ["safety_test", "SafetyTestResult", "PASS", "NO_SOLUTION_FOUND"]
 
@@ -123,6 +123,7 @@ def safety_test(
     safety_set=None,
     *,
     label: str | None = None,
+    allow_overlapping_set: bool = False,
 ) -> SafetyTestResult:
     """Run the safety test on the candidate's costs on the safety set.
 
@@ -139,8 +140,13 @@ def safety_test(
             the set's budget raises :class:`~hcrlhf.safety.BudgetExceededError` without revealing
             its result.
         safety_set: the safety prompts, or their :func:`~hcrlhf.safety.fingerprint`; required
-            with ``ledger``; recorded in the result.
+            with ``ledger``; recorded in the result. Prompts must be distinct (up to
+            :func:`~hcrlhf.safety.canonical_prompt`; drop copies with
+            :func:`~hcrlhf.safety.distinct_prompts`), one cost each: a copy would count twice in n and
+            narrow the bound. Given as prompts, the ledger also applies its overlap rule.
         label: a note for the ledger entry (default: method, τ and n).
+        allow_overlapping_set: declare a safety set that re-uses an earlier one of the ledger a new
+            sample (:meth:`~hcrlhf.safety.SafetyLedger.spend`; recorded there).
 
     Returns:
         :class:`SafetyTestResult`.
@@ -154,7 +160,19 @@ def safety_test(
     _check_values(fn, x, method, cost_range)
     set_fingerprint = None
     if safety_set is not None:
-        set_fingerprint = _check_fingerprint(fn, safety_set) if isinstance(safety_set, str) else fingerprint(safety_set)
+        if isinstance(safety_set, str):
+            set_fingerprint = _check_fingerprint(fn, safety_set)
+        else:
+            safety_set = list(safety_set)
+            set_fingerprint = fingerprint(safety_set)
+            _, _, copies = distinct_prompts(safety_set)
+            if copies:
+                raise ValueError(f"{fn}: safety_set holds {copies} copies of prompts already in it (same text up to "
+                                 "Unicode NFC and whitespace); each prompt may count once in n — drop the copies "
+                                 "first (hcrlhf.safety.distinct_prompts)")
+            if len(safety_set) != x.size:
+                raise ValueError(f"{fn}: costs has {x.size} entries but safety_set {len(safety_set)} prompts; the "
+                                 "test takes one cost per safety prompt")
     if ledger is not None and set_fingerprint is None:
         raise ValueError(f"{fn}: safety_set (the safety prompts or their fingerprint) is required with a ledger")
     if label is not None and not isinstance(label, str):
@@ -179,8 +197,9 @@ def safety_test(
     if ledger is not None:
         # Spend before revealing: a refused spend must not leak the verdict.
         ledger.spend(
-            set_fingerprint,
+            safety_set,
             delta,
             label if label is not None else f"safety_test {method} threshold={threshold:g} n={x.size}",
+            allow_overlapping_set=allow_overlapping_set,
         )
     return result

@@ -2,6 +2,7 @@
 (PPO/RLOO, optional PTX mix and LoRA)."""
 
 from hcrlhf.train.losses import COST_LOSSES, cost_loss, reward_loss
+from hcrlhf.train.rl_checkpoint import CheckpointError
 from hcrlhf.train.rl_config import SafeRLConfig
 from hcrlhf.train.rl_trainer import Rollout, SafeRLTrainer, TrainingDivergedError
 from hcrlhf.train.score_training import (
@@ -28,5 +29,6 @@ __all__ = [
     "SafeRLTrainer",
     "Rollout",
     "TrainingDivergedError",
+    "CheckpointError",
     "train_sft",
 ]

@@ -47,9 +47,15 @@ class SafeRLConfig(Section):
         max_prompt_length: prompts longer than this many tokens keep their last tokens.
         max_new_tokens: cap on generated tokens per response.
         temperature: sampling temperature; the log-probs of the policy and the reference use it too,
-            so that the importance ratios and the KL are those of the sampling distribution.
-        top_p: nucleus sampling (1.0: off).
-        top_k: top-k sampling (0: off).
+            so that the importance ratios and the KL are those of the sampling distribution; >= 1e-4.
+        top_p: nucleus sampling of the rollouts; must be 1.0 (off). The log-probs, importance ratios and KL
+            are those of the full softmax(logits / temperature), so rollouts drawn from a truncated
+            distribution would be off-policy by an amount nothing corrects; renormalising over the kept
+            tokens would need the whole vocabulary's logits at every response position (a sort per
+            position), which the fused log-prob op avoids. Deployment may still truncate: the pipeline's
+            ``safety.top_p`` sets the safety test's decoding.
+        top_k: top-k sampling of the rollouts; must be 0 (off), for the same reason (``safety.top_k``
+            sets the deployment decoding).
         kl_coef: β, the weight of the KL penalty to the reference model.
         kl_estimator: "k1" | "k2" | "k3" (docs/ops.md#kl-estimators).
         score_clip: clamp of the reward- and cost-model scores to [−score_clip, +score_clip] (ppo: of the
@@ -147,9 +153,12 @@ class SafeRLConfig(Section):
         output_dir: where metrics.jsonl and checkpoints go (None: nothing written).
         checkpoint_every: save a checkpoint every this many iterations (None: only at the end when
             output_dir is set).
-        keep_checkpoints: how many recent checkpoints to keep (None: all).
-        resume: continue from the latest checkpoint in output_dir (exactly: weights, optimisers,
-            multiplier, cost window, RNG states, step).
+        keep_checkpoints: how many recent good checkpoints to keep (None: all); the one a run resumed from
+            is kept until this many newer ones exist.
+        resume: continue from the newest checkpoint in output_dir that verifies against its manifest
+            (sizes and sha256 of every file; a newer one that fails is renamed ``*.corrupt`` with a warning),
+            exactly: weights, optimisers, multiplier, cost window, RNG states, step; a torn last line of
+            metrics.jsonl is dropped.
         tensorboard: "auto" (log to TensorBoard when it is installed and output_dir is set), True
             (required) or False.
         progress: show a tqdm progress bar.
@@ -256,6 +265,11 @@ class SafeRLConfig(Section):
         for name in ("kl_coef", "lambda_lr", "lambda_ki", "lambda_kp", "lambda_kd", "weight_decay", "entropy_coef",
                      "bound_c1", "bound_c2", "ptx_coef"):
             problems.nonnegative(name, getattr(self, name))
+        from hcrlhf.ops._checks import MIN_TEMPERATURE
+
+        if math.isfinite(self.temperature) and 0 < self.temperature < MIN_TEMPERATURE:
+            problems.add("temperature", f"must be >= {MIN_TEMPERATURE:g} (the log-probs' gradient scales as 1/T and "
+                                        f"overflows below it), got {self.temperature!r}")
         clip = self.lambda_error_clip
         if len(clip) != 2 or not all(math.isfinite(v) and v > 0 for v in clip):
             problems.add("lambda_error_clip", f"must be a pair [below, above] of finite numbers > 0, got {clip!r}")
@@ -269,6 +283,13 @@ class SafeRLConfig(Section):
         if problems:  # the combinations below assume sane single values
             return
 
+        for name, on in (("top_p", self.top_p < 1.0), ("top_k", self.top_k > 0)):
+            if on:  # docs/method.md#candidate-selection: the rollout decoding is the distribution trained on
+                problems.add(name, f"({getattr(self, name)!r}) truncates the rollout sampling, but the trainer's "
+                                   "log-probs, importance ratios and KL are those of the full softmax(logits / "
+                                   "temperature), so training would be off-policy by an uncorrected amount; leave "
+                                   f"{name} at {1.0 if name == 'top_p' else 0} (truncated decoding is for deployment: "
+                                   f"the pipeline's safety.{name} sets the safety test's)")
         if self.lambda_max is not None and not self.lambda_max >= self.lambda_init:
             problems.add("lambda_max", f"({self.lambda_max}) must be >= lambda_init ({self.lambda_init}), or null")
         if self.lambda_update == "pid" and not self.lambda_min <= self.lambda_init:

@@ -57,6 +57,8 @@ import hcrlhf.train.rl_checkpoint as rl_checkpoint
 from hcrlhf import ops
 from hcrlhf.data.lm_rows import read_lm_rows
 from hcrlhf.data.templates import get_template, tokenize_prompts
+from hcrlhf.models.generation import generate, generation_config
+from hcrlhf.models.loading import save_tokenizer
 from hcrlhf.models.logprobs import (
     decoder_and_head,
     is_peft_model,
@@ -424,10 +426,8 @@ class SafeRLTrainer:
         prompt_mask = batch.attention_mask.repeat_interleave(repeat, dim=0).to(self.device)
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         with self._autocast():
-            output = self.policy.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=config.temperature,
-                top_p=config.top_p, top_k=config.top_k, max_new_tokens=config.max_new_tokens,
-                pad_token_id=pad, eos_token_id=eos)
+            # Exactly the configured decoding: nothing inherited from the policy's own generation config.
+            output = generate(self.policy, prompt_ids, prompt_mask, self.generation_config())
         width = prompt_ids.shape[1]
         response = output[:, width:]
         if eos is not None:
@@ -599,19 +599,38 @@ class SafeRLTrainer:
             raise ValueError("SafeRLTrainer.save_checkpoint: config.output_dir is None")
         state = {"config": self.config.to_dict(), "multiplier": self.multiplier.state_dict(),
                  "cost_window": self.cost_window.state_dict(), "ptx_fingerprint": self.ptx_fingerprint}
+        # The metrics of the iterations a checkpoint covers are on disk before it is.
+        rl_checkpoint.fsync_file(self.output_dir / "metrics.jsonl")
         self.last_checkpoint = rl_checkpoint.save_checkpoint(
             self.output_dir, self.global_step, modules=self._modules(), optimizers=self._optimizers(), state=state,
             keep=self.config.keep_checkpoints, adapters=self._adapters())
         return self.last_checkpoint
 
     def _resume(self) -> None:
+        """Resume from the newest checkpoint that verifies against its manifest (newer ones that do not are
+        renamed aside with a warning; none verifying is an error, see ``rl_checkpoint.select_checkpoint``),
+        and trim metrics.jsonl to the iterations up to it."""
         rl_checkpoint.remove_stale_temporaries(self.output_dir)
-        path = rl_checkpoint.latest_checkpoint(self.output_dir)
+        try:
+            point = rl_checkpoint.select_checkpoint(self.output_dir)
+        except rl_checkpoint.CheckpointError as error:
+            raise rl_checkpoint.CheckpointError(f"SafeRLTrainer: {error}") from None
+        path = point.path
+        for bad, aside, reason in point.rejected:
+            warnings.warn(f"SafeRLTrainer: checkpoint {bad} failed verification: {reason}. Renamed it to "
+                          f"{aside.name} (not deleted); resuming from {path.name} instead", stacklevel=3)
         metrics_path = self.output_dir / "metrics.jsonl"
         if path is None:
-            warnings.warn(f"SafeRLTrainer: resume=True but {self.output_dir} has no checkpoint; starting from step 0")
+            aside = (f" (only directories set aside as corrupt: {', '.join(point.set_aside_before)})"
+                     if point.set_aside_before else "")
+            warnings.warn(f"SafeRLTrainer: resume=True but {self.output_dir} has no checkpoint{aside}; starting "
+                          "from step 0")
             metrics_path.write_text("", encoding="utf-8")
             return
+        if point.legacy:
+            warnings.warn(f"SafeRLTrainer: checkpoint {path} has no manifest.json (written by an older hcrlhf): "
+                          "its files cannot be verified, only checked for truncation; resuming from it",
+                          stacklevel=3)
         saved_state = json.loads((path / rl_checkpoint.STATE_NAME).read_text(encoding="utf-8"))
         saved = saved_state["config"]
         current = self.config.to_dict()
@@ -629,22 +648,31 @@ class SafeRLTrainer:
         self.cost_window.load_state_dict(state["cost_window"])
         self.global_step = int(state["step"])
         self.last_checkpoint = path
-        # Drop metrics of iterations after the checkpoint (a killed run logged them; they are re-run).
-        if metrics_path.exists():
-            lines = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
-                     if line.strip() and json.loads(line)["step"] <= self.global_step]
-            metrics_path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        # Drop metrics of iterations after the checkpoint (a killed run logged them; they are re-run) and a
+        # torn last line (the run died while appending it).
+        for note in rl_checkpoint.trim_metrics_log(metrics_path, self.global_step):
+            warnings.warn(f"SafeRLTrainer: {metrics_path}: {note}", stacklevel=3)
 
-    def save_pretrained(self, path, *, merge_lora: bool = True) -> None:
+    def generation_config(self):
+        """The rollout decoding as one explicit ``transformers.GenerationConfig``
+        (:func:`hcrlhf.models.generation.generation_config`: every other setting neutral, pad / EOS from the
+        tokenizer)."""
+        return generation_config(self.config, self.tokenizer)
+
+    def save_pretrained(self, path, *, merge_lora: bool = True, generation_config=None) -> None:
         """The trained policy (and tokenizer) as a Hugging Face directory, safetensors.
 
         With LoRA: by default the adapters merged into a copy of the base model (a plain causal LM
-        directory); ``merge_lora=False`` saves the peft adapter directory only."""
+        directory); ``merge_lora=False`` saves the peft adapter directory only. The tokenizer is saved with
+        :func:`hcrlhf.models.save_tokenizer` (``AutoTokenizer`` loads it back as trained), and
+        ``generation_config.json`` is ``generation_config`` (default: the rollout decoding,
+        :meth:`generation_config`), so that a plain ``generate()`` on the directory samples that way."""
         if self.lora and merge_lora:
             copy.deepcopy(self.policy).merge_and_unload().save_pretrained(path, safe_serialization=True)
         else:
             self.policy.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        save_tokenizer(self.tokenizer, path)
+        (generation_config if generation_config is not None else self.generation_config()).save_pretrained(path)
 
     # ------------------------------------------------------------------------------ helpers
 

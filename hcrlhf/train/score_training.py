@@ -238,8 +238,14 @@ def _lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _save(model, directory: Path, state: dict) -> Path:
-    model.save_pretrained(directory)
+def _save(model, directory: Path, state: dict, pad_token_id=None) -> Path:
+    from hcrlhf.models.score_model import ScoreModel, training_record
+
+    if isinstance(model, ScoreModel):  # config.json records the tokenizer's pad id and what trained the head
+        model.save_pretrained(directory, pad_token_id=pad_token_id, training=training_record(
+            state["config"], state["step"], state["total_steps"], state["n_train_pairs"]))
+    else:
+        model.save_pretrained(directory)
     (directory / "training_state.json").write_text(json.dumps(state, indent=1, sort_keys=True, default=str) + "\n",
                                                    encoding="utf-8")
     return directory
@@ -350,7 +356,8 @@ def train_score_model(model, tokenizer, train_dataset, *, config: ScoreTrainingC
                 model.train()
             if output_dir is not None and config.save_every is not None and step % config.save_every == 0 \
                     and step < total_steps:
-                result.checkpoints.append(_save(model, output_dir / f"checkpoint-{step}", {**state, "step": step}))
+                result.checkpoints.append(_save(model, output_dir / f"checkpoint-{step}", {**state, "step": step},
+                                                 tokenizer.pad_token_id))
     finally:
         bar.close()
     result.steps = total_steps
@@ -364,7 +371,7 @@ def train_score_model(model, tokenizer, train_dataset, *, config: ScoreTrainingC
     if output_dir is not None:
         final_state = {**state, "step": total_steps, "initial_eval": result.initial_eval,
                        "final_eval": result.final_eval}
-        result.checkpoints.append(_save(model, output_dir, final_state))
+        result.checkpoints.append(_save(model, output_dir, final_state, tokenizer.pad_token_id))
     return result
 
 

@@ -46,6 +46,41 @@ def test_copies_of_a_prompt_stay_on_one_side():
         split.check_training([split.safety[0]])
 
 
+def test_deduplicated_split_keeps_first_copies_and_counts_the_rest(tmp_path):
+    prompts = [p for p in PROMPTS[:30] for _ in range(3)] + ["prompt   number 0"]  # whitespace variant
+    categories = [f"c{i}" for i in range(len(prompts))]
+    split = split_prompts(prompts, safety_fraction=0.3, seed=1, categories=categories, deduplicate=True)
+    plain = split_prompts(prompts, safety_fraction=0.3, seed=1, categories=categories)
+    assert split.n_duplicates_dropped == len(prompts) - 30 == 61 and plain.n_duplicates_dropped == 0
+    assert len(split.safety) == len(set(split.safety)) == 9 and len(split.candidate) == 21
+    assert set(split.safety) == set(plain.safety)  # the same split, without the copies
+    assert all(prompts.index(prompts[i]) == i for i in split.safety_indices + split.candidate_indices)
+    assert split.safety_fingerprint == fingerprint(sorted(set(plain.safety)))
+    assert sum(split.safety_categories.values()) == 9
+    assert split.record()["n_duplicates_dropped"] == 61
+    split.save(tmp_path / "split.json")
+    assert PromptSplit.load(tmp_path / "split.json") == split
+
+
+def test_read_prompt_file_drops_copies(tmp_path):
+    import json
+
+    from hcrlhf.pipeline import read_prompt_file
+
+    rows = [{"prompt": p, "category": "EHD"} for p in PROMPTS[:10]] * 4
+    rows[10] = {"prompt": "  " + PROMPTS[0].replace(" ", "\n"), "category": "IHD"}  # a re-wrapped copy
+    path = tmp_path / "safety.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts, categories = read_prompt_file(path)
+    assert prompts == PROMPTS[:10] and categories == ["EHD"] * 10
+    from hcrlhf.safety import distinct_prompts
+
+    raw, _ = read_prompt_file(path, distinct=False)
+    assert len(raw) == 40 and distinct_prompts(raw)[0] == PROMPTS[:10] and distinct_prompts(raw)[2] == 30
+    (tmp_path / "safety.txt").write_text("a\nb\na\n  b \n")
+    assert read_prompt_file(tmp_path / "safety.txt") == (["a", "b"], None)
+
+
 def test_split_seed_none_is_drawn_and_recorded():
     split = split_prompts(PROMPTS, seed=None)
     assert isinstance(split.seed, int)

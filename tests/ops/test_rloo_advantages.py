@@ -65,6 +65,24 @@ def test_float64(impl, generator):
     assert all(t.dtype == torch.float64 for t in got)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_k3_extreme_log_ratios_are_clamped_not_nan(impl, generator):
+    """k3 at log-ratio ±100 (and ±inf) is capped at 10 per token on every impl: finite sums and
+    advantages, where main returned inf KL and NaN advantages for the whole group."""
+    inputs = make_inputs(4, 7, generator, "all_valid")
+    inputs["logprobs"][0, 1], inputs["ref_logprobs"][0, 1] = -101.0, -1.0
+    inputs["logprobs"][1, 3], inputs["ref_logprobs"][1, 3] = -1.0, -101.0
+    inputs["logprobs"][2, 0] = -float("inf")
+    inputs["ref_logprobs"][3, 6] = -float("inf")
+    got = check(impl, inputs, group_size=2, kl_coef=0.1, lagrange_multiplier=1.0, kl_estimator="k3")
+    for name, tensor in zip(ops.RLOOAdvantages._fields, got):
+        assert torch.isfinite(tensor).all(), f"{impl} {name}: non-finite output"
+    others = reference.rloo_advantages(**{**inputs, "mask": inputs["mask"].clone().index_put_(
+        (torch.arange(4), torch.tensor([1, 3, 0, 6])), torch.tensor(False))}, group_size=2, kl_coef=0.1,
+        lagrange_multiplier=1.0, kl_estimator="k3").kl
+    torch.testing.assert_close(got.kl, others + 10.0)  # each extreme token adds exactly the cap
+
+
 def test_group_advantages_sum_to_zero_and_match_hand_computation():
     returns = torch.tensor([1.0, 2.0, 6.0, -1.0, 3.0, 4.0])
     out = reference.rloo_advantages(torch.zeros(6, 2), torch.zeros(6, 2), torch.ones(6, 2), returns,

@@ -123,6 +123,41 @@ def test_kl_in_cost_makes_kl_weight_independent_of_lambda(impl, generator):
         torch.testing.assert_close(advantages, pure_kl, atol=1e-6, rtol=1e-5)
 
 
+def extreme_log_ratios(inputs):
+    """Valid positions with d = logprobs − ref_logprobs = ±100 and ±inf (docs/ops.md#kl-estimators)."""
+    inputs = dict(inputs)
+    logprobs, ref, mask = inputs["logprobs"].clone(), inputs["ref_logprobs"].clone(), inputs["mask"].clone()
+    cells = [(0, 1), (0, 4), (1, 2), (2, 0), (2, 3)]
+    for (b, t), (lp, rf) in zip(cells, [(-101.0, -1.0), (-1.0, -101.0), (-float("inf"), -1.0),
+                                        (-0.5, -float("inf")), (-100.5, -0.5)]):
+        logprobs[b, t], ref[b, t], mask[b, t] = lp, rf, True
+    inputs.update(logprobs=logprobs, ref_logprobs=ref, mask=mask)
+    return inputs, cells
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("whiten", [False, True])
+def test_k3_extreme_log_ratios_are_clamped_not_nan(impl, whiten, generator):
+    """k3 at log-ratio ±100 (and ±inf) is capped at 10 as verl's low_var_kl, on every impl: finite
+    advantages, where main returned inf KL and NaN advantages."""
+    inputs, cells = extreme_log_ratios(make_inputs((3, 9), generator, "holes"))
+    got = check(impl, inputs, kl_coef=0.1, lagrange_multiplier=0.7, kl_estimator="k3", whiten=whiten)
+    for name, tensor in zip(FIELDS, got):
+        assert torch.isfinite(tensor).all(), f"{impl} {name}: non-finite output"
+    for b, t in cells:
+        assert got.kl[b, t] == 10.0, f"{impl}: k3 at ({b}, {t}) = {got.kl[b, t].item()}, want the cap 10"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_k3_clamp_keeps_nan(impl, generator):
+    """The clamp must not hide a NaN log-prob (a GPU's plain min/max would return the bound)."""
+    require_impl(impl)
+    inputs = make_inputs((2, 6), generator, "all_valid")
+    inputs["logprobs"][1, 2] = float("nan")
+    got = ops.safe_advantages(**inputs, kl_coef=0.1, lagrange_multiplier=0.5, kl_estimator="k3", impl=impl)
+    assert torch.isnan(got.kl[1, 2]) and torch.isfinite(got.kl[0]).all()
+
+
 def test_negative_lambda_tensor_on_device_gives_nan(generator):
     """A device λ is never read on the host; an invalid one must not pass silently (reference rule)."""
     inputs = make_inputs((2, 5), generator, "all_valid")

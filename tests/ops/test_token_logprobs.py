@@ -340,3 +340,211 @@ def test_gpu_int64_offsets():
     tail = slice(rows - 64, rows)
     truth = reference.token_logprobs(logits[tail].double(), labels[tail])
     torch.testing.assert_close(lp[tail].double(), truth, atol=1e-4, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- tiny temperatures
+# Exact to float32 *relative* precision down to the floor: |err| <= rtol * max(|truth|, 1)
+# (values, gradients); a gradient's relative error grows like |log p|·eps through exp (the float32
+# reference shows 1.6e-6 at T = 1e-2), and bf16/fp16 gradients are rounded to their 8/11 bits.
+TINY_T_RTOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 8e-3), torch.float16: (1e-6, 2e-3)}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [1e-2, 1e-3, 1e-4])
+def test_tiny_temperatures_match_float64(impl, dtype, temperature):
+    """Down to MIN_TEMPERATURE every impl is within float32 relative precision of the float64
+    reference: values, entropy and gradients (main's C++ kernel was off by 4e-5 at T = 1e-2 and by
+    3e-3 at 1e-4 on the argmax log-prob: it rounded z = x / T before subtracting the max)."""
+    _skip_unavailable(impl)
+    from hcrlhf.ops._checks import MIN_TEMPERATURE
+
+    assert MIN_TEMPERATURE == 1e-4
+    gen = torch.Generator().manual_seed(21)
+    logits = (torch.randn(6, 2500, generator=gen) * 3).to(dtype)  # > one C++ chunk, several Triton blocks
+    labels = torch.randint(0, 2500, (6,), generator=gen)
+    labels[:3] = logits[:3].float().argmax(-1)  # the mode: log p ~ 0, where rounding z = x/T shows most
+    labels[3] = logits[3].float().topk(2).indices[1]  # the runner-up: log p = -gap / T
+    g_lp, g_h = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+
+    def run(fn, x):
+        x = x.detach().clone().requires_grad_()
+        lp, h = fn(x)
+        ((lp * g_lp.to(lp.dtype)).sum() + (h * g_h.to(h.dtype)).sum()).backward()
+        return lp.detach().double(), h.detach().double(), x.grad.double()
+
+    truth = run(lambda x: reference.token_logprobs(x, labels, temperature, True), logits.double())
+    got = run(lambda x: ops.token_logprobs(x, labels, temperature=temperature, return_entropy=True, impl=impl),
+              logits)
+    rtol_value, rtol_grad = TINY_T_RTOL[dtype]
+    for name, g, t, rtol in zip(("logp", "entropy", "grad"), got, truth, (rtol_value, rtol_value, rtol_grad)):
+        assert torch.isfinite(g).all(), f"{impl}/{dtype} T={temperature} {name}: non-finite"
+        err = ((g - t).abs() / t.abs().clamp(min=1.0)).max().item()
+        assert err <= rtol, f"{impl}/{dtype} T={temperature} {name}: relative error {err:.2e} > {rtol:g}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_temperature_below_the_floor_is_refused(impl):
+    _skip_unavailable(impl)
+    logits, labels = random_case((3,), 50, torch.float32, seed=22, ignore_fraction=0.0)
+    ops.token_logprobs(logits, labels, temperature=1e-4, impl=impl)  # the floor itself is fine
+    for temperature in (9.99e-5, 1e-6, 1e-8, 1e-300):
+        with pytest.raises(ValueError, match="temperature"):
+            ops.token_logprobs(logits, labels, temperature=temperature, impl=impl)
+        with pytest.raises(ValueError, match="temperature"):
+            ops.linear_logprobs(torch.randn(3, 8), torch.randn(50, 8), labels, temperature=temperature, impl=impl)
+
+
+# ---------------------------------------------------------------- non-finite logits
+INF, NAN = float("inf"), float("nan")
+
+
+def non_finite_case(dtype, vocab=2500):
+    """Rows of every kind in docs/ops.md#non-finite-logits; V spans two C++ chunks and five Triton
+    blocks, and the special values sit in different chunks/blocks."""
+    gen = torch.Generator().manual_seed(23)
+    logits = torch.randn(11, vocab, generator=gen) * 2
+    labels = torch.randint(0, vocab, (11,), generator=gen)
+    kinds = ["finite", "masked", "label_-inf", "+inf", "+inf_label", "nan", "all_-inf",
+             "ignored_nan", "ignored_all_-inf", "ignored_+inf", "masked_leading"]
+    logits[1, 100:2300] = -INF
+    labels[1] = 2400
+    logits[2, 10:2200] = -INF
+    labels[2] = 700  # its own logit is -inf
+    logits[3, 2300] = INF
+    logits[4, 50] = INF
+    labels[4] = 50
+    logits[5, 100] = NAN
+    logits[6] = -INF
+    logits[7, 2450] = NAN
+    logits[8] = -INF
+    logits[9, 5] = INF
+    labels[7:10] = -100
+    logits[10, :2450] = -INF  # a whole leading chunk/block of -inf before the first finite logit
+    labels[10] = 2460
+    return logits.to(dtype), labels, kinds
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("return_entropy", [True, False])
+def test_non_finite_logits_one_answer(impl, dtype, return_entropy):
+    """-inf label logit -> -inf; NaN / +inf anywhere or all -inf -> NaN log-prob, entropy and
+    gradient row; ignored -> 0 and a zero gradient (docs/ops.md#non-finite-logits), on every impl."""
+    _skip_unavailable(impl)
+    logits, labels, kinds = non_finite_case(dtype)
+    gen = torch.Generator().manual_seed(24)
+    g_lp, g_h = torch.randn(11, generator=gen), torch.randn(11, generator=gen)
+
+    def run(fn, x):
+        x = x.detach().clone().requires_grad_()
+        out = fn(x)
+        lp, h = out if return_entropy else (out, None)
+        loss = (lp * g_lp.to(lp.dtype)).sum() + ((h * g_h.to(h.dtype)).sum() if return_entropy else 0)
+        loss.backward()
+        return lp.detach(), None if h is None else h.detach(), x.grad
+
+    got = run(lambda x: ops.token_logprobs(x, labels, return_entropy=return_entropy, impl=impl), logits)
+    truth = run(lambda x: reference.token_logprobs(x, labels, 1.0, return_entropy), logits.double())
+    low = run(lambda x: reference.token_logprobs(x, labels, 1.0, return_entropy), logits)
+    lp, h, grad = got
+    undefined = [kinds.index(k) for k in ("+inf", "+inf_label", "nan", "all_-inf")]
+    ignored = [kinds.index(k) for k in ("ignored_nan", "ignored_all_-inf", "ignored_+inf")]
+    finite = [kinds.index(k) for k in ("finite", "masked", "label_-inf", "masked_leading")]
+    for name, ref in (("reference", truth), ("kernel", got)):  # the spec and the kernel alike
+        r_lp, r_h, r_grad = ref
+        assert torch.isnan(r_lp[undefined]).all(), f"{name}: log-prob of undefined rows must be NaN"
+        assert torch.isnan(r_grad[undefined]).all(), f"{name}: gradient of undefined rows must be NaN"
+        assert (r_lp[ignored] == 0).all() and (r_grad[ignored] == 0).all(), f"{name}: ignored rows"
+        assert r_lp[kinds.index("label_-inf")] == -INF, f"{name}: a -inf label logit gives -inf"
+        assert torch.isfinite(r_grad[finite]).all(), f"{name}: finite gradient where the softmax is defined"
+        if return_entropy:
+            assert torch.isnan(r_h[undefined]).all() and (r_h[ignored] == 0).all()
+            assert torch.isfinite(r_h[finite]).all()
+    atol_value, atol_grad = ATOL[dtype]
+    rows = [i for i in finite if kinds[i] != "label_-inf"]
+    assert_rule(f"{impl} logp", lp[rows], truth[0][rows], low[0][rows], atol_value)
+    if return_entropy:
+        assert_rule(f"{impl} entropy", h[finite], truth[1][finite], low[1][finite], atol_value)
+    assert_rule(f"{impl} grad", grad[finite], truth[2][finite], low[2][finite], atol_grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_logprobs_non_finite_rows(impl):
+    """linear_logprobs follows the same rules: a -inf bias entry as the label gives -inf with finite
+    gradients; a NaN or +inf hidden state makes its row NaN; an ignored row stays 0 / zero grad."""
+    _skip_unavailable(impl)
+    gen = torch.Generator().manual_seed(25)
+    hidden = torch.randn(6, 16, generator=gen)
+    weight = torch.randn(700, 16, generator=gen) * 0.5
+    bias = torch.randn(700, generator=gen)
+    bias[600:] = -INF  # masked vocabulary entries
+    labels = torch.tensor([3, 650, 5, 7, -100, 9])  # row 1: label on a -inf bias entry
+    hidden[2, 4] = NAN
+    hidden[3, 0] = INF  # logits = ±inf: an undefined softmax
+    hidden[4, 1] = NAN  # ignored row
+    out = {}
+    for name, fn, h in (("ops", lambda h, w, b: ops.linear_logprobs(h, w, labels, bias=b, return_entropy=True,
+                                                                      chunk_size=4, impl=impl), hidden),
+                        ("ref", lambda h, w, b: reference.linear_logprobs(h, w, labels, b, 1.0, True),
+                         hidden.double())):
+        h = h.clone().requires_grad_()
+        w = (weight if name == "ops" else weight.double()).clone().requires_grad_()
+        b = (bias if name == "ops" else bias.double()).clone().requires_grad_()
+        lp, ent = fn(h, w, b)
+        (lp.nan_to_num(neginf=0.0).sum() + ent.sum()).backward()  # skip the -inf value, keep its gradient
+        out[name] = (lp.detach(), ent.detach(), h.grad)
+    (lp, ent, g_hidden), (r_lp, r_ent, r_g_hidden) = out["ops"], out["ref"]
+    assert lp[1] == -INF and r_lp[1] == -INF
+    assert torch.isnan(lp[[2, 3]]).all() and torch.isnan(ent[[2, 3]]).all() and torch.isnan(g_hidden[[2, 3]]).all()
+    assert lp[4] == 0 and ent[4] == 0 and (g_hidden[4] == 0).all()
+    assert torch.isnan(r_lp[[2, 3]]).all() and torch.isnan(r_g_hidden[[2, 3]]).all() and (r_g_hidden[4] == 0).all()
+    ok = [0, 1, 5]
+    torch.testing.assert_close(lp[[0, 5]].double(), r_lp[[0, 5]], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent[ok].double(), r_ent[ok], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(g_hidden[ok].double(), r_g_hidden[ok], atol=2e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- inplace_backward refusals
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_backward_refuses_leaves_and_aliased_memory(impl):
+    """A leaf (or a view of one) would have its data overwritten; an expanded / overlapping view
+    would get wrong gradients (rows overwrite each other): ValueError naming inplace_backward."""
+    _skip_unavailable(impl)
+    logits, labels = random_case((3, 4), 300, torch.float32, seed=26, ignore_fraction=0.0)
+    call = lambda x, y=labels: ops.token_logprobs(x, y, impl=impl, inplace_backward=True)
+    leaf = logits.clone().requires_grad_()
+    with pytest.raises(ValueError, match="inplace_backward.*leaf"):
+        call(leaf)
+    with pytest.raises(ValueError, match="inplace_backward.*leaf"):
+        call(leaf[:, :-1], labels[:, :-1])  # a view of a leaf shares its memory
+    row = logits[0, 0].clone().requires_grad_()
+    expanded = (row * 1.0).expand(3, 4, 300)  # stride 0: every row is the same memory
+    with pytest.raises(ValueError, match="inplace_backward.*stride"):
+        call(expanded)
+    overlapping = (leaf * 1.0).reshape(-1).as_strided((6, 300), (150, 1))  # rows overlap by half
+    with pytest.raises(ValueError, match="inplace_backward.*stride"):
+        call(overlapping, labels.reshape(-1)[:6])
+    # what stays allowed: non-leaf views that do not overlap, and logits that need no gradient
+    base = leaf * 1.0
+    for view, view_labels in ((base, labels), (base[:, :-1], labels[:, :-1]), (base.transpose(0, 1), labels.T)):
+        call(view, view_labels).sum().backward(retain_graph=True)
+    call(logits)  # no grad required: nothing is overwritten
+    # the same tensors are fine with inplace_backward=False, and give the expanded gradient right
+    expanded_lp = ops.token_logprobs(expanded, labels, impl=impl)
+    expanded_lp.sum().backward()
+    truth = row.detach().double().requires_grad_()
+    reference.token_logprobs(truth.expand(3, 4, 300), labels).sum().backward()
+    torch.testing.assert_close(row.grad.double(), truth.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_internal_overlap_detection():
+    from hcrlhf.ops._checks import has_internal_overlap
+
+    base = torch.randn(3, 6, 301)
+    for ok in (base, base[:, :-1], base.transpose(0, 1), torch.randn(4, 318)[:, :301], base[:, ::2],
+               base[0, 0].expand(1, 301), torch.randn(0, 5)):
+        assert not has_internal_overlap(ok), tuple(ok.stride())
+    for bad in (base[0, 0].expand(2, 301), base.reshape(-1).as_strided((4, 301), (300, 1)),
+                base.reshape(-1).as_strided((3, 5, 301), (301, 60, 1))):
+        assert has_internal_overlap(bad), tuple(bad.stride())

@@ -118,3 +118,22 @@ def test_masked_whiten_uses_unbiased_variance():
     out = reference.masked_whiten(x, valid)
     torch.testing.assert_close(out[valid], expected)
     assert (out[~valid] == 0).all()
+
+
+def test_k3_is_clamped_like_verl_low_var_kl():
+    """k3 = clamp(e^{−c} − 1 + c, ±10) with c = clamp(d, ±20), d = logprobs − ref_logprobs
+    (docs/ops.md#kl-estimators): finite for any d, NaN only for NaN."""
+    inf, nan = float("inf"), float("nan")
+    d = torch.tensor([-inf, -100.0, -20.0, -3.0, -2.6, -0.5, 0.0, 0.5, 10.0, 10.9, 11.5, 100.0, inf, nan],
+                     dtype=torch.float64)
+    got = reference.kl_penalty(d, torch.zeros_like(d), "k3")
+    unclamped = torch.exp(-d) - 1 + d
+    expected = torch.where(unclamped > 10, 10.0, unclamped)
+    expected[[0, -3]] = 10.0  # ±inf: the log-ratio clamp keeps exp finite (no inf − inf)
+    torch.testing.assert_close(got[:-1], expected[:-1], atol=0, rtol=0)
+    assert torch.isnan(got[-1])
+    assert got[4] < 10 and got[3] == 10  # the cap binds between d = −2.6 and −3 (at −2.611)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # no overflow in low precision either
+        low = reference.kl_penalty(d[:-1].to(dtype), torch.zeros(13, dtype=dtype), "k3")
+        assert torch.isfinite(low).all() and low.max() <= 10
+

@@ -106,3 +106,15 @@ def test_safety_test_bad_input(kwargs, name):
     args = dict(costs=[0.1, 0.3, 0.2], threshold=0.5, delta=0.1) | kwargs
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         safety_test(**args)
+
+
+def test_a_safety_set_with_copies_is_refused_before_spending(tmp_path):
+    """A copy of a prompt would count twice in n (and narrow the bound): refused, nothing spent."""
+    ledger = SafetyLedger(tmp_path / "ledger.json", total_delta=0.1)
+    copies = SAFETY_PROMPTS[:10] * 4
+    costs = [0.1 * (i % 5) for i in range(len(copies))]
+    with pytest.raises(ValueError, match="copies"):
+        safety_test(costs, 0.3, 0.05, "betting", (0, 1), ledger=ledger, safety_set=copies)
+    with pytest.raises(ValueError, match="one cost per safety prompt"):
+        safety_test(costs, 0.3, 0.05, "betting", (0, 1), ledger=ledger, safety_set=SAFETY_PROMPTS[:10])
+    assert not (tmp_path / "ledger.json").exists()

@@ -50,6 +50,23 @@ def test_reward_model_learns_helpfulness(task, data, tmp_path):
     assert reloaded_eval["accuracy"] == after
     assert reloaded_eval["by_category"] == result.final_eval["by_category"]
 
+    # transformers loads the trained head too (nothing missing or re-drawn) and, with the tokenizer's pad id
+    # saved in config.json, scores the same right-padded batch alike; config.json says what trained it.
+    from transformers import AutoModelForSequenceClassification
+
+    from hcrlhf.data import tokenize_pairs
+
+    hf, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"] and hf.config.num_labels == 1
+    assert hf.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert {k: hf.config.hcrlhf["training"][k] for k in ("kind", "loss", "steps")} == \
+        {"kind": "reward", "loss": "bt", "steps": STEPS}
+    pairs = tokenize_pairs(tokenizer, prompts, responses, template=task.template)
+    with torch.no_grad():
+        theirs = hf.eval()(input_ids=pairs.input_ids, attention_mask=pairs.attention_mask).logits.squeeze(-1)
+    torch.testing.assert_close(theirs, original, rtol=1e-5, atol=1e-5)
+    assert loaded.provenance["hcrlhf"]["training"]["kind"] == "reward"
+
 
 @pytest.mark.parametrize("variant", ["bt_sign", "bt"])
 def test_cost_model_learns_harm(task, data, variant):

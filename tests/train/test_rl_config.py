@@ -44,6 +44,7 @@ def test_every_problem_is_reported_at_once_each_naming_its_key():
     ("estimator", "dpo", "must be one of"),
     ("kl_estimator", "k4", "must be one of"),
     ("temperature", 0.0, "must be a finite number > 0"),
+    ("temperature", 1e-6, "must be >= 0.0001"),
     ("top_p", 1.5, "must be in"),
     ("delta", 1.0, "must be in"),
     ("gae_lambda", -0.1, "must be in"),
@@ -80,6 +81,16 @@ def test_bad_values_are_named(key, value, pattern):
 def test_invalid_combinations_are_rejected(values, pattern):
     with pytest.raises(ValueError, match=pattern):
         SafeRLConfig.from_dict(values)
+
+
+@pytest.mark.parametrize("key, value", [("top_p", 0.9), ("top_k", 20)])
+def test_truncated_rollout_sampling_is_refused(key, value):
+    """Rollouts drawn from a top-p / top-k truncated distribution while the log-probs, ratios and KL are those of
+    the full softmax would be off-policy by an uncorrected amount: refused, naming the key and the alternative."""
+    with pytest.raises(ConfigError, match=f"'{key}': .*full softmax.*safety.{key}") as error:
+        SafeRLConfig.from_dict({key: value})
+    assert error.value.key == key
+    SafeRLConfig.from_dict({"top_p": 1.0, "top_k": 0, "temperature": 0.7})  # untruncated sampling is fine
 
 
 def test_yaml(tmp_path):

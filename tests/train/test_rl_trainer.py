@@ -307,3 +307,41 @@ def test_prompts_overlapping_the_safety_set_are_refused(task, tokenizer):
         make_trainer(task, tokenizer, make_config(), prompts=safety, safety=fingerprint(safety))
     with pytest.warns(UserWarning, match="not checked against the safety set"):
         make_trainer(task, tokenizer, make_config(), prompts=candidate[:10], safety=None)
+
+
+def test_rollouts_use_exactly_the_configured_decoding(task, tokenizer):
+    """The rollout samples with one explicit GenerationConfig: a setting in the policy's own generation config
+    (repetition_penalty 1.3) changes no rollout token with the same seed."""
+    config = make_config(estimator="rloo", max_new_tokens=20)
+    plain = make_trainer(task, tokenizer, config)
+    tuned = make_trainer(task, tokenizer, config)
+    tuned.policy.generation_config.repetition_penalty = 1.3
+    prompts = list(task.prompts("candidate")[0][:16])
+    rollouts = []
+    for trainer in (plain, tuned):
+        torch.manual_seed(0)
+        rollouts.append(trainer.rollout(prompts))
+    assert torch.equal(rollouts[0].input_ids, rollouts[1].input_ids)
+    assert tuned.policy.generation_config.repetition_penalty == 1.3  # restored after the rollout
+    settings = plain.generation_config().to_dict()
+    assert (settings["do_sample"], settings["repetition_penalty"], settings["max_new_tokens"]) == (True, 1.0, 20)
+
+
+def test_save_pretrained_round_trips_through_plain_transformers(task, tokenizer, tmp_path):
+    """The saved directory: AutoTokenizer gives the training tokenizer (not the Qwen2 config's Qwen2Tokenizer),
+    and generation_config.json is the decoding asked for (default: the rollout's)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from hcrlhf.models.generation import decoding_settings, generation_config
+    from hcrlhf.models.loading import same_tokenizer
+    from hcrlhf.pipeline import Decoding
+
+    trainer = make_trainer(task, tokenizer, make_config(estimator="rloo"))
+    trainer.save_pretrained(tmp_path / "rollout")
+    assert same_tokenizer(AutoTokenizer.from_pretrained(tmp_path / "rollout"), tokenizer)
+    saved = decoding_settings(GenerationConfig.from_pretrained(tmp_path / "rollout"))
+    assert saved == decoding_settings(trainer.generation_config())
+    deployment = generation_config(Decoding(max_new_tokens=7, temperature=0.5, top_k=3), tokenizer)
+    trainer.save_pretrained(tmp_path / "deployment", generation_config=deployment)
+    saved = GenerationConfig.from_pretrained(tmp_path / "deployment")
+    assert (saved.do_sample, saved.max_new_tokens, saved.temperature, saved.top_k) == (True, 7, 0.5, 3)
