@@ -36,6 +36,7 @@ EPILOG = """examples:
   hcrlhf demo --output runs/demo              the full demo (a few minutes on a laptop CPU)
   hcrlhf run configs/qwen2-1.5b-pku-saferlhf.yaml
   hcrlhf run configs/demo.yaml rl.total_steps=20 safety.delta=0.05   any config key, by its dotted name
+  hcrlhf run my.yaml --output runs/x --resume continue a run that was killed (from its last RL checkpoint)
   hcrlhf train-reward my.yaml                 only the split and the reward model
   hcrlhf safety-test runs/demo/model --prompts safety.jsonl --threshold -3 --delta 0.05
   hcrlhf bench advantages --quick             a kernel benchmark (hcrlhf bench list: all of them)
@@ -89,6 +90,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "in its hcrlhf_run.json) is removed, and a model it returned is moved, with its run, to "
                              "previous/<time>/ (δ spent on its safety set stays spent: the δ ledger is per user, not "
                              "per directory)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in the output directory that did not finish (killed, failed, "
+                             "interrupted): same config (only progress, output_dir and rl.total_steps (grow only), "
+                             "rl.checkpoint_every, rl.keep_checkpoints, rl.tensorboard, rl.sync_phase_timing may "
+                             "change), finished stages reused, candidate selection from the newest verifying RL "
+                             "checkpoint, then the safety test and report; refused for a finished run and with "
+                             "--overwrite")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -128,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run HC-RLHF end to end from a YAML config: split, reward model, cost model, candidate "
         "selection, safety test (recorded in the δ ledger), report. The config is checked completely first.",
         epilog="examples:\n  hcrlhf run configs/qwen2-1.5b-pku-saferlhf.yaml --output runs/qwen2\n"
-        "  hcrlhf run configs/demo.yaml rl.total_steps=2 --output runs/smoke\n\n"
+        "  hcrlhf run configs/demo.yaml rl.total_steps=2 --output runs/smoke\n"
+        "  hcrlhf run configs/qwen2-1.5b-pku-saferlhf.yaml --output runs/qwen2 --resume   continue a killed run\n\n"
         "exit codes: 0 PASS, 3 NO SOLUTION FOUND, 2 bad usage or bad config, 1 other errors")
     _add_run_options(run)
     for name, stage, what in (("train-reward", "reward", "the split and the reward model"),
@@ -260,7 +269,10 @@ def cmd_demo(args) -> int:
 def cmd_run(args, stages: str = "all") -> int:
     from hcrlhf.pipeline import run
 
-    result = run(_run_config(args), stages=stages)
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite cannot be combined: --resume continues the run in the output "
+                         "directory, --overwrite replaces it")
+    result = run(_run_config(args), stages=stages, resume=args.resume)
     _print_result(result)
     return _verdict_exit(result)
 

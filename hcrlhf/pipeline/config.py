@@ -55,7 +55,7 @@ SECTIONS = ("data", "models", "safety", "reward", "cost", "sft", "rl", "evaluati
 DERIVED_KEYS = {
     "rl": {"safety_set_size": "it is the size of the safety set the split produces",
            "output_dir": "the trainer writes to <output_dir>/rl",
-           "resume": "the pipeline runs each stage once"},
+           "resume": "--resume (run(..., resume=True)) continues a run that did not finish"},
     "reward": {"kind": "the section sets it",
                "output_dir": "the reward model is saved under <output_dir>/reward_model"},
     "cost": {"kind": "the section sets it",

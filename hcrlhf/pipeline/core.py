@@ -44,7 +44,7 @@ from hcrlhf.pipeline.safety_stage import run_safety_test
 from hcrlhf.pipeline.sampling import Decoding, cost_transform, read_prompt_file, sample_and_score
 from hcrlhf.safety.ledger import canonical_prompt, default_ledger_path, open_ledger
 
-__all__ = ["run", "PipelineResult", "STAGES", "CANDIDATE_META", "REPORT_FORMAT", "default_task_cache"]
+__all__ = ["run", "PipelineResult", "STAGES", "CANDIDATE_META", "REPORT_FORMAT", "RESUME_CHANGES", "default_task_cache"]
 
 STAGES = ("sft", "reward", "cost", "train", "all")
 CANDIDATE_META = "hcrlhf_candidate.json"
@@ -366,13 +366,27 @@ def _sft_rows(path: Path, split, record: dict) -> tuple[list[dict], str]:
 # ----------------------------------------------------------------------------------------- stage 1b
 
 
+def _sft_loader(config: PipelineConfig, inputs: _Inputs, target: Path, device=None):
+    """``() -> model``: the SFT policy saved in ``target``."""
+    from hcrlhf.models import load_causal_lm
+
+    device = _device(config) if device is None else device
+    kwargs = {} if config.task == "builtin" else dict(dtype=config.models.dtype,
+                                                      trust_remote_code=config.models.trust_remote_code,
+                                                      attn_implementation=config.models.attn_implementation)
+
+    def load_sft_policy():
+        return load_causal_lm(target, device=device, **kwargs)
+
+    return load_sft_policy
+
+
 def _sft(config: PipelineConfig, inputs: _Inputs, out: Path) -> dict:
     """Fine-tune the starting policy on the SFT rows (:func:`hcrlhf.train.sft.train_sft`), save it to
     ``<out>/sft_policy`` and make it the starting policy (and so the KL reference) of what follows. Returns
     the summary for the report."""
     import torch
 
-    from hcrlhf.models import load_causal_lm
     from hcrlhf.train.sft import train_sft
 
     sft, rows = config.sft, inputs.sft_rows
@@ -392,14 +406,7 @@ def _sft(config: PipelineConfig, inputs: _Inputs, out: Path) -> dict:
     save_tokenizer(inputs.tokenizer, target)  # AutoTokenizer loads it back as trained (next to a model config)
     seconds = time.perf_counter() - started
     del policy
-    kwargs = {} if config.task == "builtin" else dict(dtype=config.models.dtype,
-                                                      trust_remote_code=config.models.trust_remote_code,
-                                                      attn_implementation=config.models.attn_implementation)
-
-    def load_sft_policy():
-        return load_causal_lm(target, device=device, **kwargs)
-
-    inputs.load_policy = load_sft_policy  # the starting policy from here on; the reference copies it
+    inputs.load_policy = _sft_loader(config, inputs, target, device)  # the starting policy; the reference copies it
     stride = max(1, len(curve) // 200)
     return {"source": _rel(target, out), "trained": True, "data": inputs.record.get("sft_file"),
             "data_kind": inputs.sft_kind, "n_rows": len(rows),
@@ -411,6 +418,24 @@ def _sft(config: PipelineConfig, inputs: _Inputs, out: Path) -> dict:
 
 
 # -------------------------------------------------------------------------------------- stages 2–3
+
+
+def _reused_score_model(config: PipelineConfig, out: Path, kind: str, done: dict):
+    """Resume: the score model the earlier run finished training, loaded from ``<out>/<kind>_model`` (a model
+    that does not load stops the resumption, naming it), with the summary it recorded."""
+    from hcrlhf.models import ScoreModel
+    from hcrlhf.models.score_model import ScoreCheckpointError
+
+    path = out / f"{kind}_model"
+    _say(f"resume: reusing the finished {kind} model in {kind}_model/")
+    try:
+        model = ScoreModel.from_pretrained(path, dtype=config.models.dtype, role=kind,
+                                           trust_remote_code=config.models.trust_remote_code)
+    except (ScoreCheckpointError, OSError, ValueError) as error:
+        raise ValueError(f"resume: the {kind} model the earlier run saved in {str(path)!r} does not load "
+                         f"({type(error).__name__}: {error}); it cannot be resumed: start a new run "
+                         "(or --overwrite)") from None
+    return model.to(_device(config)), done[f"{kind}_model"]
 
 
 def _score_model(config: PipelineConfig, inputs: _Inputs, out: Path, kind: str):
@@ -463,20 +488,30 @@ def _decoding(config: PipelineConfig) -> Decoding:
                     top_k=s.top_k if s.top_k is not None else rl.top_k)
 
 
-def _train_candidate(config: PipelineConfig, inputs: _Inputs, reward_model, cost_model, out: Path):
+def _train_candidate(config: PipelineConfig, inputs: _Inputs, reward_model, cost_model, out: Path, *,
+                     resume: bool = False):
     from hcrlhf.train import SafeRLTrainer
 
+    # resume: the trainer's own exact resumption from the newest checkpoint that verifies (step 0 when none).
     rl_config = dataclasses.replace(config.rl, output_dir=str(out / "rl"), safety_set_size=len(inputs.split.safety),
-                                    progress=config.progress and config.rl.progress)  # checked by replace()
+                                    progress=config.progress and config.rl.progress,
+                                    resume=resume)  # checked by replace()
     policy = inputs.load_policy()
     trainer = SafeRLTrainer(rl_config, policy=policy, tokenizer=inputs.tokenizer, reward_model=reward_model,
                             cost_model=cost_model, train_prompts=inputs.train_prompts, safety_prompts=inputs.split,
                             # with LoRA the policy with its adapters disabled is the reference
                             reference_model=None if rl_config.lora_r else inputs.load_reference(),
                             template=inputs.template)
+    from_step = trainer.global_step
+    if resume:
+        _say(f"resume: candidate selection continues from step {from_step} of {rl_config.total_steps}"
+             + (f" (checkpoint {trainer.last_checkpoint.name})" if trainer.last_checkpoint is not None else ""))
     started = time.perf_counter()
     history = trainer.train()
     seconds = time.perf_counter() - started
+    if resume:  # the whole curve: the earlier run's iterations (trimmed to the checkpoint) and this run's
+        lines = (out / "rl" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        history = [json.loads(line) for line in lines if line.strip()]
     candidate = out / CANDIDATE_DIR  # untested: marked NOT_RETURNED.md; the safety test's verdict moves it
     # The deployment decoding is the candidate's generation_config.json: a plain generate() samples as tested.
     deployment = generation_config(_decoding(config), inputs.tokenizer)
@@ -519,6 +554,7 @@ def _train_candidate(config: PipelineConfig, inputs: _Inputs, reward_model, cost
                "steps": trainer.global_step, "seconds": round(seconds, 3),
                "final": {k: last.get(k) for k in keys if k in last}, "curve": curve,
                "metrics_file": "rl/metrics.jsonl", "candidate": CANDIDATE_DIR,  # relative to the run directory
+               **({"resumed_from_step": from_step} if resume else {}),
                "rollout_decoding": decoding_settings(trainer.generation_config())}
     # What is tested is what is returned: the safety test and the ground truth run on the saved candidate as
     # loaded from disk (with LoRA, the merged model; not the trainer's in-memory copy).
@@ -595,12 +631,22 @@ def _open_ledger(config: PipelineConfig, out: Path):
     return open_ledger(_ledger_path(config, out), s.ledger_total_delta, delta=s.delta)
 
 
-def _check_ledger(config: PipelineConfig, inputs: _Inputs, out: Path) -> dict:
+def _check_ledger(config: PipelineConfig, inputs: _Inputs, out: Path, *, resume: bool = False) -> dict:
     """Refuse *before* training when the ledger cannot take this run's test on D_s (budget spent, or a set
     that re-uses an earlier one); the test's spend checks again."""
     ledger = _open_ledger(config, out)
-    spent = ledger.check_spend(list(inputs.split.safety), config.safety.delta,
-                               allow_overlapping_set=config.safety.allow_overlapping_set)
+    try:
+        spent = ledger.check_spend(list(inputs.split.safety), config.safety.delta,
+                                   allow_overlapping_set=config.safety.allow_overlapping_set)
+    except ValueError as error:
+        if not resume:
+            raise
+        raise type(error)(
+            f"{error}. Resuming: if the run being resumed reached its safety test, that test already spent δ on "
+            "this safety set (the ledger records a test before its result is read), so the resumed run cannot "
+            "test it again: that would spend δ twice on one sample. Its candidate is in "
+            f"{str(out)!r} (candidate/, model/ or candidate-not-returned/); its result is not a verdict the method "
+            "may return. Start a new run with a new safety set (data.split_seed / data.seed)") from None
     budget = ledger.budget(inputs.split.safety_fingerprint, config.safety.delta)  # the set's, or what this test fixes
     _say(f"δ ledger {ledger.path}: safety set {inputs.split.safety_fingerprint} has spent {spent:g} of "
          f"{budget:g}; this run's test will spend {config.safety.delta:g}")
@@ -675,10 +721,73 @@ def _expected_cost(config: PipelineConfig, raw_costs: list[float], n_prompts: in
             "threshold": s.threshold, "above_threshold": mean > s.threshold}
 
 
+# ------------------------------------------------------------------------------------------- resume
+
+#: Keys of the effective config that may differ when a run is resumed (``run(..., resume=True)``): they change
+#: neither the data, the models nor the training trajectory. ``rl.total_steps`` may grow (not shrink: the
+#: candidate would be a policy past it). Any other difference is refused, naming the keys.
+RESUME_CHANGES = frozenset({"output_dir", "progress", "reward.progress", "cost.progress", "sft.progress",
+                            "rl.progress", "rl.total_steps", "rl.checkpoint_every", "rl.keep_checkpoints",
+                            "rl.tensorboard", "rl.sync_phase_timing"})
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key in ("data", "models", "safety", "reward", "cost", "sft", "rl",
+                                               "evaluation") and not prefix:
+            flat.update(_flatten(value, f"{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_resume_config(config: PipelineConfig, out: Path) -> None:
+    """Resume: ``config`` is the effective config the earlier run recorded (``<out>/config.yaml``) but for
+    :data:`RESUME_CHANGES`; ConfigError naming every other key that differs."""
+    recorded_path = out / "config.yaml"
+    if not recorded_path.is_file():
+        raise ConfigError("resume", f"{str(out)!r} holds no config.yaml of the earlier run (it stopped before its "
+                                    "work began); there is nothing to resume: start it again with --overwrite")
+    try:
+        recorded = load_config(recorded_path)
+    except ConfigError as error:
+        raise ConfigError("resume", f"the earlier run's config.yaml in {str(out)!r} no longer loads ({error})") \
+            from None
+    before, now = _flatten(recorded.to_dict(loadable=True)), _flatten(config.to_dict(loadable=True))
+    problems = [(key, f"is {now.get(key)!r} but the run being resumed used {before.get(key)!r} (its "
+                      f"{recorded_path.name}); only {', '.join(sorted(RESUME_CHANGES))} may change on --resume")
+                for key in sorted(set(before) | set(now))
+                if key not in RESUME_CHANGES and before.get(key) != now.get(key)]
+    if isinstance(now.get("rl.total_steps"), int) and isinstance(before.get("rl.total_steps"), int) and \
+            now["rl.total_steps"] < before["rl.total_steps"]:
+        problems.append(("rl.total_steps", f"is {now['rl.total_steps']} but the run being resumed used "
+                                           f"{before['rl.total_steps']}; on --resume it may grow, never shrink"))
+    if problems:
+        raise ConfigError(problems, owner="resume")
+
+
+def _check_resume_split(inputs: _Inputs, out: Path) -> None:
+    """Resume: the split drawn now is the earlier run's (``<out>/split.json``): same fingerprints."""
+    from hcrlhf.data.prompts import PromptSplit
+
+    try:
+        earlier = PromptSplit.load(out / "split.json")
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ConfigError("resume", f"the earlier run's split.json in {str(out)!r} cannot be read ({error}); it "
+                                    "cannot be resumed") from None
+    split = inputs.split
+    changed = [name for name in ("safety_fingerprint", "candidate_fingerprint", "fingerprint_method")
+               if getattr(earlier, name) != getattr(split, name)]
+    if changed:
+        raise ConfigError("resume", f"the data give a split other than the earlier run's ({', '.join(changed)} of "
+                                    f"split.json differ: the data files changed?); it cannot be resumed")
+
+
 # ------------------------------------------------------------------------------------------- run
 
 
-def run(config, *, stages: str = "all") -> PipelineResult:
+def run(config, *, stages: str = "all", resume: bool = False) -> PipelineResult:
     """Run HC-RLHF end to end (or up to a stage) and write the report directory.
 
     Args:
@@ -687,6 +796,11 @@ def run(config, *, stages: str = "all") -> PipelineResult:
         stages: "all" (the whole method), "sft" (split + SFT; needs an ``sft`` section), "reward" (split +
             reward model), "cost" (split + cost model) or "train" (split + SFT when configured + score models
             + candidate selection, no safety test).
+        resume: continue the run in ``output_dir`` that did not finish (killed, failed, interrupted): the config
+            must be the recorded one (``<output_dir>/config.yaml``) but for :data:`RESUME_CHANGES`; the stages it
+            finished are reused (split.json's fingerprints checked, the models loaded), candidate selection
+            continues from the newest verifying RL checkpoint, then the safety test (the δ ledger's check
+            still applies) and the report. A run that finished, and ``resume`` with ``overwrite``, are refused.
 
     Returns:
         :class:`PipelineResult`. ``verdict`` is "PASS" (``model_path`` is the returned model,
@@ -721,12 +835,14 @@ def run(config, *, stages: str = "all") -> PipelineResult:
     # The output directory: checked and locked here (refused, leaving nothing behind, when another run holds it
     # or it holds anything but an earlier hcrlhf run); nothing in it changes until the inputs have loaded.
     rundir = RunDir(config.output_dir, overwrite=config.overwrite, stages=stages,
-                    version=report.get("versions", {}).get("hcrlhf"))
+                    version=report.get("versions", {}).get("hcrlhf"), resume=resume)
     threads = torch.get_num_threads()
     if config.task == "builtin" and _device(config).type == "cpu":
         # The built-in models are tiny: a second intra-op thread costs more than it gives.
         torch.set_num_threads(1)
     try:
+        if resume:
+            _check_resume_config(config, rundir.path)
         return _run_stages(config, rundir, stages, report, timings, started)
     except BaseException as error:
         rundir.fail(error)  # after the work began: the manifest says the run did not finish
@@ -741,6 +857,7 @@ def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dic
     from hcrlhf.report import write_report
 
     out = rundir.path
+    resume = rundir.resume
 
     def stage(name):
         _say(f"stage: {name}")
@@ -749,8 +866,10 @@ def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dic
     # 1. data ---------------------------------------------------------------------------------------
     with stage("data and split"):
         inputs = _load_inputs(config)
+        if resume:  # the data must give the split the earlier run drew (and trained on)
+            _check_resume_split(inputs, out)
         if stages == "all":  # the δ budget, checked before hours of training (and before the directory changes)
-            report["ledger"] = _check_ledger(config, inputs, out)
+            report["ledger"] = _check_ledger(config, inputs, out, resume=resume)
         # Models that would fail to load fail here, before the directory changes: the others must at least
         # resolve to a loadable config; the given score models are loaded now (and used below).
         _check_models_resolve(config, stages)
@@ -785,7 +904,11 @@ def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dic
     result = PipelineResult(verdict=None, passed=False, model_path=None, candidate_path=None, output_dir=out,
                             report=report, previous_run=rundir.previous)
 
+    done = rundir.completed if resume else {}
+
     def finish():
+        if rundir.manifest and rundir.manifest.get("resumes"):
+            report["resumed"] = rundir.manifest["resumes"]
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         report["timings_s"]["total"] = round(time.perf_counter() - started, 3)
         rundir.add("report.json", "report.md", "training.png", "safety_costs.png", "score_models.png")
@@ -796,9 +919,16 @@ def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dic
 
     # 1b. optional SFT ------------------------------------------------------------------------------
     if config.sft is not None and stages in ("sft", "train", "all"):
-        with stage("SFT of the starting policy"):
-            rundir.add("sft_policy")
-            report["training"]["sft"] = _sft(config, inputs, out)
+        if "sft" in done and (out / "sft_policy").is_dir():
+            _say("resume: reusing the finished SFT policy in sft_policy/")
+            inputs.load_policy = _sft_loader(config, inputs, out / "sft_policy")
+            inputs.load_policy().cpu()  # it loads (or the resumption stops here)
+            report["training"]["sft"] = done["sft"]
+        else:
+            with stage("SFT of the starting policy"):
+                rundir.add("sft_policy")
+                report["training"]["sft"] = _sft(config, inputs, out)
+            rundir.complete("sft", report["training"]["sft"])
         report["data"]["starting_policy"] = "sft_policy"  # paths inside the run directory are relative to it
     if stages == "sft":
         return finish()
@@ -808,24 +938,33 @@ def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dic
     if stages in ("reward", "train", "all"):
         if "reward" in given:  # loaded above
             reward_model, report["training"]["reward_model"] = given.pop("reward")
+        elif "reward_model" in done:
+            reward_model, report["training"]["reward_model"] = _reused_score_model(config, out, "reward", done)
         else:
             with stage("reward model"):
                 rundir.add("reward_model")
                 reward_model, report["training"]["reward_model"] = _score_model(config, inputs, out, "reward")
+            rundir.complete("reward_model", report["training"]["reward_model"])
     if stages in ("cost", "train", "all"):
         if "cost" in given:  # loaded above
             cost_model, report["training"]["cost_model"] = given.pop("cost")
+        elif "cost_model" in done:
+            cost_model, report["training"]["cost_model"] = _reused_score_model(config, out, "cost", done)
         else:
             with stage("cost model"):
                 rundir.add("cost_model")
                 cost_model, report["training"]["cost_model"] = _score_model(config, inputs, out, "cost")
+            rundir.complete("cost_model", report["training"]["cost_model"])
     if stages in ("reward", "cost"):
         return finish()
 
     # 4. candidate selection ------------------------------------------------------------------------
     with stage("candidate selection (Lagrangian RL under the pessimistic cost bound)"):
         rundir.add("rl", CANDIDATE_DIR)
-        candidate, report["training"]["rl"] = _train_candidate(config, inputs, reward_model, cost_model, out)
+        candidate, report["training"]["rl"] = _train_candidate(config, inputs, reward_model, cost_model, out,
+                                                               resume=resume)
+        if resume:
+            rundir.resumed(rl_from_step=report["training"]["rl"]["resumed_from_step"])
     result.candidate_path = out / CANDIDATE_DIR  # untested: marked NOT_RETURNED.md until a safety test passes
     report["candidate"] = CANDIDATE_DIR
     if stages == "train":

@@ -14,6 +14,12 @@
   manifest are moved together to ``<out>/previous/<UTC time>/`` (a complete run directory: its model's
   relative paths still resolve there). Nothing is removed or moved until the run's inputs have loaded
   and its δ-ledger check passed (:meth:`RunDir.start`).
+* **Resume** — ``RunDir(..., resume=True)`` takes over a run that did not finish (``running`` with a dead lock
+  holder, ``failed``, ``interrupted``) in place: nothing is removed, its manifest is kept (``created``, ``started``)
+  and a record is appended to its ``resumes`` list; the stages it finished are listed in ``completed``. A run that
+  finished, a directory without a run, and ``resume`` with ``overwrite`` are refused. ``overwrite`` of a run that
+  did not finish but holds RL checkpoints moves it aside to ``previous/<UTC time>/`` like a returned model: a
+  checkpoint that could be resumed from is never deleted.
 * **Nothing half-made** — a failure before :meth:`RunDir.start` removes the lock and any directory this
   run created; the output directory is left as it was found.
 """
@@ -24,6 +30,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -197,9 +204,12 @@ class RunDir:
     manifest; :meth:`close` drops the lock (and, before :meth:`start`, what this object created).
     """
 
-    def __init__(self, path, *, overwrite: bool, stages: str, version: str | None = None):
+    def __init__(self, path, *, overwrite: bool, stages: str, version: str | None = None, resume: bool = False):
         self.path = Path(path).expanduser()
-        self.overwrite, self.stages, self.version = overwrite, stages, version
+        self.overwrite, self.stages, self.version, self.resume = overwrite, stages, version, resume
+        if resume and overwrite:
+            raise ConfigError("resume", "cannot be combined with overwrite (--overwrite replaces the earlier run, "
+                                        "--resume continues it); choose one")
         self.started = False
         self.manifest: dict | None = None
         self.earlier: dict | None = None
@@ -234,9 +244,12 @@ class RunDir:
             with contextlib.suppress(OSError):
                 temp.unlink()
         present = sorted(p.name for p in out.iterdir() if p.name != RUN_LOCK)
-        if not present:
+        if not present and not self.resume:
             return
         earlier = read_manifest(out)
+        if self.resume:
+            self._check_resume(earlier)
+            return
         if earlier is None:
             what = ("holds an hcrlhf_run.json that is not an hcrlhf run manifest" if RUN_MANIFEST in present else
                     "holds no hcrlhf_run.json of an earlier hcrlhf run (files of your own, or a report of an hcrlhf "
@@ -259,6 +272,30 @@ class RunDir:
                                             "run would write; refusing to overwrite them: move them away")
         self.earlier = earlier
 
+    def _check_resume(self, earlier: dict | None) -> None:
+        out = self.path
+        if earlier is None:
+            raise ConfigError("resume", f"{str(out)!r} holds no hcrlhf run to resume (no hcrlhf_run.json); nothing "
+                                        "to resume")
+        status = earlier.get("status")
+        if status == "finished":
+            raise ConfigError("resume", f"the run in {str(out)!r} finished (verdict {earlier.get('verdict')!r}); "
+                                        "there is nothing to resume. Start a new run in a new directory (or use "
+                                        "--overwrite to replace it)")
+        if status not in ("running", "failed", "interrupted"):
+            raise ConfigError("resume", f"the run in {str(out)!r} has status {status!r}, not one that can be resumed")
+        if earlier.get("stages") != self.stages:
+            raise ConfigError("resume", f"the run in {str(out)!r} ran stages {earlier.get('stages')!r}, this one "
+                                        f"{self.stages!r}; resume it with the same command")
+        self.earlier = earlier
+
+    @staticmethod
+    def _resumable(directory: Path) -> bool:
+        """Whether ``directory`` (a run directory) holds an RL checkpoint a resumed run could continue from."""
+        checkpoints = directory / "rl" / "checkpoints"
+        return checkpoints.is_dir() and any(p.is_dir() and re.fullmatch(r"step-\d+", p.name)
+                                            for p in checkpoints.iterdir())
+
     @staticmethod
     def _listed(manifest: dict) -> list[str]:
         """The manifest's entries this module may remove: only plain names a run creates."""
@@ -274,9 +311,13 @@ class RunDir:
         """The run's real work begins: replace an earlier run (moving a returned model aside), then write this
         run's manifest (status ``running``)."""
         out = self.path
+        if self.resume:
+            self._start_resumed()
+            return
         if self.earlier is not None:
             listed = [name for name in self._listed(self.earlier) if (out / name).exists() or (out / name).is_symlink()]
-            if self._returned(self.earlier):
+            keep = self.earlier.get("status") != "finished" and "rl" in listed and self._resumable(out)
+            if self._returned(self.earlier) or keep:
                 stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
                 target, n = out / PREVIOUS_DIR / stamp, 1
                 while target.exists():
@@ -287,7 +328,10 @@ class RunDir:
                     os.replace(out / name, target / name)
                 os.replace(out / RUN_MANIFEST, target / RUN_MANIFEST)  # last: until here the earlier run is listed
                 self.previous = target
-                _say(f"overwrite: the earlier run in {str(out)!r} returned a model; it was moved, with its report "
+                what = ("returned a model" if self._returned(self.earlier) else
+                        f"did not finish (status {self.earlier.get('status')!r}) and holds RL checkpoints it could be "
+                        "resumed from (--resume)")
+                _say(f"overwrite: the earlier run in {str(out)!r} {what}; it was moved, with its report "
                      f"and score models, to {str(target)!r} (nothing of it was deleted)")
             else:
                 for name in listed:
@@ -303,7 +347,7 @@ class RunDir:
         self.manifest = {"format": RUN_FORMAT, "version": RUN_VERSION, "hcrlhf": self.version, "stages": self.stages,
                          "status": "running", "started": _now(), "finished": None, "pid": os.getpid(),
                          "host": socket.gethostname(), "verdict": None, "returned_model": None, "candidate": None,
-                         "created": [],
+                         "created": [], "completed": {}, "resumes": [],
                          "previous_run": None if self.previous is None else self.previous.relative_to(out).as_posix(),
                          "error": None,
                          "note": "written by hcrlhf as the run goes; 'created' lists what the run made here (all "
@@ -312,6 +356,43 @@ class RunDir:
         self.started = True
         self._made = []  # from now on the directory is the run's: never removed
         self._write()
+
+    def _start_resumed(self) -> None:
+        """Continue the earlier run's manifest: nothing is removed; status ``running`` again, a ``resumes`` record."""
+        earlier = self.earlier
+        manifest = dict(earlier)
+        manifest.setdefault("completed", {})
+        resumes = list(manifest.get("resumes") or [])
+        resumes.append({"at": _now(), "previous_status": earlier.get("status"),
+                        "previous_error": earlier.get("error"), "previous_pid": earlier.get("pid"),
+                        "previous_host": earlier.get("host"), "rl_from_step": None,
+                        "completed_stages": sorted(manifest["completed"])})
+        manifest.update(status="running", finished=None, error=None, pid=os.getpid(), host=socket.gethostname(),
+                        hcrlhf=self.version, resumes=resumes)
+        self.manifest = manifest
+        self.started = True
+        self._made = []
+        self._write()
+        _say(f"resume: continuing the run in {str(self.path)!r} (it was {earlier.get('status')!r}; stages it "
+             f"finished: {', '.join(sorted(manifest['completed'])) or 'none'})")
+
+    @property
+    def completed(self) -> dict:
+        """{stage: summary} of the stages this run (and the runs it resumes) finished."""
+        return {} if self.manifest is None else self.manifest.setdefault("completed", {})
+
+    def complete(self, stage: str, summary) -> None:
+        """Record that ``stage`` finished (its outputs are on disk), with its report summary: a resumed run
+        reuses it."""
+        if self.manifest is not None:
+            self.manifest.setdefault("completed", {})[stage] = summary
+            self._write()
+
+    def resumed(self, **fields) -> None:
+        """Add ``fields`` to the newest ``resumes`` record (no-op when this run is no resumption)."""
+        if self.manifest is not None and self.resume and self.manifest.get("resumes"):
+            self.manifest["resumes"][-1].update(fields)
+            self._write()
 
     def add(self, *names: str) -> None:
         """Record entries (top-level names of RUN_ENTRIES) before they are created."""
