@@ -934,27 +934,21 @@ def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dic
         return finish()
 
     # 2–3. reward and cost models -------------------------------------------------------------------
-    reward_model = cost_model = None
-    if stages in ("reward", "train", "all"):
-        if "reward" in given:  # loaded above
-            reward_model, report["training"]["reward_model"] = given.pop("reward")
-        elif "reward_model" in done:
-            reward_model, report["training"]["reward_model"] = _reused_score_model(config, out, "reward", done)
+    score_models = {}
+    for kind in ("reward", "cost"):
+        if stages not in (kind, "train", "all"):
+            continue
+        name = f"{kind}_model"
+        if kind in given:  # loaded above
+            score_models[kind], report["training"][name] = given.pop(kind)
+        elif name in done:
+            score_models[kind], report["training"][name] = _reused_score_model(config, out, kind, done)
         else:
-            with stage("reward model"):
-                rundir.add("reward_model")
-                reward_model, report["training"]["reward_model"] = _score_model(config, inputs, out, "reward")
-            rundir.complete("reward_model", report["training"]["reward_model"])
-    if stages in ("cost", "train", "all"):
-        if "cost" in given:  # loaded above
-            cost_model, report["training"]["cost_model"] = given.pop("cost")
-        elif "cost_model" in done:
-            cost_model, report["training"]["cost_model"] = _reused_score_model(config, out, "cost", done)
-        else:
-            with stage("cost model"):
-                rundir.add("cost_model")
-                cost_model, report["training"]["cost_model"] = _score_model(config, inputs, out, "cost")
-            rundir.complete("cost_model", report["training"]["cost_model"])
+            with stage(f"{kind} model"):
+                rundir.add(name)
+                score_models[kind], report["training"][name] = _score_model(config, inputs, out, kind)
+            rundir.complete(name, report["training"][name])
+    reward_model, cost_model = score_models.get("reward"), score_models.get("cost")
     if stages in ("reward", "cost"):
         return finish()
 
