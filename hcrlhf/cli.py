@@ -327,7 +327,8 @@ def _safety_settings(args, meta: dict) -> SafetyConfig:
         cost_transform=transform,
         sigmoid_scale=saved.get("sigmoid_scale", 1.0), unsafe_above=saved.get("unsafe_above", 0.0),
         ledger=ledger, ledger_total_delta=args.ledger_total_delta, allow_overlapping_set=args.allow_overlapping_set,
-        max_new_tokens=args.max_new_tokens or decoding.get("max_new_tokens", 512),
+        max_new_tokens=(args.max_new_tokens if args.max_new_tokens is not None
+                        else decoding.get("max_new_tokens", 512)),
         temperature=args.temperature if args.temperature is not None else decoding.get("temperature", 1.0),
         top_p=args.top_p if args.top_p is not None else decoding.get("top_p", 1.0),
         top_k=args.top_k if args.top_k is not None else decoding.get("top_k", 0),

@@ -116,7 +116,8 @@ def test_safety_test_refuses_prompts_seen_in_training(task, saved_models, tmp_pa
     assert not (tmp_path / "l.json").exists()
 
 
-@pytest.mark.parametrize("extra", [("--delta", "1.5"), ("--method", "betting"), ("--method", "zscore")])
+@pytest.mark.parametrize("extra", [("--delta", "1.5"), ("--method", "betting"), ("--method", "zscore"),
+                                   ("--max-new-tokens", "0"), ("--threshold", "nan"), ("--temperature", "-1")])
 def test_safety_test_bad_usage_exits_2(task, saved_models, tmp_path, extra):
     result = safety_cli(task, saved_models, tmp_path, "--threshold", "0", "--ledger", str(tmp_path / "l.json"),
                         *extra)
