@@ -170,9 +170,8 @@ def _torch_backward_rows(logits, labels, stats, entropy, grad_logp, grad_entropy
     grad = (p * coef).neg_()
     safe = torch.where(live, labels, 0).long()
     grad.scatter_add_(1, safe[:, None], g_lp[:, None])
-    # ignored rows: zero (even when undefined); undefined rows (log_sum NaN): NaN
-    grad = torch.where(live[:, None], grad * inv_temp, 0.0)
-    return torch.where((live & stats[:, 1].isnan())[:, None], torch.nan, grad).to(logits.dtype)
+    # ignored rows: zero, even when undefined; an undefined row's NaN log_sum already makes its grad NaN
+    return torch.where(live[:, None], grad * inv_temp, 0.0).to(logits.dtype)
 
 
 # ---------------------------------------------------------------- autograd
