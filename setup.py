@@ -52,11 +52,10 @@ if os.environ.get("HCRLHF_SKIP_EXT", "0") not in ("1", "true", "yes"):
         Pybind11Extension("hcrlhf._C", sorted(glob.glob("csrc/*.cpp")), cxx_std=17)
     )
 
-# Package discovery lives here rather than in pyproject.toml because hcrlhf.kernels and
-# hcrlhf.benchmarks map to top-level directories (see [tool.setuptools.package-dir]), which
-# find cannot see.
+# Package discovery lives here rather than in pyproject.toml because hcrlhf.benchmarks maps to the
+# top-level benchmarks/ directory (see [tool.setuptools.package-dir]), which find cannot see.
 setup(
-    packages=[*find_packages(include=["hcrlhf", "hcrlhf.*"]), "hcrlhf.kernels", "hcrlhf.benchmarks"],
+    packages=[*find_packages(include=["hcrlhf", "hcrlhf.*"]), "hcrlhf.benchmarks"],
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},
 )

@@ -1,4 +1,4 @@
-"""Import layering: the Triton kernels (kernels/, installed as hcrlhf.kernels) never import
+"""Import layering: the Triton kernels (hcrlhf/kernels/) never import
 hcrlhf.ops, hcrlhf.ops imports the kernels only lazily (inside the function that launches them),
 and the output-allocation helpers both share live in the leaf module hcrlhf._op_outputs."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-KERNEL_FILES = sorted((ROOT / "kernels").rglob("*.py"))
+KERNEL_FILES = sorted((ROOT / "hcrlhf" / "kernels").rglob("*.py"))
 OPS_FILES = sorted((ROOT / "hcrlhf" / "ops").rglob("*.py"))
 LEAF = ROOT / "hcrlhf" / "_op_outputs.py"
 
@@ -59,7 +59,7 @@ def test_the_scan_sees_the_files():
 def test_kernels_do_not_import_ops(path):
     bad = [f"line {line}: {module}" for module, line in imported_modules(parse(path))
            if is_within(module, "hcrlhf.ops")]
-    assert not bad, (f"{path.relative_to(ROOT)} imports hcrlhf.ops ({', '.join(bad)}); kernels/ must not "
+    assert not bad, (f"{path.relative_to(ROOT)} imports hcrlhf.ops ({', '.join(bad)}); hcrlhf/kernels/ must not "
                      "depend on the ops (import cycle). Shared helpers belong in a leaf module such as "
                      "hcrlhf._op_outputs.")
 
@@ -83,3 +83,15 @@ def test_importing_ops_loads_neither_kernels_nor_triton():
             "print(sorted(m for m in sys.modules if m.startswith(('hcrlhf.kernels', 'triton'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", f"`import hcrlhf.ops` loaded {out.stdout.strip()[:300]}"
+
+
+def test_no_top_level_folder_shadows_an_installed_package():
+    """Python started in the repository root (``python -m pytest``, ``python -m hcrlhf``) imports a
+    top-level folder before site-packages: a folder named like an installed package (a ``kernels/`` here
+    once hid the ``kernels`` package that transformers 5.x imports) breaks every import of it."""
+    import importlib.metadata
+
+    installed = importlib.metadata.packages_distributions()
+    folders = {p.name for p in ROOT.iterdir() if p.is_dir() and any(p.glob("*.py"))}
+    shadowing = sorted((name, installed[name]) for name in folders & set(installed) if name != "hcrlhf")
+    assert not shadowing, f"top-level folders shadow installed packages (import name, distributions): {shadowing}"
