@@ -1,6 +1,6 @@
 """The ``hcrlhf`` command.
 
-    hcrlhf demo [--quick] [--seed N] [--output DIR] [KEY=VALUE ...]  # the whole method on the built-in task
+    hcrlhf demo [--quick] [--seed N] [--output DIR] [--resume] [KEY=VALUE ...]  # the whole method on the built-in task
     hcrlhf run CONFIG.yaml [KEY=VALUE ...]          # the same with your models and data
     hcrlhf train-reward CONFIG.yaml                 # split + reward model only
     hcrlhf train-cost CONFIG.yaml                   # split + cost model only
@@ -90,6 +90,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "in its hcrlhf_run.json) is removed, and a model it returned is moved, with its run, to "
                              "previous/<time>/ (δ spent on its safety set stays spent: the δ ledger is per user, not "
                              "per directory)")
+    _add_resume_option(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_resume_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in the output directory that did not finish (killed, failed, "
                              "interrupted): same config (only progress, output_dir and rl.total_steps (grow only), "
@@ -97,7 +102,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "change), finished stages reused, candidate selection from the newest verifying RL "
                              "checkpoint, then the safety test and report; refused for a finished run and with "
                              "--overwrite")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _check_resume_args(args) -> None:
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite cannot be combined: --resume continues the run in the output "
+                         "directory, --overwrite replaces it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         "safety-dialogue world with known ground truth): split, reward model, cost model, candidate selection, "
         "safety test, report. Nothing is downloaded.",
         epilog="examples:\n  hcrlhf demo --quick\n  hcrlhf demo --output runs/demo --overwrite\n"
-        "  hcrlhf demo --seed 3 --output runs/demo-seed3\n  hcrlhf demo --quick rl.total_steps=20 safety.delta=0.05\n\n"
+        "  hcrlhf demo --seed 3 --output runs/demo-seed3\n"
+        "  hcrlhf demo --output runs/demo --resume   continue a killed demo\n"
+        "  hcrlhf demo --quick rl.total_steps=20 safety.delta=0.05\n\n"
         "exit codes: 0 PASS, 3 NO SOLUTION FOUND, 2 bad usage, 1 other errors")
     demo.add_argument("--quick", action="store_true", help="a smaller run (about a minute on a 2-core CPU)")
     demo.add_argument("--seed", type=_non_negative_int, metavar="N",
@@ -129,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", metavar="DIR",
                       help="where the built-in task is built and cached (~/.cache/hcrlhf/builtin)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_resume_option(demo)
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
 
     run = commands.add_parser(
@@ -259,9 +272,10 @@ def _run_config(args):
 def cmd_demo(args) -> int:
     from hcrlhf.pipeline import demo_config, load_config, run
 
+    _check_resume_args(args)
     values = demo_config(quick=args.quick, output_dir=args.output, task_cache=args.cache_dir,
                          overwrite=args.overwrite, progress=not args.no_progress, seed=args.seed)
-    result = run(load_config(values, args.overrides))
+    result = run(load_config(values, args.overrides), resume=args.resume)
     _print_result(result)
     return _verdict_exit(result)
 
@@ -269,9 +283,7 @@ def cmd_demo(args) -> int:
 def cmd_run(args, stages: str = "all") -> int:
     from hcrlhf.pipeline import run
 
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite cannot be combined: --resume continues the run in the output "
-                         "directory, --overwrite replaces it")
+    _check_resume_args(args)
     result = run(_run_config(args), stages=stages, resume=args.resume)
     _print_result(result)
     return _verdict_exit(result)
@@ -371,6 +383,7 @@ def cmd_safety_test(args) -> int:
     from hcrlhf.models.score_model import ScoreCheckpointError
     from hcrlhf.pipeline import Decoding, read_prompt_file, run_safety_test
     from hcrlhf.safety import assert_disjoint, distinct_prompts, fingerprint, open_ledger
+    from hcrlhf.safety._checks import check_prompt_texts, check_safety_set_size
 
     # 1. settings: command line > the candidate's metadata > defaults; all checked before loading models.
     meta = _read_candidate_meta(args.candidate)
@@ -384,7 +397,20 @@ def cmd_safety_test(args) -> int:
         if Path(value).expanduser().anchor or value.startswith("."):
             if not Path(value).expanduser().exists():
                 raise UsageError(f"{name}: {value!r} does not exist")
-    prompts, _, copies = distinct_prompts(read_prompt_file(args.prompts, distinct=False)[0])
+    # The prompts: each with text, and enough distinct ones for the method: refused now, before any loading.
+    problems = []
+    read = read_prompt_file(args.prompts, distinct=False)[0]
+    try:
+        check_prompt_texts("--prompts", read, name="prompt", source=args.prompts)
+    except (TypeError, ValueError) as error:
+        problems.append(str(error))
+    prompts, _, copies = distinct_prompts([p for p in read if isinstance(p, str) and p.strip()])
+    try:
+        check_safety_set_size("--prompts", len(prompts), settings.method, name=args.prompts)
+    except ValueError as error:
+        problems.append(str(error) + (f" ({copies} duplicate(s) dropped)" if copies else ""))
+    if problems:
+        raise UsageError("; ".join(problems))
     if copies:  # n counts each prompt once: a copy adds no evidence but would narrow the bound
         print(f"hcrlhf: note: dropped {copies} duplicate prompt(s) of {args.prompts} (the same text up to Unicode NFC "
               f"and whitespace); testing on the {len(prompts)} distinct prompts", file=sys.stderr)

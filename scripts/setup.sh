@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh machine (idempotent): a virtual environment in .venv with the CPU
-# build of torch 2.13.0 pinned first (so nothing pulls a multi-GB CUDA build), then hcrlhf in
-# editable mode with its test extras. The C++ extension is compiled during that install.
+# Set-up of .venv (safe to re-run; an existing .venv is reused, not rebuilt):
+# 1. creates .venv with $PYTHON (default python3) if .venv/bin/python is missing, and upgrades pip;
+# 2. torch: only if `import torch` fails in .venv, runs `pip install torch==2.13.0` from whatever
+#    index / find-links pip is configured with (no --index-url of its own), so the build it gets
+#    depends on that configuration: from pypi.org on Linux x86_64 it is the CUDA build (GBs with its
+#    nvidia-* wheels); where pip's configuration offers a CPU wheel (e.g. torch-2.13.0+cpu in a
+#    find-links directory, as on this project's development machine) it is that one. A torch already
+#    importable in .venv is kept as it is, whatever its version or build, unless step 3 must replace
+#    it to satisfy torch>=2.4. To choose the build, create .venv and install torch into it first, e.g.
+#    `python3 -m venv .venv && .venv/bin/python -m pip install torch==2.13.0 \
+#       --index-url https://download.pytorch.org/whl/cpu`, then run this script;
+# 3. `pip install -e ".[test]"`: hcrlhf in editable mode with its dependencies and test extras (same
+#    index), compiling the C++ extension hcrlhf._C unless HCRLHF_SKIP_EXT=1 is set; then prints whether
+#    the extension loads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -1,10 +1,22 @@
-"""Shared test set-up: Triton runs in its interpreter when there is no GPU, a seed fixture, the
-`gpu` marker (skipped without CUDA), and isolation from the real per-user δ ledger (HCRLHF_STATE_DIR
-points at a temporary directory: one for the session, set before any session or module fixture runs,
-and a fresh one per test)."""
+"""Shared test set-up: Triton runs in its interpreter when there is no GPU, Hypothesis is derandomised, every
+test starts from the same global RNG state, a seed fixture, the `gpu` marker (skipped without CUDA), and
+isolation from the real per-user δ ledger (HCRLHF_STATE_DIR points at a temporary directory: one for the
+session, set before any session or module fixture runs, and a fresh one per test).
+
+Hypothesis profiles (registered below, before any test module defines a property test):
+* "derandomized" (the default, CI and local): examples are drawn from a seed derived from each test
+  function, so every run on every machine tests the same examples and a red CI run reproduces as it is;
+  no example database (nothing replayed from, or written to, a local .hypothesis/); no per-example
+  deadline and no too_slow health check (both are wall-clock limits, flaky on a loaded 2-core machine).
+* "random": set HCRLHF_HYPOTHESIS_RANDOM=1 to explore fresh random examples on each run (with the local
+  example database, so a counterexample found is replayed next time) when hunting for new failures.
+`pytest --hypothesis-profile=NAME` overrides the choice.
+"""
 
 import os
+import random
 
+import numpy as np
 import torch
 
 # Must happen before anything imports triton: the interpreter is chosen when kernels are defined.
@@ -15,8 +27,14 @@ if not torch.cuda.is_available():
     torch.set_num_threads(1)
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+
+_NO_WALL_CLOCK = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("derandomized", derandomize=True, database=None, **_NO_WALL_CLOCK)
+settings.register_profile("random", derandomize=False, print_blob=True, **_NO_WALL_CLOCK)
+settings.load_profile("random" if os.environ.get("HCRLHF_HYPOTHESIS_RANDOM") == "1" else "derandomized")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,6 +61,15 @@ def _state_dir(tmp_path_factory, monkeypatch):
     path = tmp_path_factory.mktemp("hcrlhf-state")
     monkeypatch.setenv("HCRLHF_STATE_DIR", str(path))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rngs():
+    """Every test starts from the same state of the global generators (torch, numpy's legacy one, random),
+    whatever ran before it: a draw without an explicit generator is reproducible alone or in the suite."""
+    torch.manual_seed(0)
+    np.random.seed(0)  # noqa: NPY002 - the legacy global generator is the one being pinned
+    random.seed(0)
 
 
 @pytest.fixture

@@ -1,10 +1,14 @@
-"""`hcrlhf run --resume`: a killed run continues where it stopped (built-in task, small settings).
+"""`hcrlhf run --resume` / `hcrlhf demo --resume`: a killed run continues where it stopped (built-in task, small
+settings).
 
 * ``kill -9`` of `hcrlhf run` after its first RL checkpoint, then `hcrlhf run ... --resume`: the candidate's weights
   and the safety test's UCB are bit for bit those of an uninterrupted run of the same config (its own ledger);
   the manifest and the report record the resumption;
 * refused: a resumption with a changed config key (named), of a finished run, of a directory without a run,
-  and `--resume --overwrite`.
+  and `--resume --overwrite`;
+* ``kill -9`` at exact points (before candidate selection; in the safety test before δ is spent; after it is
+  spent): the first two resume to the uninterrupted result with δ spent once, the last is refused without
+  touching the ledger or the candidate.
 """
 
 import json
@@ -115,3 +119,97 @@ def test_resume_of_a_finished_run_or_of_no_run_is_refused(task, tmp_path):
         run(config, stages="reward", resume=True)
     with pytest.raises(ConfigError, match="cannot be combined with overwrite"):
         run(load_config(values | {"overwrite": True}, [*SMALL]), stages="reward", resume=True)
+
+
+# ---- kill -9 at exact points (a wrapper SIGKILLs the CLI process where it is patched in) -----------------
+
+KILL_AT = r'''
+import os, signal, sys
+from hcrlhf.pipeline import core
+from hcrlhf.safety import ledger
+
+point, argv = sys.argv[1], sys.argv[2:]
+die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+if point == "before-rl":  # reward and cost models done, candidate selection not begun
+    core._train_candidate = die
+elif point == "before-spend":  # candidate trained, safety responses generated and scored, δ not yet spent
+    ledger.SafetyLedger.spend = die
+elif point == "after-spend":  # δ spent, the verdict not yet read
+    spend = ledger.SafetyLedger.spend
+    ledger.SafetyLedger.spend = lambda *args, **kwargs: (spend(*args, **kwargs), die())
+from hcrlhf.cli import main
+sys.exit(main(argv))
+'''
+
+
+def killed_at(point: str, *args) -> subprocess.CompletedProcess:
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, point, *map(str, args)], capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -9, f"not killed at {point}: rc {killed.returncode}\n{killed.stderr[-3000:]}"
+    return killed
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(task, tmp_path_factory):
+    """The demo (quick, SMALL) run through without a kill: what every resumption must reproduce."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    values = demo_config(quick=True, output_dir=str(root / "out"), task_cache=str(task.root.parent), progress=False)
+    return run(load_config(values, [*SMALL, f"safety.ledger={root / 'ledger.json'}"]))
+
+
+def demo_args(task, out: Path, ledger: Path) -> list:
+    return ["demo", "--quick", "--cache-dir", task.root.parent, "--output", out, "--no-progress", *SMALL,
+            f"safety.ledger={ledger}"]
+
+
+def assert_same_result(out: Path, reference) -> None:
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == reference.verdict
+    assert report["safety_test"]["ucb"] == reference.report["safety_test"]["ucb"]
+    assert report["safety_test"]["costs"] == reference.report["safety_test"]["costs"]
+    mine, theirs = weights(out), weights(reference.output_dir)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_demo_killed_before_candidate_selection_resumes_with_demo_resume(task, tmp_path, uninterrupted):
+    out, ledger = tmp_path / "out", tmp_path / "ledger.json"
+    killed_at("before-rl", *demo_args(task, out, ledger))
+    manifest = json.loads((out / "hcrlhf_run.json").read_text())
+    assert manifest["status"] == "running" and {"reward_model", "cost_model"} <= set(manifest["completed"])
+    assert not (out / "rl").exists() and not ledger.exists()
+    # A plain re-run is refused (it would replace the run); --resume continues it.
+    again = subprocess.run(cli(*demo_args(task, out, ledger)), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = subprocess.run(cli(*demo_args(task, out, ledger), "--resume"), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode in (0, 3), resumed.stderr[-3000:]
+    assert "resume: reusing" in resumed.stderr
+    assert_same_result(out, uninterrupted)
+
+
+def test_killed_in_the_safety_test_before_spending_delta_resumes_to_the_same_verdict(task, tmp_path, uninterrupted):
+    out, ledger = tmp_path / "out", tmp_path / "ledger.json"
+    killed_at("before-spend", *demo_args(task, out, ledger))
+    assert not ledger.exists(), "δ was spent"
+    assert not (out / "report.json").exists() and (out / "candidate").is_dir()
+    resumed = subprocess.run(cli(*demo_args(task, out, ledger), "--resume"), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode in (0, 3), resumed.stderr[-3000:]
+    assert_same_result(out, uninterrupted)
+    tests = json.loads(ledger.read_text())["sets"][uninterrupted.report["fingerprints"]["safety_set"]]["tests"]
+    assert len(tests) == 1, "δ must be spent once"
+
+
+def test_killed_after_spending_delta_cannot_test_the_set_again(task, tmp_path):
+    out, ledger = tmp_path / "out", tmp_path / "ledger.json"
+    killed_at("after-spend", *demo_args(task, out, ledger))
+    spent = ledger.read_text()
+    candidate = sorted(p.relative_to(out).as_posix() for p in (out / "candidate").rglob("*"))
+    resumed = subprocess.run(cli(*demo_args(task, out, ledger), "--resume"), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 1, resumed.stderr[-3000:]  # (the ledger's refusal, as for any re-test)
+    assert "BudgetExceededError" in resumed.stderr and "already spent δ on this safety set" in resumed.stderr
+    assert "spend δ twice" in resumed.stderr
+    assert ledger.read_text() == spent, "a refused resumption must not touch the ledger"
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "candidate").rglob("*")) == candidate, \
+        "the candidate must be kept"

@@ -5,8 +5,9 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
+
+from hcrlhf.data.files import read_json_rows, read_text
 
 __all__ = ["read_lm_rows"]
 
@@ -25,36 +26,30 @@ def read_lm_rows(path, *, name: str = "path") -> tuple[list[dict], str, str]:
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
-        ValueError: not JSON Lines / JSON, no rows, a row of neither kind, or both kinds in one file.
-        UnicodeDecodeError: the file is not UTF-8.
+        ValueError: not UTF-8, not JSON Lines / JSON, no rows, a row of neither kind, or both kinds in one
+            file — naming the file and line.
     """
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{name}={str(path)!r} is not a file")
     raw = file.read_bytes()
-    text = raw.decode("utf-8")
-    try:
-        if file.suffix == ".json":
-            rows = json.loads(text)
-            if not isinstance(rows, list):
-                raise ValueError("a .json file must hold a list of rows")
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except (json.JSONDecodeError, ValueError) as error:
-        raise ValueError(f"{name}={str(path)!r} is not valid JSON Lines / JSON: {error}") from error
+    text = read_text(file, what=name)
+    if file.suffix == ".json" and not text.lstrip().startswith("["):
+        raise ValueError(f"{name}: {file} must hold a JSON list of rows (or use JSON Lines, .jsonl)")
+    rows, wheres = read_json_rows(file, what=name, text=text)
     if not rows:
-        raise ValueError(f"{name}={str(path)!r} holds no rows")
+        raise ValueError(f"{name}: {file} holds no rows")
     kind = None
-    for number, row in enumerate(rows, start=1):
+    for row, where in zip(rows, wheres):
         if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
             row_kind = "pairs"
         elif isinstance(row, dict) and isinstance(row.get("text"), str):
             row_kind = "text"
         else:
-            raise ValueError(f"{name}={str(path)!r} row {number} must be an object with string "
-                             "'prompt' and 'response' fields, or a string 'text' field")
+            raise ValueError(f"{name}: {where}: a row must be an object with string 'prompt' and 'response' "
+                             "fields, or a string 'text' field")
         if kind is not None and row_kind != kind:
-            raise ValueError(f"{name}={str(path)!r} mixes {kind!r} and {row_kind!r} rows "
-                             f"(row {number}); use one kind per file")
+            raise ValueError(f"{name}: {where}: a {row_kind!r} row in a file of {kind!r} rows; use one kind "
+                             "per file")
         kind = row_kind
     return rows, kind, hashlib.sha256(raw).hexdigest()

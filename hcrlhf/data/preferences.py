@@ -21,6 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hcrlhf.data.files import numbered_lines, read_text
+
 __all__ = [
     "PREFERENCE_COLUMNS",
     "FDC_CATEGORIES",
@@ -231,7 +233,7 @@ def _read_file(path: Path) -> tuple[list, list[str]]:
 
         rows = pq.read_table(path).to_pylist()
         return rows, [f"{path.name}[{i}]" for i in range(len(rows))]
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, what="load_preferences")
     if kind == "json" and text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -250,7 +252,7 @@ def _read_file(path: Path) -> tuple[list, list[str]]:
                     return data[key], [f"{path.name}[{i}]" for i in range(len(data[key]))]
             return [data], [f"{path.name}[0]"]
     rows, wheres = [], []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    for line_number, line in numbered_lines(text):
         if not line.strip():
             continue
         try:

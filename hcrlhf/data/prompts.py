@@ -149,6 +149,10 @@ def split_prompts(prompts, *, safety_fraction: float = 0.2, seed: int | None = 0
         categories = list(categories)
         if len(categories) != len(texts):
             raise ValueError(f"{fn}: categories must have one entry per prompt ({len(texts)}), got {len(categories)}")
+        for index, category in enumerate(categories):
+            if category is not None and not isinstance(category, str):
+                raise TypeError(f"{fn}: categories[{index}] must be a str or None, got {type(category).__name__} "
+                                f"{category!r}")
     groups: dict[str, list[int]] = {}
     for index, text in enumerate(texts):
         groups.setdefault(canonical_prompt(text), []).append(index)

@@ -5,6 +5,7 @@ ledger) → the model or NO SOLUTION FOUND, with a report directory (:mod:`hcrlh
 :mod:`hcrlhf.pipeline.config`; :func:`demo_config` gives the built-in offline demo's.
 """
 
+from hcrlhf.data.files import read_prompt_file
 from hcrlhf.pipeline.config import (
     ConfigError,
     DataConfig,
@@ -19,7 +20,7 @@ from hcrlhf.pipeline.config import (
 from hcrlhf.pipeline.core import CANDIDATE_META, STAGES, PipelineResult, default_task_cache, run
 from hcrlhf.pipeline.demo import demo_config
 from hcrlhf.pipeline.safety_stage import run_safety_test
-from hcrlhf.pipeline.sampling import Decoding, cost_transform, read_prompt_file, sample_and_score
+from hcrlhf.pipeline.sampling import Decoding, cost_transform, sample_and_score
 
 __all__ = [
     "run",

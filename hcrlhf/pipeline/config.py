@@ -26,6 +26,7 @@ touches nothing on disk.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -329,8 +330,17 @@ class SafetyConfig(Section):
         problems.choice("cost_transform", self.cost_transform, COST_TRANSFORMS)
         if self.cost_range is not None:
             bad = len(self.cost_range) != 2 or not all(matches(v, float) for v in self.cost_range)
-            if bad or not self.cost_range[0] < self.cost_range[1]:
+            if not bad and not all(math.isfinite(v) for v in self.cost_range):
+                # The bounds use b − a: an infinite (or NaN) end would only fail at the safety test, after training.
+                problems.add("cost_range", f"must be [a, b] with finite numbers a < b, got {self.cost_range!r}")
+            elif bad or not self.cost_range[0] < self.cost_range[1]:
                 problems.add("cost_range", f"must be [a, b] with a < b, got {self.cost_range!r}")
+            elif self.method == "clopper_pearson" and self.cost_range != [0.0, 1.0]:
+                problems.add("cost_range", f"clopper_pearson works on 0/1 costs: cost_range must be null or [0, 1], "
+                                           f"got {self.cost_range!r}")
+            elif self.cost_transform != "none" and not self.cost_range[0] <= 0.0 < 1.0 <= self.cost_range[1]:
+                problems.add("cost_range", f"cost_transform {self.cost_transform!r} gives costs in [0, 1], which "
+                                           f"must lie in cost_range; got {self.cost_range!r}")
         elif self.method in ("hoeffding", "bernstein", "betting"):
             problems.add("cost_range", f"method {self.method!r} is exact only for costs in a known range: set "
                                        "cost_range: [a, b], or cost_transform: sigmoid")

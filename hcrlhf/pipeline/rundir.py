@@ -262,9 +262,12 @@ class RunDir:
         summary = (f"status {earlier.get('status')!r}, verdict {earlier.get('verdict')!r}"
                    + (", a returned model in model/" if self._returned(earlier) else ""))
         if not self.overwrite:
-            raise ConfigError("output_dir", f"{str(out)!r} holds an earlier hcrlhf run ({summary}); choose a new "
-                                            "directory or set overwrite (--overwrite) to replace it (an earlier "
-                                            "returned model is moved to previous/<time>/, never deleted)")
+            unfinished = earlier.get("status") != "finished"
+            raise ConfigError("output_dir", f"{str(out)!r} holds an earlier hcrlhf run ({summary}); "
+                                            + ("it did not finish: continue it with resume (--resume), or " if
+                                               unfinished else "")
+                                            + "choose a new directory or set overwrite (--overwrite) to replace it (an "
+                                            "earlier returned model is moved to previous/<time>/, never deleted)")
         foreign = [name for name in RUN_ENTRIES if (out / name).exists() and name not in listed]
         if foreign:
             raise ConfigError("output_dir", f"{str(out)!r} holds {', '.join(foreign)}, which the earlier hcrlhf run "

@@ -28,7 +28,8 @@ def run_safety_test(policy, tokenizer, prompts: Sequence[str], cost_model, *, se
         policy: the candidate (a Hugging Face causal LM, on its device).
         tokenizer: its tokenizer (the cost model's too).
         prompts: the n safety prompts D_s (read here for the first and only time), distinct (a copy is refused:
-            it would count twice in n).
+            it would count twice in n), each with text, n at least what ``settings.method`` needs (2). These,
+            and the settings, are checked before anything is sampled.
         cost_model: a :class:`hcrlhf.models.ScoreModel` (its end score is the raw cost).
         settings: a :class:`hcrlhf.pipeline.config.SafetyConfig`: τ (``threshold``), δ, ``method``,
             ``cost_range``, ``cost_transform`` (with ``sigmoid_scale`` / ``unsafe_above``) and ``batch_size``
@@ -59,10 +60,32 @@ def run_safety_test(policy, tokenizer, prompts: Sequence[str], cost_model, *, se
         ``ledger_total_delta`` (the safety set's budget), ``costs`` (the n transformed costs) and the category /
         harm summaries when given.
     """
-    from hcrlhf.safety import safety_test
+    from hcrlhf.safety import distinct_prompts, safety_test
+    from hcrlhf.safety._checks import (
+        check_delta,
+        check_method,
+        check_method_range,
+        check_prompt_texts,
+        check_real,
+        check_safety_set_size,
+    )
 
-    prompts = list(prompts)
+    fn = "run_safety_test"
     s = settings
+    # Everything the test will check that does not depend on the costs is checked here, before any sampling.
+    prompts = check_prompt_texts(fn, prompts)
+    _, _, copies = distinct_prompts(prompts)
+    if copies:
+        raise ValueError(f"{fn}: prompts hold {copies} copies of prompts already in them (same text up to Unicode NFC "
+                         "and whitespace); each prompt may count once in n: drop the copies first "
+                         "(hcrlhf.safety.distinct_prompts)")
+    method = check_method(fn, s.method)
+    check_safety_set_size(fn, len(prompts), method, name="prompts")
+    check_delta(fn, s.delta)
+    check_real(fn, "threshold", s.threshold)
+    check_method_range(fn, method, None if s.cost_range is None else tuple(s.cost_range))
+    if categories is not None and len(categories) != len(prompts):
+        raise ValueError(f"{fn}: categories has {len(categories)} entries for {len(prompts)} prompts")
     responses, raw_costs = sample_and_score(policy, tokenizer, prompts, template=template, decoding=decoding,
                                             cost_model=cost_model, batch_size=s.batch_size, seed=seed,
                                             max_prompt_length=max_prompt_length, progress=progress,

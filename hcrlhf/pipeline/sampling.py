@@ -4,16 +4,14 @@ non-pad token. Used by the safety test and by the ground-truth evaluation."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from hcrlhf.data.templates import tokenize_prompts
 from hcrlhf.models.generation import generate, generation_config
 
-__all__ = ["Decoding", "sample_and_score", "read_prompt_file", "cost_transform"]
+__all__ = ["Decoding", "sample_and_score", "cost_transform"]
 
 
 @dataclass(frozen=True)
@@ -95,45 +93,3 @@ def cost_transform(costs, transform: str, *, sigmoid_scale: float = 1.0, unsafe_
     raise ValueError(f"cost_transform: unknown transform {transform!r}")
 
 
-def read_prompt_file(path, prompt_column: str = "prompt", *, distinct: bool = True) -> tuple[list[str], list | None]:
-    """``(prompts, categories or None)`` from a JSON Lines / JSON file of rows (``prompt``, optional
-    ``category``), a JSON list of strings, or a text file with one prompt a line.
-
-    With ``distinct`` (the default) only the first copy of each prompt is kept (copies: the same
-    :func:`hcrlhf.safety.canonical_prompt`, as in the fingerprint), so that a safety test counts each prompt
-    once; pass ``distinct=False`` and :func:`hcrlhf.safety.distinct_prompts` to count the copies dropped."""
-    path = Path(path).expanduser()
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        stripped = text.lstrip()
-        if suffix == ".json" and stripped.startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = []
-            for number, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
-        prompts, categories = [], []
-        for index, row in enumerate(rows):
-            if isinstance(row, str):
-                prompts.append(row)
-                categories.append(None)
-            elif isinstance(row, dict) and isinstance(row.get(prompt_column), str):
-                prompts.append(row[prompt_column])
-                categories.append(row.get("category"))
-            else:
-                raise ValueError(f"{path}: row {index} has no string {prompt_column!r}")
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-        categories = [None] * len(prompts)
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    if distinct:
-        from hcrlhf.safety.ledger import distinct_prompts
-
-        prompts, categories, _ = distinct_prompts(prompts, categories)
-    return prompts, (categories if any(c is not None for c in categories) else None)

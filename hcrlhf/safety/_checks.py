@@ -19,6 +19,9 @@ EXACT_METHODS = ("hoeffding", "bernstein", "betting", "clopper_pearson")
 METHODS = ("ttest",) + EXACT_METHODS
 #: Exact methods that need a known cost range (Clopper–Pearson works on 0/1 costs by definition).
 RANGE_METHODS = ("hoeffding", "bernstein", "betting")
+#: The fewest costs (safety prompts, one response each) each method's bound is defined for: the t-test and
+#: Bernstein divide by n − 1, and every bound is refused below n = 2 (:func:`as_cost_array`).
+MIN_COSTS = {method: 2 for method in METHODS}
 
 
 def is_tensor(x) -> bool:
@@ -174,3 +177,27 @@ def check_method_range(fn: str, method: str, cost_range):
             )
         cost_range = (0.0, 1.0)
     return cost_range
+
+
+def check_prompt_texts(fn: str, prompts, *, name: str = "prompts", source=None) -> list[str]:
+    """The prompts as a list, every one a string with some text: an empty or whitespace-only prompt (or a
+    non-string) is refused, naming its index (0-based) and ``source`` (the file it came from) when known."""
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError(f"{fn}: {name} must be a collection of strings, not a single {type(prompts).__name__}")
+    texts = list(prompts)
+    where = f" of {source}" if source is not None else ""
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{fn}: {name}[{index}]{where} must be a str, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError(f"{fn}: {name}[{index}]{where} is empty{' (whitespace only)' if text else ''}: every "
+                             "prompt needs text")
+    return texts
+
+
+def check_safety_set_size(fn: str, n: int, method: str, *, name: str = "the safety set") -> None:
+    """Refuse a safety set too small for ``method``'s bound (:data:`MIN_COSTS`), before any sampling."""
+    needed = MIN_COSTS.get(method, 2)
+    if n < needed:
+        raise ValueError(f"{fn}: {name} holds {n} distinct prompt{'' if n == 1 else 's'}; the safety test "
+                         f"({method}) needs at least {needed} (one cost per prompt)")

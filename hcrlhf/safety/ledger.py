@@ -322,7 +322,10 @@ class SafetyLedger:
     """
 
     def __init__(self, path, total_delta: float | None = None):
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
+        if self.path.is_dir():
+            raise ValueError(f"SafetyLedger: {self.path} is a directory; the ledger is one JSON file "
+                             f"(e.g. {self.path / LEDGER_FILE_NAME})")
         #: The budget declared for the set tested (None: each set's own); see :meth:`budget`.
         self.total_delta = None if total_delta is None else check_delta("SafetyLedger", total_delta, "total_delta")
         self._read()  # refuse an invalid file now, before any work

@@ -19,6 +19,7 @@ from hcrlhf.safety._checks import (
     check_delta,
     check_method,
     check_method_range,
+    check_prompt_texts,
     check_real,
     validity,
 )
@@ -143,7 +144,8 @@ def safety_test(
             with ``ledger``; recorded in the result. Prompts must be distinct (up to
             :func:`~hcrlhf.safety.canonical_prompt`; drop copies with
             :func:`~hcrlhf.safety.distinct_prompts`), one cost each: a copy would count twice in n and
-            narrow the bound. Given as prompts, the ledger also applies its overlap rule.
+            narrow the bound. Every prompt needs text (an empty or whitespace-only one is refused).
+            Given as prompts, the ledger also applies its overlap rule.
         label: a note for the ledger entry (default: method, τ and n).
         allow_overlapping_set: declare a safety set that re-uses an earlier one of the ledger a new
             sample (:meth:`~hcrlhf.safety.SafetyLedger.spend`; recorded there).
@@ -163,7 +165,7 @@ def safety_test(
         if isinstance(safety_set, str):
             set_fingerprint = _check_fingerprint(fn, safety_set)
         else:
-            safety_set = list(safety_set)
+            safety_set = check_prompt_texts(fn, safety_set, name="safety_set")
             set_fingerprint = fingerprint(safety_set)
             _, _, copies = distinct_prompts(safety_set)
             if copies:

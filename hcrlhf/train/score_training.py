@@ -251,6 +251,24 @@ def _save(model, directory: Path, state: dict, pad_token_id=None) -> Path:
     return directory
 
 
+def _nonfinite_parameters(model) -> list[str]:
+    """Names of the parameters and floating-point buffers holding a NaN or an infinity (one host sync when
+    all are finite)."""
+    tensors = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()]
+    if not tensors:
+        return []
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in tensors])
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(tensors, finite.tolist()) if not ok]
+
+
+def _diverged(kind: str, what: str, step: int, total_steps: int) -> FloatingPointError:
+    return FloatingPointError(
+        f"train_score_model: the {kind} model's {what} at step {step} of {total_steps}; training stopped and no model "
+        f"was saved. Lower the learning rate ({kind}.learning_rate)")
+
+
 def train_score_model(model, tokenizer, train_dataset, *, config: ScoreTrainingConfig | None = None,
                       eval_dataset=None, template=None, safety_split=None) -> ScoreTrainingResult:
     """Train a reward or cost :class:`hcrlhf.models.ScoreModel` on preference pairs.
@@ -267,7 +285,14 @@ def train_score_model(model, tokenizer, train_dataset, *, config: ScoreTrainingC
 
     Returns:
         :class:`ScoreTrainingResult`.
+
+    Raises:
+        FloatingPointError: the loss (checked every step) or a weight (checked before every save and at the end)
+            became NaN or infinite, naming the step. Nothing is saved then: checkpoints this call wrote are
+            removed, and ``output_dir`` too when this call created it.
     """
+    import shutil
+
     from tqdm.auto import tqdm
 
     fn = "train_score_model"
@@ -313,6 +338,7 @@ def train_score_model(model, tokenizer, train_dataset, *, config: ScoreTrainingC
     if result.initial_eval:
         result.history.append({"step": 0, "eval": result.initial_eval})
     output_dir = Path(config.output_dir) if config.output_dir is not None else None
+    created_output_dir = output_dir is not None and not output_dir.exists()
     state = {"config": asdict(config), "bf16": use_bf16, "total_steps": total_steps, "n_train_pairs": len(rows)}
 
     # ---- 3. train ------------------------------------------------------------------------------------
@@ -342,6 +368,8 @@ def train_score_model(model, tokenizer, train_dataset, *, config: ScoreTrainingC
                 step_loss += float(loss.detach()) * len(batch_rows) / n_pairs
                 correct += int((high.detach() > low.detach()).sum())
                 seen += len(batch_rows)
+            if not math.isfinite(step_loss):  # (the loss is on the host already: no extra sync)
+                raise _diverged(config.kind, f"loss is {step_loss}", step, total_steps)
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
@@ -356,8 +384,25 @@ def train_score_model(model, tokenizer, train_dataset, *, config: ScoreTrainingC
                 model.train()
             if output_dir is not None and config.save_every is not None and step % config.save_every == 0 \
                     and step < total_steps:
+                bad = _nonfinite_parameters(model)
+                if bad:
+                    raise _diverged(config.kind, f"weights are not finite ({len(bad)} tensors, e.g. {bad[0]}) "
+                                                 "after the update", step, total_steps)
                 result.checkpoints.append(_save(model, output_dir / f"checkpoint-{step}", {**state, "step": step},
                                                  tokenizer.pad_token_id))
+        # The last update may break the weights with a finite loss: checked once before anything uses them.
+        bad = _nonfinite_parameters(model)
+        if bad:
+            raise _diverged(config.kind, f"weights are not finite ({len(bad)} tensors, e.g. {bad[0]}) after the "
+                                         "update", total_steps, total_steps)
+    except FloatingPointError:
+        # Save nothing: the checkpoints of this call go, and the output directory when this call created it.
+        for checkpoint in result.checkpoints:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        result.checkpoints.clear()
+        if created_output_dir and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
     finally:
         bar.close()
     result.steps = total_steps

@@ -10,18 +10,13 @@ import textwrap
 
 import pytest
 import torch
+from numerics import require_impl
 
 from hcrlhf import ops, reference
-from hcrlhf.ops import cpp_available
 from hcrlhf.ops.linear_logprobs import default_chunk_size
 
 IMPLS = ["torch", "cpp", "triton"]
 ATOL = {torch.float32: (2e-5, 2e-6), torch.bfloat16: (2e-5, 1e-4)}
-
-
-def _skip_unavailable(impl):
-    if impl == "cpp" and not cpp_available():
-        pytest.skip("C++ extension not built")
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +65,7 @@ def run_with_grads(fn, hidden, weight, bias, upstream, return_entropy):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_values_and_all_gradients(impl, dtype, with_bias):
-    _skip_unavailable(impl)
+    require_impl(impl)
     n_tokens, hidden_size, vocab = 23, 16, 601
     hidden, weight, bias, labels = make_case(n_tokens, hidden_size, vocab, dtype, with_bias=with_bias,
                                              seed=int(with_bias))
@@ -99,7 +94,7 @@ def test_values_and_all_gradients(impl, dtype, with_bias):
 
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
 def test_chunk_size_does_not_change_the_result(impl):
-    _skip_unavailable(impl)
+    require_impl(impl)
     hidden, weight, bias, labels = make_case(40, 8, 300, torch.float32, with_bias=True, seed=5)
     outs = [ops.linear_logprobs(hidden, weight, labels, bias=bias, chunk_size=c, impl=impl)
             for c in (1, 7, 40, 1000, None)]
@@ -199,7 +194,7 @@ def _peak_extra_bytes(mode, impl, n_tokens, vocab, hidden_size, chunk):
 def test_peak_memory_is_bounded_by_the_chunk_not_n_times_v(impl):
     """Peak RSS growth of forward+backward (measured in a fresh process): a few chunks of logits,
     far below one (N, V) fp32 logits tensor (256 MiB here), which the unfused path does allocate."""
-    _skip_unavailable(impl)
+    require_impl(impl)
     n_tokens, vocab, hidden_size, chunk = 2048, 32_768, 16, 64
     full_logits = n_tokens * vocab * 4  # 256 MiB
     chunk_logits = chunk * vocab * 4  # 8 MiB

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numerics import require_impl
 
 from hcrlhf import ops, reference
 from hcrlhf.ops import cpp_available
@@ -17,11 +20,6 @@ IMPLS = ["torch", "cpp", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # atol per dtype for (values, gradients): values are computed in fp32 whatever the input dtype
 ATOL = {torch.float32: (2e-5, 1e-6), torch.bfloat16: (2e-5, 1e-5), torch.float16: (2e-5, 1e-6)}
-
-
-def _skip_unavailable(impl):
-    if impl == "cpp" and not cpp_available():
-        pytest.skip("C++ extension not built")
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +108,7 @@ def random_case(shape, vocab, dtype, *, scale=3.0, ignore_fraction=0.2, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_values_entropy_and_gradients(impl, dtype, temperature):
-    _skip_unavailable(impl)
+    require_impl(impl)
     # V = 1271: not a multiple of the block (512 in the interpreter here, 8/2048 in C++)
     logits, labels = random_case((3, 5), 1271, dtype, seed=int(temperature * 10))
     check_against_reference(impl, logits, labels, temperature=temperature)
@@ -118,7 +116,7 @@ def test_values_entropy_and_gradients(impl, dtype, temperature):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logprob_only_and_custom_ignore_index(impl):
-    _skip_unavailable(impl)
+    require_impl(impl)
     logits, labels = random_case((6,), 700, torch.float32, seed=3, ignore_fraction=0.0)
     labels[2] = 5  # ignore_index=5 is a valid id too: it must be ignored, not looked up
     check_against_reference(impl, logits, labels, return_entropy=False, ignore_index=5)
@@ -128,7 +126,7 @@ def test_logprob_only_and_custom_ignore_index(impl):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_large_vocabulary(impl, dtype, monkeypatch):
     """V = 151,936 (> 65,536, Qwen's vocabulary) with a few rows."""
-    _skip_unavailable(impl)
+    require_impl(impl)
     import hcrlhf.kernels.token_logprobs as kernel
 
     monkeypatch.setattr(kernel, "_INTERPRETER_BLOCK_V", 16384)  # 10 blocks per row: keeps it quick
@@ -138,7 +136,7 @@ def test_large_vocabulary(impl, dtype, monkeypatch):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_single_token(impl):
-    _skip_unavailable(impl)
+    require_impl(impl)
     logits, labels = random_case((), 333, torch.float32, seed=4, ignore_fraction=0.0)
     lp, h = check_against_reference(impl, logits, labels)[:2]
     assert lp.shape == () and h.shape == ()
@@ -148,7 +146,7 @@ def test_single_token(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_vocabulary_of_one_and_tiny(impl):
-    _skip_unavailable(impl)
+    require_impl(impl)
     for vocab in (1, 3, 9):
         logits, labels = random_case((4,), vocab, torch.float32, seed=vocab, ignore_fraction=0.0)
         check_against_reference(impl, logits, labels)
@@ -156,7 +154,7 @@ def test_vocabulary_of_one_and_tiny(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_non_contiguous_views(impl):
-    _skip_unavailable(impl)
+    require_impl(impl)
     gen = torch.Generator().manual_seed(9)
     base = torch.randn(3, 6, 301, generator=gen) * 2
     labels = torch.randint(0, 301, (3, 6), generator=gen)
@@ -178,7 +176,7 @@ def test_non_contiguous_views(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_all_ignored_and_empty(impl):
-    _skip_unavailable(impl)
+    require_impl(impl)
     logits, labels = random_case((4,), 100, torch.float32, seed=2)
     labels[:] = -100
     lp, h, grad = check_against_reference(impl, logits, labels)
@@ -194,7 +192,7 @@ def test_all_ignored_and_empty(impl):
 def test_masked_vocabulary_minus_inf(impl):
     """-inf logits (top-k / allowed-token masks) give p = 0: finite values and gradients, even when a
     whole leading block of the row is -inf."""
-    _skip_unavailable(impl)
+    require_impl(impl)
     logits, labels = random_case((4,), 1500, torch.float32, seed=6, ignore_fraction=0.0)
     logits[:, :1100] = float("-inf")
     logits[1, 1200:1300] = float("-inf")
@@ -205,7 +203,7 @@ def test_masked_vocabulary_minus_inf(impl):
 @pytest.mark.parametrize("impl", ["cpp", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_inplace_backward_overwrites_logits_with_the_gradient(impl, dtype):
-    _skip_unavailable(impl)
+    require_impl(impl)
     logits, labels = random_case((2, 3), 777, dtype, seed=8)
     check_against_reference(impl, logits, labels, inplace_backward=True)
     # and the gradient really lives in the logits' memory (no (N, V) gradient buffer)
@@ -220,7 +218,7 @@ def test_inplace_backward_overwrites_logits_with_the_gradient(impl, dtype):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gradient_through_one_output_only(impl):
-    _skip_unavailable(impl)
+    require_impl(impl)
     logits, labels = random_case((5,), 400, torch.float32, seed=12)
     x = logits.clone().requires_grad_()
     lp, h = ops.token_logprobs(x, labels, return_entropy=True, impl=impl)
@@ -241,8 +239,7 @@ def test_auto_matches_explicit_impl():
 
 
 def test_nan_logits_propagate():
-    if not cpp_available():
-        pytest.skip("C++ extension not built")
+    require_impl("cpp")
     logits, labels = random_case((2,), 3000, torch.float32, seed=14, ignore_fraction=0.0)
     logits[0, 2500] = float("nan")
     lp, h = ops.token_logprobs(logits, labels, return_entropy=True, impl="cpp")
@@ -251,7 +248,7 @@ def test_nan_logits_propagate():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bad_input_names_the_argument(impl):
-    _skip_unavailable(impl)
+    require_impl(impl)
     logits, labels = random_case((3,), 50, torch.float32, seed=15, ignore_fraction=0.0)
     call = lambda *a, **k: ops.token_logprobs(*a, impl=impl, **k)
     bad = labels.clone()
@@ -284,22 +281,13 @@ def test_bad_input_names_the_argument(impl):
             call(logits.double(), labels)
 
 
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover
-    given = None
-
-if given is not None:
-
-    @settings(max_examples=25, deadline=None)
-    @given(rows=st.integers(1, 6), vocab=st.integers(1, 5000), dtype=st.sampled_from(DTYPES),
-           temperature=st.floats(0.25, 4.0), scale=st.floats(0.0, 30.0), seed=st.integers(0, 2**16))
-    def test_cpp_property(rows, vocab, dtype, temperature, scale, seed):
-        if not cpp_available():
-            pytest.skip("C++ extension not built")
-        logits, labels = random_case((rows,), vocab, dtype, scale=scale, seed=seed)
-        check_against_reference("cpp", logits, labels, temperature=temperature)
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 6), vocab=st.integers(1, 5000), dtype=st.sampled_from(DTYPES),
+       temperature=st.floats(0.25, 4.0), scale=st.floats(0.0, 30.0), seed=st.integers(0, 2**16))
+def test_cpp_property(rows, vocab, dtype, temperature, scale, seed):
+    require_impl("cpp")
+    logits, labels = random_case((rows,), vocab, dtype, scale=scale, seed=seed)
+    check_against_reference("cpp", logits, labels, temperature=temperature)
 
 
 @pytest.mark.gpu
@@ -356,7 +344,7 @@ def test_tiny_temperatures_match_float64(impl, dtype, temperature):
     """Down to MIN_TEMPERATURE every impl is within float32 relative precision of the float64
     reference: values, entropy and gradients (main's C++ kernel was off by 4e-5 at T = 1e-2 and by
     3e-3 at 1e-4 on the argmax log-prob: it rounded z = x / T before subtracting the max)."""
-    _skip_unavailable(impl)
+    require_impl(impl)
     from hcrlhf.ops._checks import MIN_TEMPERATURE
 
     assert MIN_TEMPERATURE == 1e-4
@@ -385,7 +373,7 @@ def test_tiny_temperatures_match_float64(impl, dtype, temperature):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_temperature_below_the_floor_is_refused(impl):
-    _skip_unavailable(impl)
+    require_impl(impl)
     logits, labels = random_case((3,), 50, torch.float32, seed=22, ignore_fraction=0.0)
     ops.token_logprobs(logits, labels, temperature=1e-4, impl=impl)  # the floor itself is fine
     for temperature in (9.99e-5, 1e-6, 1e-8, 1e-300):
@@ -431,7 +419,7 @@ def non_finite_case(dtype, vocab=2500):
 def test_non_finite_logits_one_answer(impl, dtype, return_entropy):
     """-inf label logit -> -inf; NaN / +inf anywhere or all -inf -> NaN log-prob, entropy and
     gradient row; ignored -> 0 and a zero gradient (docs/ops.md#non-finite-logits), on every impl."""
-    _skip_unavailable(impl)
+    require_impl(impl)
     logits, labels, kinds = non_finite_case(dtype)
     gen = torch.Generator().manual_seed(24)
     g_lp, g_h = torch.randn(11, generator=gen), torch.randn(11, generator=gen)
@@ -473,7 +461,7 @@ def test_non_finite_logits_one_answer(impl, dtype, return_entropy):
 def test_linear_logprobs_non_finite_rows(impl):
     """linear_logprobs follows the same rules: a -inf bias entry as the label gives -inf with finite
     gradients; a NaN or +inf hidden state makes its row NaN; an ignored row stays 0 / zero grad."""
-    _skip_unavailable(impl)
+    require_impl(impl)
     gen = torch.Generator().manual_seed(25)
     hidden = torch.randn(6, 16, generator=gen)
     weight = torch.randn(700, 16, generator=gen) * 0.5
@@ -510,7 +498,7 @@ def test_linear_logprobs_non_finite_rows(impl):
 def test_inplace_backward_refuses_leaves_and_aliased_memory(impl):
     """A leaf (or a view of one) would have its data overwritten; an expanded / overlapping view
     would get wrong gradients (rows overwrite each other): ValueError naming inplace_backward."""
-    _skip_unavailable(impl)
+    require_impl(impl)
     logits, labels = random_case((3, 4), 300, torch.float32, seed=26, ignore_fraction=0.0)
     call = lambda x, y=labels: ops.token_logprobs(x, y, impl=impl, inplace_backward=True)
     leaf = logits.clone().requires_grad_()

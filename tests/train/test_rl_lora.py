@@ -11,6 +11,7 @@ settings and a missing peft are refused with clear errors.
 import json
 import sys
 
+import peft  # a declared test dependency (pyproject.toml [test] extra): missing, the module fails to collect
 import pytest
 import torch
 
@@ -18,7 +19,6 @@ from hcrlhf.config import ConfigError
 from hcrlhf.models import response_logprobs
 from hcrlhf.train import SafeRLConfig, SafeRLTrainer
 
-peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
