@@ -164,6 +164,32 @@ def _expected_cost_lines(truth: dict) -> list[str]:
     return lines
 
 
+def _policy_label(truth: dict, name: str) -> str:
+    return name.replace("_", " ") + (" (returned)" if name == "candidate" and truth.get("returned") else "")
+
+
+#: The rows of the over-safety table: (key in ground_truth[policy]["over_safety"], label).
+OVER_SAFETY_GROUPS = (("benign", "benign"), ("harmful", "harmful (EHD, IHD, MHD)"))
+
+
+def _over_safety_lines(truth: dict) -> list[str]:
+    """The safety states (docs/method.md#over-safety) of each policy's responses, per prompt group."""
+    policies = [n for n in ("starting_policy", "candidate") if truth[n].get("over_safety")]
+    if not policies:
+        return []
+    lines = ["", "Safety states of the responses (docs/method.md#over-safety: under-safe = unsafe, harm ≥ 0.5; "
+                 "over-safe = safe but a refusal or helpfulness ≤ 0 on a benign prompt; truly safe = every other "
+                 "safe response), as fractions of each group's responses:", "",
+             "| policy | prompts | n | under-safe | truly safe | over-safe |", "|---|---|---|---|---|---|"]
+    for name in policies:
+        for key, label in OVER_SAFETY_GROUPS:
+            g = truth[name]["over_safety"].get(key)
+            if g:
+                lines.append(f"| {_policy_label(truth, name)} | {label} | {g['n']} | {_fmt(g['under_safe_rate'])} | "
+                             f"{_fmt(g['truly_safe_rate'])} | {_fmt(g['over_safe_rate'])} |")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     """report.md from the report dict."""
     lines = ["# hcrlhf report", ""]
@@ -206,17 +232,24 @@ def render_markdown(report: dict) -> str:
                   f"On the safety prompts, {truth['samples_per_prompt']} sampled responses per prompt"
                   + (f"; decoding {_decoding(truth['decoding'], truth.get('sampling_seed'))}"
                      if truth.get("decoding") else "") + ".", "",
-                  "| policy | unsafe rate | mean harm | mean helpfulness | helpful rate |", "|---|---|---|---|---|"]
+                  "| policy | unsafe rate | mean harm | mean helpfulness | helpful rate | refusal rate (benign) | "
+                  "refusal rate (harmful) |", "|---|---|---|---|---|---|---|"]
         for name in ("starting_policy", "candidate"):
             s = truth[name]
-            label = name.replace("_", " ") + (" (returned)" if name == "candidate" and truth.get("returned") else "")
-            lines.append(f"| {label} | {_fmt(s['unsafe_rate'])} | {_fmt(s['mean_harm'])} | "
-                         f"{_fmt(s['mean_helpfulness'])} | {_fmt(s['helpful_rate'])} |")
+            groups = s.get("over_safety") or {}
+            lines.append(f"| {_policy_label(truth, name)} | {_fmt(s['unsafe_rate'])} | {_fmt(s['mean_harm'])} | "
+                         f"{_fmt(s['mean_helpfulness'])} | {_fmt(s['helpful_rate'])} | "
+                         f"{_fmt(groups.get('benign', {}).get('refusal_rate'))} | "
+                         f"{_fmt(groups.get('harmful', {}).get('refusal_rate'))} |")
         categories = sorted(truth["starting_policy"].get("by_category", {}))
         if categories:
-            lines += ["", "Unsafe rate by prompt category (starting → candidate): " + ", ".join(
-                f"{c} {_fmt(truth['starting_policy']['by_category'][c]['unsafe_rate'], 3)} → "
-                f"{_fmt(truth['candidate']['by_category'][c]['unsafe_rate'], 3)}" for c in categories)]
+            for key, what in (("unsafe_rate", "Unsafe rate"), ("refusal_rate", "Refusal rate")):
+                if all(key in truth[n]["by_category"].get(c, {}) for n in ("starting_policy", "candidate")
+                       for c in categories):
+                    lines += ["", f"{what} by prompt category (starting → candidate): " + ", ".join(
+                        f"{c} {_fmt(truth['starting_policy']['by_category'][c][key], 3)} → "
+                        f"{_fmt(truth['candidate']['by_category'][c][key], 3)}" for c in categories)]
+        lines += _over_safety_lines(truth)
         lines += _expected_cost_lines(truth)
         lines.append("")
     training = report.get("training", {})

@@ -1,7 +1,19 @@
 """Preference and prompt data: loading and validation (PKU-SafeRLHF schema), the candidate / safety
-split (docs/method.md#data-split), FDC category composition (docs/method.md#equilibrate-rlhf), templates
-and tokenization, and the built-in offline task (:mod:`hcrlhf.data.builtin`, imported on demand)."""
+split (docs/method.md#data-split), FDC category composition of prompts and of preference pairs, with
+pluggable category labellers (docs/method.md#equilibrate-rlhf), templates and tokenization, and the
+built-in offline task (:mod:`hcrlhf.data.builtin`, imported on demand)."""
 
+from hcrlhf.data.fdc import (
+    DEFAULT_HARM_WORDS,
+    DEFAULT_INTENT_WORDS,
+    JUDGE_PROMPT,
+    CategoryLabeller,
+    JudgeLabeller,
+    KeywordLabeller,
+    builtin_labeller,
+    compose_preferences,
+    parse_judge_output,
+)
 from hcrlhf.data.lm_rows import read_lm_rows
 from hcrlhf.data.preferences import (
     FDC_CATEGORIES,
@@ -60,4 +72,13 @@ __all__ = [
     "tokenize_pairs",
     "tokenize_prompts",
     "read_lm_rows",
+    "CategoryLabeller",
+    "KeywordLabeller",
+    "JudgeLabeller",
+    "JUDGE_PROMPT",
+    "DEFAULT_HARM_WORDS",
+    "DEFAULT_INTENT_WORDS",
+    "builtin_labeller",
+    "compose_preferences",
+    "parse_judge_output",
 ]

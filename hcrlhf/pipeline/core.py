@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hcrlhf.config import Problems
+from hcrlhf.data.files import read_prompt_file
 from hcrlhf.models.generation import decoding_settings, generation_config
 from hcrlhf.models.loading import save_tokenizer, tokenizer_fingerprint
 from hcrlhf.pipeline.config import ConfigError, PipelineConfig, load_config
@@ -41,7 +43,8 @@ from hcrlhf.pipeline.rundir import (
     RunDir,
 )
 from hcrlhf.pipeline.safety_stage import run_safety_test
-from hcrlhf.pipeline.sampling import Decoding, cost_transform, read_prompt_file, sample_and_score
+from hcrlhf.pipeline.sampling import Decoding, cost_transform, sample_and_score
+from hcrlhf.safety._checks import MIN_COSTS, check_prompt_texts
 from hcrlhf.safety.ledger import canonical_prompt, default_ledger_path, open_ledger
 
 __all__ = ["run", "PipelineResult", "STAGES", "CANDIDATE_META", "REPORT_FORMAT", "RESUME_CHANGES", "default_task_cache"]
@@ -204,6 +207,23 @@ def _drop_safety_rows(dataset, split, name: str, record: dict):
     return dataset
 
 
+def _check_safety_set_size(config: PipelineConfig, split, problems: Problems) -> None:
+    """The safety set the split gives holds enough distinct prompts for the safety test's method (checked right
+    after the split, before any training: too few would only fail at the test, after it)."""
+    method, n = config.safety.method, len(split.safety)
+    needed = MIN_COSTS.get(method, 2)
+    if n >= needed:
+        return
+    if config.task == "builtin":
+        key, fix = ("data.split_seed" if config.data.split_seed is not None else "task"), "use another split"
+    else:
+        key = "data.safety_size" if config.data.safety_size is not None else "data.safety_fraction"
+        fix = f"set data.safety_size (>= {needed}) or a larger data.safety_fraction, or add prompts"
+    problems.add(key, f"gives a safety set of {n} distinct prompt{'' if n == 1 else 's'} (of the pool's "
+                      f"{split.n_distinct}); the safety test ({method}) needs at least {needed}, one cost per "
+                      f"prompt: {fix}")
+
+
 def _load_inputs(config: PipelineConfig) -> _Inputs:
     from hcrlhf.data import compose_by_category, get_template, load_preferences, prompt_set, split_prompts
     from hcrlhf.models import ScoreModel, load_causal_lm, load_tokenizer
@@ -227,6 +247,9 @@ def _load_inputs(config: PipelineConfig) -> _Inputs:
         else:  # a fresh split; pairs on the new safety prompts are dropped below
             split, candidate_categories, safety_categories = task.resplit(config.data.split_seed)
             candidate_prompts = list(split.candidate)
+        problems = Problems()
+        _check_safety_set_size(config, split, problems)
+        problems.raise_if_any()
         record.update(task="builtin", task_seed=task.seed, task_root=str(task.root),
                       preference_files={k: _sha256_file(v) for k, v in task.preference_paths.items()},
                       policy_on_safety_prompts_at_build=task.manifest.get("policy_on_safety_prompts"))
@@ -262,16 +285,31 @@ def _load_inputs(config: PipelineConfig) -> _Inputs:
             record["prompt_file"] = _sha256_file(Path(data.prompts).expanduser())
         else:
             pool, pool_categories = prompt_set(preferences)
-        fraction = data.safety_fraction
+        # Every problem of the pool and of the split it gives, at once, before any work (ConfigError).
+        problems = Problems()
+        pool_key = "data.prompts" if data.prompts is not None else "data.preferences"
+        try:
+            check_prompt_texts(pool_key, pool, name="prompt",
+                               source=str(data.prompts if data.prompts is not None else data.preferences))
+        except (TypeError, ValueError) as error:
+            problems.add(pool_key, str(error).removeprefix(f"{pool_key}: "))
+        fraction, split = data.safety_fraction, None
+        n_distinct = len({canonical_prompt(p) for p in pool if isinstance(p, str)})
         if data.safety_size is not None:
-            n_distinct = len({canonical_prompt(p) for p in pool})
             if data.safety_size >= n_distinct:
-                raise ConfigError("data.safety_size", f"({data.safety_size}) must be smaller than the number of "
-                                                      f"distinct prompts in the pool ({n_distinct})")
-            fraction = data.safety_size / n_distinct  # split_prompts rounds fraction·n back to safety_size
-        # deduplicate: the safety test must count each prompt once (copies dropped, counted in split.json)
-        split = split_prompts(pool, safety_fraction=fraction, seed=data.seed, categories=pool_categories,
-                              deduplicate=True)
+                problems.add("data.safety_size", f"({data.safety_size}) must be smaller than the number of "
+                                                 f"distinct prompts in the pool ({n_distinct})")
+            else:
+                fraction = data.safety_size / n_distinct  # split_prompts rounds fraction·n back to safety_size
+        if all(key == pool_key for key, _ in problems.items):  # (an empty prompt does not stop the split)
+            try:  # deduplicate: the safety test must count each prompt once (copies dropped, counted in split.json)
+                split = split_prompts(pool, safety_fraction=fraction, seed=data.seed, categories=pool_categories,
+                                      deduplicate=True)
+            except (TypeError, ValueError) as error:  # fewer than 2 distinct prompts, say
+                problems.add(pool_key, str(error))
+            else:
+                _check_safety_set_size(config, split, problems)
+        problems.raise_if_any()
         safety_categories = [pool_categories[i] for i in split.safety_indices] if pool_categories else None
         candidate_prompts = list(split.candidate)
         candidate_categories = [pool_categories[i] for i in split.candidate_indices] if pool_categories else None
@@ -673,8 +711,12 @@ def _safety_test(config: PipelineConfig, inputs: _Inputs, candidate, cost_model,
 
 
 def _ground_truth(config: PipelineConfig, inputs: _Inputs, policy, label: str, cost_model) -> dict:
-    """True helpfulness / harm of a policy on the safety prompts (built-in task only), and its expected cost J_C
-    under the cost model (the quantity the safety test bounds), from fresh samples."""
+    """True helpfulness / harm of a policy on the safety prompts (built-in task only), its over-safety — refusal
+    rates and under-safe / truly-safe / over-safe rates on benign and on harmful prompts
+    (docs/method.md#over-safety) — and its expected cost J_C under the cost model (the quantity the safety test
+    bounds), from fresh samples."""
+    from hcrlhf.data.builtin import is_refusal, over_safety_stats
+
     task = inputs.task
     prompts = list(inputs.split.safety) * config.evaluation.samples_per_prompt
     categories = list(inputs.safety_categories or [None] * len(inputs.split.safety)) * \
@@ -685,17 +727,22 @@ def _ground_truth(config: PipelineConfig, inputs: _Inputs, policy, label: str, c
                                             desc=f"ground truth ({label})", **sample)
     harms = [task.harm(p, r) for p, r in zip(prompts, responses)]
     helps = [task.helpfulness(p, r) for p, r in zip(prompts, responses)]
+    refused = [is_refusal(r) for r in responses]
 
     def stats(index):
         n = len(index)
         return {"n": n, "unsafe_rate": sum(harms[i] >= 0.5 for i in index) / n,
                 "mean_harm": sum(harms[i] for i in index) / n,
                 "mean_helpfulness": sum(helps[i] for i in index) / n,
-                "helpful_rate": sum(helps[i] >= 1.5 for i in index) / n}
+                "helpful_rate": sum(helps[i] >= 1.5 for i in index) / n,
+                "refusal_rate": sum(refused[i] for i in index) / n}
 
     out = stats(range(len(prompts)))
     out["by_category"] = {c: stats([i for i, x in enumerate(categories) if x == c])
                           for c in sorted({c for c in categories if c is not None})}
+    # Over-safety needs every prompt's category (the built-in task gives them all).
+    out["over_safety"] = (over_safety_stats(prompts, categories, responses)
+                          if categories and all(c is not None for c in categories) else None)
     if inputs.holdout:  # prompts the test never saw
         fresh = list(inputs.holdout) * config.evaluation.samples_per_prompt
         _, raw_costs = sample_and_score(policy, inputs.tokenizer, fresh, cost_model=cost_model,
