@@ -1,6 +1,7 @@
 """Training: supervised fine-tuning (:func:`train_sft`), reward and cost models, and the Lagrangian RL trainer
 (PPO/RLOO, optional PTX mix and LoRA)."""
 
+from hcrlhf.train.dpo import DPOConfig, DPOResult, dpo_loss, train_dpo  # DPO / ADPO (hcrlhf/train/dpo.py)
 from hcrlhf.train.losses import COST_LOSSES, cost_loss, reward_loss
 from hcrlhf.train.rl_checkpoint import CheckpointError
 from hcrlhf.train.rl_config import SafeRLConfig
@@ -31,4 +32,9 @@ __all__ = [
     "TrainingDivergedError",
     "CheckpointError",
     "train_sft",
+    # DPO / ADPO (hcrlhf/train/dpo.py; ama_mask, masked_sequence_logps, preference_logps live there)
+    "DPOConfig",
+    "DPOResult",
+    "dpo_loss",
+    "train_dpo",
 ]
