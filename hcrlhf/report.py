@@ -284,6 +284,17 @@ def render_markdown(report: dict) -> str:
             if rl.get("rollout_decoding"):
                 lines.append(f"- rollout decoding: {_decoding(rl['rollout_decoding'])}")
             lines += ["", "![training](training.png)"]
+        dpo = training.get("dpo")
+        if dpo:
+            cfg = dpo.get("config", {})
+            last = (dpo.get("curve") or [{}])[-1]
+            kept = (f"; the AMA mask kept {_fmt(dpo.get('kept_fraction'))} of the response tokens"
+                    if dpo.get("method") == "ADPO" else "")
+            lines.append(f"- candidate selection ({dpo.get('method')}, chosen = the {cfg.get('preference')} response, "
+                         f"β {_fmt(cfg.get('beta'))}): {dpo.get('steps')} steps on {dpo.get('n_pairs')} preference "
+                         f"pairs in {_fmt(dpo.get('seconds'))} s; last step: loss {_fmt(last.get('loss'))}, accuracy "
+                         f"{_fmt(last.get('accuracy'))}{kept}. No cost constraint in training: the safety test alone "
+                         "decides")
         if any(training.get(n, {}).get("loss_curve") for n in ("reward_model", "cost_model")):
             lines += ["", "![score models](score_models.png)"]
         lines.append("")

@@ -12,7 +12,9 @@ Top-level keys and sections (every key is documented on the section that holds i
     reward:   ScoreTrainingConfig (hcrlhf.train), for the reward model
     cost:     ScoreTrainingConfig, for the cost model
     sft:      {path, steps, batch_size, learning_rate, seed, ...}   # optional SFT of the starting policy
-    rl:       SafeRLConfig (hcrlhf.train), candidate selection
+    candidate_selection: rl          # or dpo
+    rl:       SafeRLConfig (hcrlhf.train), candidate selection by RL
+    dpo:      DPOConfig (hcrlhf.train), candidate selection by DPO / ADPO (candidate_selection: dpo)
     evaluation: {samples_per_prompt, ...}   # ground-truth evaluation, built-in task only
 
 Every section is a :class:`hcrlhf.config.Section`. :func:`load_config` reads a file or a mapping, applies
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hcrlhf.config import ConfigError, Problems, Section, _mapping, apply_overrides, matches, read_yaml, reference
+from hcrlhf.train.dpo import DPOConfig
 from hcrlhf.train.rl_config import SafeRLConfig
 from hcrlhf.train.score_training import ScoreTrainingConfig
 
@@ -51,7 +54,10 @@ __all__ = [
 
 TASKS = (None, "builtin")
 COST_TRANSFORMS = ("none", "sigmoid", "unsafe_indicator")
-SECTIONS = ("data", "models", "safety", "reward", "cost", "sft", "rl", "evaluation")
+SECTIONS = ("data", "models", "safety", "reward", "cost", "sft", "rl", "dpo", "evaluation")
+#: How the candidate is selected (step 1): "rl" (Lagrangian RL under the pessimistic cost bound) or "dpo"
+#: (DPO / ADPO on the candidate side's preference pairs: Equilibrate RLHF); the safety test is the same.
+CANDIDATE_SELECTIONS = ("rl", "dpo")
 #: Keys that the pipeline sets from other settings; the user sets them elsewhere ({section: {key: why}}).
 DERIVED_KEYS = {
     "rl": {"safety_set_size": "it is the size of the safety set the split produces",
@@ -61,6 +67,7 @@ DERIVED_KEYS = {
                "output_dir": "the reward model is saved under <output_dir>/reward_model"},
     "cost": {"kind": "the section sets it",
              "output_dir": "the cost model is saved under <output_dir>/cost_model"},
+    "dpo": {"output_dir": "the DPO candidate is saved as <output_dir>/candidate"},
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?$")
 _DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".yaml", ".yml", ".txt", ".csv")
@@ -377,7 +384,7 @@ class EvaluationConfig(Section):
 class PipelineConfig(Section):
     """The whole run: the top-level settings and one typed section each for ``data``, ``models``, ``safety``,
     ``reward`` / ``cost`` (:class:`~hcrlhf.train.ScoreTrainingConfig`), ``sft``, ``rl``
-    (:class:`~hcrlhf.train.SafeRLConfig`) and ``evaluation``.
+    (:class:`~hcrlhf.train.SafeRLConfig`), ``dpo`` (:class:`~hcrlhf.train.DPOConfig`) and ``evaluation``.
 
     Attributes:
         task: "builtin" (the offline built-in task) or None (``data`` and ``models`` name the inputs).
@@ -395,7 +402,12 @@ class PipelineConfig(Section):
         reward: training of the reward model (when ``models.reward_model`` is not given).
         cost: training of the cost model (when ``models.cost_model`` is not given).
         sft: the optional SFT stage (absent or null: no SFT).
-        rl: candidate selection (step 1).
+        candidate_selection: "rl" (default: Lagrangian RL under the pessimistic cost bound, the ``rl`` section) or
+            "dpo" (DPO, or ADPO with ``dpo.mask: ama``, on the candidate side's preference pairs — the ``dpo``
+            section; no cost constraint in training, so the safety test alone decides). Either way the candidate
+            meets the same safety test (step 2).
+        rl: candidate selection by RL (step 1).
+        dpo: candidate selection by DPO / ADPO (:class:`~hcrlhf.train.DPOConfig`; with ``candidate_selection: dpo``).
         evaluation: ground-truth evaluation (built-in task only).
     """
 
@@ -412,7 +424,9 @@ class PipelineConfig(Section):
     reward: ScoreTrainingConfig = field(default_factory=lambda: ScoreTrainingConfig(kind="reward"))
     cost: ScoreTrainingConfig = field(default_factory=lambda: ScoreTrainingConfig(kind="cost"))
     sft: SFTConfig | None = None
+    candidate_selection: str = "rl"
     rl: SafeRLConfig = field(default_factory=SafeRLConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def check(self, problems: Problems) -> None:
@@ -423,6 +437,9 @@ class PipelineConfig(Section):
             problems.add("output_dir", "must not be empty")
         if self.task not in TASKS:
             problems.add("task", f"must be 'builtin' or null, got {self.task!r}")
+        if self.candidate_selection not in CANDIDATE_SELECTIONS:
+            problems.add("candidate_selection", f"must be one of {', '.join(CANDIDATE_SELECTIONS)}, got "
+                                                f"{self.candidate_selection!r}")
         problems.at_least("task_seed", self.task_seed, 0)
         for name, section in (("reward", self.reward), ("cost", self.cost)):
             if section.kind != name:
@@ -519,11 +536,12 @@ class PipelineConfig(Section):
             rl["output_dir"] = str(Path(output_dir).expanduser() / "rl")
         progress = values.get("progress", True)
         if isinstance(progress, bool):
-            for name in ("reward", "cost", "rl"):
+            for name in ("reward", "cost", "rl", "dpo"):
                 values.setdefault(name, {}).setdefault("progress", progress)
         device = (values.get("models") or {}).get("device")
         if isinstance(device, str):
             rl.setdefault("device", device)
+            values.setdefault("dpo", {}).setdefault("device", device)
         for name in ("reward", "cost"):
             values.setdefault(name, {})["kind"] = name
         try:

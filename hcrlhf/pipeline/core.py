@@ -554,8 +554,54 @@ def _train_candidate(config: PipelineConfig, inputs: _Inputs, reward_model, cost
     # The deployment decoding is the candidate's generation_config.json: a plain generate() samples as tested.
     deployment = generation_config(_decoding(config), inputs.tokenizer)
     trainer.save_pretrained(candidate, generation_config=deployment)
-    # What the safety test needs to run on this candidate later (`hcrlhf safety-test` with its defaults
-    # reproduces this run's test exactly): tokenizer, template, decoding, prompt length, seed, batch size, dtype.
+    _mark_candidate(config, inputs, candidate, out, deployment)
+    keys = ("step", "reward/mean", "cost/mean", "cost/bound", "cost/threshold", "lambda", "lambda_next", "kl",
+            "entropy", "response_length/mean", "cost/coefficient_k", "tokens_per_s", "time/total")
+    curve = [{k: m[k] for k in keys if k in m} for m in history]
+    last = history[-1] if history else {}
+    summary = {"estimator": rl_config.estimator, "config": {**rl_config.to_dict(), "output_dir": "rl"},
+               "steps": trainer.global_step, "seconds": round(seconds, 3),
+               "final": {k: last.get(k) for k in keys if k in last}, "curve": curve,
+               "metrics_file": "rl/metrics.jsonl", "candidate": CANDIDATE_DIR,  # relative to the run directory
+               **({"resumed_from_step": from_step} if resume else {}),
+               "rollout_decoding": decoding_settings(trainer.generation_config())}
+    # What is tested is what is returned: the safety test and the ground truth run on the saved candidate as
+    # loaded from disk (with LoRA, the merged model; not the trainer's in-memory copy).
+    del trainer, policy
+    return _load_candidate(config, candidate), summary
+
+
+def _train_dpo_candidate(config: PipelineConfig, inputs: _Inputs, reward_model, cost_model, out: Path):
+    """Candidate selection by DPO / ADPO (``candidate_selection: dpo``) on the candidate side's preference pairs
+    (safety-set prompts were dropped when the data were loaded, and train_dpo checks it again); saved and marked
+    exactly as an RL candidate, so the safety test and ``hcrlhf safety-test`` treat it the same way. A resumed
+    run trains it again from the start (DPO keeps no checkpoints; the result is the same for the same seed)."""
+    from hcrlhf.train import train_dpo
+
+    candidate = out / CANDIDATE_DIR
+    dpo = dataclasses.replace(config.dpo, output_dir=str(candidate), progress=config.progress and config.dpo.progress)
+    if inputs.preferences is None or len(inputs.preferences) == 0:
+        raise ConfigError("candidate_selection", "dpo needs preference pairs on the candidate side (data.preferences)")
+    score_model = None
+    if dpo.mask == "ama":
+        score_model = reward_model if dpo.ama_score_model == "reward" else cost_model
+    policy = inputs.load_policy()
+    result = train_dpo(policy, inputs.load_reference(), inputs.tokenizer, inputs.preferences, config=dpo,
+                       score_model=score_model, template=inputs.template, safety_split=inputs.split)
+    deployment = generation_config(_decoding(config), inputs.tokenizer)
+    deployment.save_pretrained(candidate)
+    _mark_candidate(config, inputs, candidate, out, deployment)
+    summary = {"method": "ADPO" if dpo.mask == "ama" else "DPO", "config": {**dpo.to_dict(), "output_dir": None},
+               "steps": result.steps, "seconds": round(result.seconds, 3), "kept_fraction": result.kept_fraction,
+               "n_pairs": len(inputs.preferences), "curve": result.history, "candidate": CANDIDATE_DIR}
+    del policy
+    return _load_candidate(config, candidate), summary
+
+
+def _mark_candidate(config: PipelineConfig, inputs: _Inputs, candidate: Path, out: Path, deployment) -> None:
+    """Write what makes a saved model directory an untested candidate: NOT_RETURNED.md, the candidate meta (what
+    the safety test needs to run on it later: `hcrlhf safety-test` with its defaults reproduces this run's test
+    exactly — tokenizer, template, decoding, prompt length, seed, batch size, dtype) and the training prompts."""
     template = inputs.template
     meta = {
         "format": "hcrlhf-candidate", "version": 3,
@@ -584,20 +630,6 @@ def _train_candidate(config: PipelineConfig, inputs: _Inputs, reward_model, cost
     with open(candidate / "train_prompts.jsonl", "w", encoding="utf-8") as handle:
         for prompt in inputs.train_prompts:
             handle.write(json.dumps({"prompt": prompt}, ensure_ascii=False) + "\n")
-    keys = ("step", "reward/mean", "cost/mean", "cost/bound", "cost/threshold", "lambda", "lambda_next", "kl",
-            "entropy", "response_length/mean", "cost/coefficient_k", "tokens_per_s", "time/total")
-    curve = [{k: m[k] for k in keys if k in m} for m in history]
-    last = history[-1] if history else {}
-    summary = {"estimator": rl_config.estimator, "config": {**rl_config.to_dict(), "output_dir": "rl"},
-               "steps": trainer.global_step, "seconds": round(seconds, 3),
-               "final": {k: last.get(k) for k in keys if k in last}, "curve": curve,
-               "metrics_file": "rl/metrics.jsonl", "candidate": CANDIDATE_DIR,  # relative to the run directory
-               **({"resumed_from_step": from_step} if resume else {}),
-               "rollout_decoding": decoding_settings(trainer.generation_config())}
-    # What is tested is what is returned: the safety test and the ground truth run on the saved candidate as
-    # loaded from disk (with LoRA, the merged model; not the trainer's in-memory copy).
-    del trainer, policy
-    return _load_candidate(config, candidate), summary
 
 
 def _not_returned_note(verdict: str | None, record: dict | None) -> str:
@@ -1000,12 +1032,20 @@ def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dic
         return finish()
 
     # 4. candidate selection ------------------------------------------------------------------------
-    with stage("candidate selection (Lagrangian RL under the pessimistic cost bound)"):
-        rundir.add("rl", CANDIDATE_DIR)
-        candidate, report["training"]["rl"] = _train_candidate(config, inputs, reward_model, cost_model, out,
-                                                               resume=resume)
-        if resume:
-            rundir.resumed(rl_from_step=report["training"]["rl"]["resumed_from_step"])
+    by_dpo = config.candidate_selection == "dpo"
+    selection = "dpo" if by_dpo else "rl"  # the report's training entry of the candidate
+    with stage("candidate selection (" + (f"{'ADPO' if config.dpo.mask == 'ama' else 'DPO'} on preference pairs"
+                                          if by_dpo else "Lagrangian RL under the pessimistic cost bound") + ")"):
+        if by_dpo:
+            rundir.add(CANDIDATE_DIR)
+            candidate, report["training"]["dpo"] = _train_dpo_candidate(config, inputs, reward_model, cost_model,
+                                                                        out)
+        else:
+            rundir.add("rl", CANDIDATE_DIR)
+            candidate, report["training"]["rl"] = _train_candidate(config, inputs, reward_model, cost_model, out,
+                                                                   resume=resume)
+            if resume:
+                rundir.resumed(rl_from_step=report["training"]["rl"]["resumed_from_step"])
     result.candidate_path = out / CANDIDATE_DIR  # untested: marked NOT_RETURNED.md until a safety test passes
     report["candidate"] = CANDIDATE_DIR
     if stages == "train":
@@ -1022,7 +1062,7 @@ def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dic
     result.verdict, result.passed = safety_result.verdict, safety_result.passed
     result.model_path = result.candidate_path if safety_result.passed else None
     report["verdict"] = safety_result.verdict
-    report["candidate"] = report["training"]["rl"]["candidate"] = _rel(result.candidate_path, out)
+    report["candidate"] = report["training"][selection]["candidate"] = _rel(result.candidate_path, out)
     report["returned_model"] = _rel(result.model_path, out) if result.model_path else None
     rundir.update(verdict=result.verdict, returned_model=report["returned_model"], candidate=report["candidate"])
 
