@@ -1,6 +1,8 @@
 """Public fused ops of hcrlhf: ``from hcrlhf import ops``.
 
 Every op takes ``impl="auto" | "triton" | "cpp" | "torch"`` (see :mod:`hcrlhf.ops._dispatch`).
+The kernel entry points are ``torch.library`` custom ops (``torch.ops.hcrlhf.*``), so the ops run
+inside ``torch.compile(fullgraph=True)`` (docs/ops.md#torchcompile).
 """
 
 from hcrlhf.ops._dispatch import IMPLS, ImplUnavailableError, cpp_available, triton_available

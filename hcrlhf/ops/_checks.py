@@ -1,6 +1,8 @@
 """Cheap argument checks shared by the ops: every error names the argument and what was expected.
 
-None of these reads tensor values, so none of them synchronises with a device.
+None of these reads tensor values on a device, so none of them synchronises with one. The two that
+read CPU values (label ranges, a CPU λ tensor) become runtime asserts (``torch._assert_async``)
+while torch.compile traces, so that they do not break the graph (docs/ops.md#torchcompile).
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 # gradient, and below ~1e-4 softmax(logits / T) of bf16 logits is already one-hot in float32 (the
 # bf16 spacing 2^-7 of logits in [1, 2) over T exceeds 87.3, where float32 exp underflows).
 MIN_TEMPERATURE = 1e-4
+
+
+def _finite(value) -> bool:
+    """math.isfinite by comparisons, which torch.compile also evaluates for a symbolic (dynamic)
+    float; NaN compares false."""
+    return -math.inf < value < math.inf
 
 
 def check_tensor(op: str, name: str, x, *, ndim: int | None = None, floating: bool = True) -> torch.Tensor:
@@ -56,7 +64,7 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> torch.device:
 def check_nonneg_scalar(op: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
+    if not _finite(value) or value < 0:
         raise ValueError(f"{op}: {name} must be finite and >= 0, got {value}")
 
 
@@ -74,7 +82,7 @@ def check_score_clip(op: str, score_clip) -> None:
     if score_clip is None:
         return
     if isinstance(score_clip, bool) or not isinstance(score_clip, numbers.Real) or not (
-        math.isfinite(score_clip) and score_clip > 0
+        _finite(score_clip) and score_clip > 0
     ):
         raise ValueError(f"{op}: score_clip must be None or a finite number > 0, got {score_clip!r}")
 
@@ -84,7 +92,9 @@ def check_lagrange_multiplier(op: str, value, device: torch.device):
 
     A CPU tensor is read and checked (that costs no device sync) and returned as a float, so a
     kernel never gets a host pointer; a CUDA tensor is not read on the host — the kernels turn a
-    negative or non-finite CUDA λ into NaN outputs instead.
+    negative or non-finite CUDA λ into NaN outputs instead. While torch.compile traces, a CPU
+    tensor is checked by a runtime assert in the graph and returned as it is (the custom ops read
+    it when they run).
     """
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
@@ -94,6 +104,12 @@ def check_lagrange_multiplier(op: str, value, device: torch.device):
         if not value.dtype.is_floating_point:
             raise TypeError(f"{op}: lagrange_multiplier tensor must be floating point, got {value.dtype}")
         if value.device.type == "cpu":
+            if torch.compiler.is_compiling():
+                # no host read inside a graph: a runtime assert (RuntimeError, same text); the
+                # tensor goes on to the op, which reads it when it runs
+                torch._assert_async(torch.isfinite(value) & (value >= 0),
+                                    f"{op}: lagrange_multiplier must be finite and >= 0")
+                return value
             value = float(value)
             check_nonneg_scalar(op, "lagrange_multiplier", value)
             return value
@@ -115,7 +131,7 @@ def check_positive_scalar(op: str, name: str, value) -> float:
     """A finite real number > 0 (e.g. a temperature); returns it as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
+    if not _finite(value) or value <= 0:
         raise ValueError(f"{op}: {name} must be finite and > 0, got {value}")
     return float(value)
 
@@ -179,7 +195,11 @@ def check_labels(op: str, labels, shape: tuple[int, ...], vocab: int, ignore_ind
                          f"got {tuple(labels.shape)}")
     if read_values and labels.numel():
         bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-        if bool(bad.any()):
+        if torch.compiler.is_compiling():
+            # no host read inside a graph: a runtime assert (RuntimeError). Its text is a constant,
+            # without V, ignore_index or the position, which may be symbolic while tracing.
+            torch._assert_async(~bad.any(), f"{op}: labels must lie in [0, V) or equal ignore_index")
+        elif bool(bad.any()):
             index = tuple(int(i) for i in bad.nonzero()[0])
             raise ValueError(f"{op}: labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
                              f"labels{list(index)} = {int(labels[index])}")

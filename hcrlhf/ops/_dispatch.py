@@ -9,7 +9,6 @@ back silently to something that computes a different result.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -26,26 +25,35 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+# What the two probes found, filled on first use. A plain memo rather than functools.cache:
+# torch.compile traces straight through it (no lru_cache warning) and guards on what it holds.
+_PROBES: dict = {}
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the platform
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    if "triton" not in _PROBES:
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # pragma: no cover - depends on the platform
+            _PROBES["triton"] = f"{type(exc).__name__}: {exc}"
+        else:
+            _PROBES["triton"] = None
+    return _PROBES["triton"]
 
 
 def triton_available() -> bool:
     return _triton_import_error() is None
 
 
-@functools.cache
 def _load_cpp():
-    try:
-        from hcrlhf import _C
-    except ImportError as exc:
-        return None, f"{exc}"
-    return _C, None
+    if "cpp" not in _PROBES:
+        try:
+            from hcrlhf import _C
+        except ImportError as exc:
+            _PROBES["cpp"] = (None, f"{exc}")
+        else:
+            _PROBES["cpp"] = (_C, None)
+    return _PROBES["cpp"]
 
 
 def cpp_extension():

@@ -61,14 +61,30 @@ def gae(
     with torch.no_grad():
         if chosen == "torch":
             return reference.gae(rewards, values, mask, gamma, gae_lambda)
-        if chosen == "triton":
-            from hcrlhf.kernels.gae import gae as gae_triton
-
-            return gae_triton(rewards, values, mask, gamma, gae_lambda)
-        advantages, returns = new_outputs(2, shape, dtype, device)
-        cpp_extension().gae(
-            rewards=as_numpy(rewards, dtype), values=as_numpy(values, dtype), mask=mask_as_numpy(mask),
-            advantages_out=advantages.numpy(), returns_out=returns.numpy(),
-            gamma=float(gamma), gae_lambda=float(gae_lambda),
-        )
+        advantages, returns = torch.ops.hcrlhf.gae(rewards, values, mask, float(gamma), float(gae_lambda), chosen)
         return advantages, returns
+
+
+# The kernel entry point as a torch.library custom op (docs/ops.md#torchcompile): opaque to
+# torch.compile, shapes from the fake impl. Not differentiable (advantages are targets).
+@torch.library.custom_op("hcrlhf::gae", mutates_args=())
+def gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float,
+           impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) by the "triton" or "cpp" kernel; arguments already checked by ``gae``."""
+    if impl == "triton":
+        from hcrlhf.kernels.gae import gae as gae_triton
+
+        return gae_triton(rewards, values, mask, gamma, gae_lambda)
+    dtype = _checks.result_dtype(rewards, values)
+    advantages, returns = new_outputs(2, tuple(rewards.shape), dtype, rewards.device)
+    cpp_extension().gae(
+        rewards=as_numpy(rewards, dtype), values=as_numpy(values, dtype), mask=mask_as_numpy(mask),
+        advantages_out=advantages.numpy(), returns_out=returns.numpy(), gamma=gamma, gae_lambda=gae_lambda,
+    )
+    return advantages, returns
+
+
+@gae_op.register_fake
+def _(rewards, values, mask, gamma, gae_lambda, impl):
+    dtype = torch.float32 if impl == "triton" else _checks.result_dtype(rewards, values)
+    return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)

@@ -7,7 +7,7 @@ import torch
 
 from hcrlhf.ops import _checks
 from hcrlhf.ops._dispatch import resolve_impl
-from hcrlhf.ops.token_logprobs import backward_rows, check_labels_on_device, forward_rows
+from hcrlhf.ops.token_logprobs import backward_rows, forward_rows, read_label_values
 
 OP = "linear_logprobs"
 IGNORE_INDEX = -100
@@ -31,70 +31,128 @@ def _chunk_logits(hidden_chunk, weight, bias):
     return torch.addmm(bias, hidden_chunk, weight.T)
 
 
-class _LinearLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv_temp, with_entropy, chunk, impl):
-        n_tokens, vocab = hidden.shape[0], weight.shape[0]
-        logp = torch.empty(n_tokens, dtype=torch.float32 if hidden.dtype != torch.float64 else torch.float64,
-                           device=hidden.device)
-        stats = torch.empty(n_tokens, 2, dtype=logp.dtype, device=hidden.device)
-        entropy = torch.empty_like(logp) if with_entropy else None
-        for start in range(0, n_tokens, chunk):
-            stop = min(start + chunk, n_tokens)
-            logits = _chunk_logits(hidden[start:stop], weight, bias)  # (chunk, V): the only big buffer
-            out = forward_rows(impl, logits, (stop - start, stop - start, 0, vocab), labels[start:stop],
-                               inv_temp, IGNORE_INDEX, with_entropy)
-            logp[start:stop], stats[start:stop] = out[0], out[1]
-            if with_entropy:
-                entropy[start:stop] = out[2]
-            del logits
-        ctx.save_for_backward(hidden, weight, bias, labels, stats, entropy)
-        ctx.config = (inv_temp, chunk, impl)
-        ctx.set_materialize_grads(False)
-        return (logp, entropy) if with_entropy else logp
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp, grad_entropy=None):
-        hidden, weight, bias, labels, stats, entropy = ctx.saved_tensors
-        inv_temp, chunk, impl = ctx.config
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 8
-        as_rows = lambda g: None if g is None else g.to(stats.dtype).contiguous()
-        grad_logp, grad_entropy = as_rows(grad_logp), as_rows(grad_entropy)
-        n_tokens, vocab = hidden.shape[0], weight.shape[0]
-        # Weight/bias gradients sum over all chunks: accumulate in fp32 for bf16/fp16 parameters.
-        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
-        for start in range(0, n_tokens, chunk):
-            stop = min(start + chunk, n_tokens)
-            hidden_chunk = hidden[start:stop]
-            logits = _chunk_logits(hidden_chunk, weight, bias)  # recomputed: cheaper than storing N·V
-            grad_logits = backward_rows(
-                impl, logits, (stop - start, stop - start, 0, vocab), labels[start:stop], stats[start:stop],
-                None if entropy is None else entropy[start:stop],
-                None if grad_logp is None else grad_logp[start:stop],
-                None if grad_entropy is None else grad_entropy[start:stop],
-                inv_temp, IGNORE_INDEX, inplace=True,
-            )
-            if need_hidden:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:stop])
-            if need_weight:
-                if acc == weight.dtype:
-                    grad_weight.addmm_(grad_logits.T, hidden_chunk)
-                else:
-                    grad_weight.add_(grad_logits.T @ hidden_chunk)
-            if need_bias:
-                grad_bias.add_(grad_logits.sum(0, dtype=acc))
-            del logits, grad_logits
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+# ---------------------------------------------------------------- custom ops (torch.library)
+# The chunked forward and backward as torch.library custom ops (docs/ops.md#torchcompile), so that
+# torch.compile(fullgraph=True) keeps them as two opaque nodes -- and the (chunk, V) memory bound --
+# instead of tracing the chunk loop. ``hidden`` is (N, H), ``labels`` flat int64 (N,), ``impl`` the
+# engine run on each chunk of logits ("triton" | "cpp" | "torch").
+@torch.library.custom_op("hcrlhf::linear_logprobs_fwd", mutates_args=())
+def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        labels: torch.Tensor, inv_temp: float, with_entropy: bool, chunk: int, impl: str,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp (N,), stats (N, 2), entropy (N,) or (0,) without ``with_entropy``)."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    logp = torch.empty(n_tokens, dtype=_compute_dtype(hidden), device=hidden.device)
+    stats = torch.empty(n_tokens, 2, dtype=logp.dtype, device=hidden.device)
+    entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+    for start in range(0, n_tokens, chunk):
+        stop = min(start + chunk, n_tokens)
+        logits = _chunk_logits(hidden[start:stop], weight, bias)  # (chunk, V): the only big buffer
+        out = forward_rows(impl, logits, (stop - start, stop - start, 0, vocab), labels[start:stop],
+                           inv_temp, IGNORE_INDEX, with_entropy)
+        logp[start:stop], stats[start:stop] = out[0], out[1]
+        if with_entropy:
+            entropy[start:stop] = out[2]
+        del logits
+    return logp, stats, entropy
+
+
+@linear_logprobs_fwd.register_fake
+def _(hidden, weight, bias, labels, inv_temp, with_entropy, chunk, impl):
+    n_tokens, dtype = hidden.shape[0], _compute_dtype(hidden)
+    logp = hidden.new_empty(n_tokens, dtype=dtype)
+    entropy = hidden.new_empty(n_tokens if with_entropy else 0, dtype=dtype)
+    return logp, hidden.new_empty(n_tokens, 2, dtype=dtype), entropy
+
+
+@torch.library.custom_op("hcrlhf::linear_logprobs_bwd", mutates_args=())
+def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        labels: torch.Tensor, stats: torch.Tensor, entropy: torch.Tensor | None,
+                        grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, inv_temp: float,
+                        chunk: int, impl: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_hidden, grad_weight, grad_bias); a gradient that is not needed is an empty (0,) tensor."""
+    as_rows = lambda g: None if g is None else g.to(stats.dtype).contiguous()
+    grad_logp, grad_entropy = as_rows(grad_logp), as_rows(grad_entropy)
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    need_bias = need_bias and bias is not None
+    # Weight/bias gradients sum over all chunks: accumulate in fp32 for bf16/fp16 parameters.
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+    grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
+    for start in range(0, n_tokens, chunk):
+        stop = min(start + chunk, n_tokens)
+        hidden_chunk = hidden[start:stop]
+        logits = _chunk_logits(hidden_chunk, weight, bias)  # recomputed: cheaper than storing N·V
+        grad_logits = backward_rows(
+            impl, logits, (stop - start, stop - start, 0, vocab), labels[start:stop], stats[start:stop],
+            None if entropy is None else entropy[start:stop],
+            None if grad_logp is None else grad_logp[start:stop],
+            None if grad_entropy is None else grad_entropy[start:stop],
+            inv_temp, IGNORE_INDEX, inplace=True,
+        )
+        if need_hidden:
+            torch.mm(grad_logits, weight, out=grad_hidden[start:stop])
+        if need_weight:
+            if acc == weight.dtype:
+                grad_weight.addmm_(grad_logits.T, hidden_chunk)
+            else:
+                grad_weight.add_(grad_logits.T @ hidden_chunk)
+        if need_bias:
+            grad_bias.add_(grad_logits.sum(0, dtype=acc))
+        del logits, grad_logits
+    empty = hidden.new_empty(0)
+    return (
+        empty if grad_hidden is None else grad_hidden,
+        empty.clone() if grad_weight is None else grad_weight.to(weight.dtype),
+        empty.clone() if grad_bias is None else grad_bias.to(bias.dtype),
+    )
+
+
+@linear_logprobs_bwd.register_fake
+def _(hidden, weight, bias, labels, stats, entropy, grad_logp, grad_entropy, inv_temp, chunk, impl,
+      need_hidden, need_weight, need_bias):
+    need_bias = need_bias and bias is not None
+    return (
+        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if need_weight else hidden.new_empty(0),
+        bias.new_empty(bias.shape[0]) if need_bias else hidden.new_empty(0),
+    )
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, inv_temp, with_entropy, chunk, impl = inputs
+    _, stats, entropy = output
+    ctx.mark_non_differentiable(stats)
+    if not with_entropy:
+        ctx.mark_non_differentiable(entropy)
+    ctx.save_for_backward(hidden, weight, bias, labels, stats, entropy if with_entropy else None)
+    ctx.config = (inv_temp, with_entropy, chunk, impl)
+    ctx.set_materialize_grads(False)
+
+
+def _fwd_backward(ctx, grad_logp, grad_stats, grad_entropy):
+    hidden, weight, bias, labels, stats, entropy = ctx.saved_tensors
+    inv_temp, with_entropy, chunk, impl = ctx.config
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if not with_entropy:
+        grad_entropy = None
+    if grad_logp is None and grad_entropy is None:
+        return (None,) * 8
+    grad_hidden, grad_weight, grad_bias = torch.ops.hcrlhf.linear_logprobs_bwd(
+        hidden, weight, bias, labels, stats, entropy, grad_logp, grad_entropy, inv_temp, chunk, impl,
+        need_hidden, need_weight, need_bias and bias is not None,
+    )
+    return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
+            grad_bias if need_bias and bias is not None else None) + (None,) * 5
+
+
+linear_logprobs_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
 def linear_logprobs(
@@ -174,7 +232,7 @@ def linear_logprobs(
         raise TypeError(f"{OP}: labels must be a torch.Tensor, got {type(labels).__name__}")
     device = _checks.check_same_device(OP, **tensors)
     _checks.check_labels(OP, labels, tuple(hidden.shape[:-1]), vocab, IGNORE_INDEX,
-                         read_values=device.type == "cpu" or check_labels_on_device())
+                         read_values=read_label_values(device))
     temperature = _checks.check_temperature(OP, temperature)
     float64 = hidden.dtype == torch.float64
     chosen = resolve_impl(impl, device, op=OP, float64=float64, float64_impls=("torch",))
@@ -187,8 +245,9 @@ def linear_logprobs(
             raise ValueError(f"{OP}: chunk_size must be None or an int >= 1, got {chunk_size!r}")
         chunk = min(chunk_size, max(n_tokens, 1))
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    out = _LinearLogprobs.apply(hidden_2d, weight, bias, flat_labels, 1.0 / temperature,
-                                bool(return_entropy), chunk, chosen)
+    logp, _, entropy = torch.ops.hcrlhf.linear_logprobs_fwd(
+        hidden_2d, weight, bias, flat_labels, 1.0 / temperature, bool(return_entropy), chunk, chosen
+    )
     if return_entropy:
-        return out[0].view(labels.shape), out[1].view(labels.shape)
-    return out.view(labels.shape)
+        return logp.view(labels.shape), entropy.view(labels.shape)
+    return logp.view(labels.shape)

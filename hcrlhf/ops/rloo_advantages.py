@@ -12,7 +12,7 @@ from hcrlhf._op_outputs import new_outputs
 from hcrlhf.ops._checks import result_dtype
 from hcrlhf.ops._cpp import as_numpy, mask_as_numpy
 from hcrlhf.ops._dispatch import cpp_extension, resolve_impl
-from hcrlhf.ops.safe_advantages import check_common
+from hcrlhf.ops.safe_advantages import check_common, read_multiplier, split_multiplier
 from hcrlhf.reference.rloo_advantages import RLOOAdvantages
 
 OP = "rloo_advantages"
@@ -73,20 +73,47 @@ def rloo_advantages(
     with torch.no_grad():
         if chosen == "torch":
             return reference.rloo_advantages(logprobs, ref_logprobs, mask, reward_scores, cost_scores, **options)
-        if chosen == "triton":
-            from hcrlhf.kernels.rloo_advantages import rloo_advantages as rloo_advantages_triton
+        multiplier_tensor, multiplier_value = split_multiplier(multiplier)
+        return RLOOAdvantages(*torch.ops.hcrlhf.rloo_advantages(
+            logprobs, ref_logprobs, mask, reward_scores, cost_scores, multiplier_tensor, multiplier_value,
+            options["group_size"], options["kl_coef"], kl_estimator,
+            None if score_clip is None else float(score_clip), chosen,
+        ))
 
-            return RLOOAdvantages(*rloo_advantages_triton(
-                logprobs, ref_logprobs, mask, reward_scores, cost_scores, **options
-            ))
-        outputs = new_outputs(3, shape[:1], dtype, device)
-        advantages, returns, kl = outputs
-        cpp_extension().rloo_advantages(
-            logprobs=as_numpy(logprobs, dtype), ref_logprobs=as_numpy(ref_logprobs, dtype),
-            mask=mask_as_numpy(mask),
-            reward_scores=as_numpy(reward_scores, dtype), cost_scores=as_numpy(cost_scores, dtype),
-            advantages=advantages.numpy(), returns=returns.numpy(), kl=kl.numpy(),
-            group_size=int(group_size), kl_coef=options["kl_coef"], lagrange_multiplier=float(multiplier),
-            kl_estimator=kl_estimator, score_clip=math.inf if score_clip is None else float(score_clip),
-        )
-        return RLOOAdvantages(*outputs)
+
+# The kernel entry point as a torch.library custom op (docs/ops.md#torchcompile): opaque to
+# torch.compile, shapes from the fake impl. Not differentiable (advantages are targets).
+@torch.library.custom_op("hcrlhf::rloo_advantages", mutates_args=())
+def rloo_advantages_op(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, reward_scores: torch.Tensor,
+    cost_scores: torch.Tensor, multiplier_tensor: torch.Tensor | None, multiplier_value: float,
+    group_size: int, kl_coef: float, kl_estimator: str, score_clip: float | None, impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(advantages, returns, kl) of ``rloo_advantages`` by the "triton" or "cpp" kernel (arguments checked)."""
+    multiplier = read_multiplier(OP, multiplier_tensor, multiplier_value)
+    if impl == "triton":
+        from hcrlhf.kernels.rloo_advantages import rloo_advantages as rloo_advantages_triton
+
+        return tuple(rloo_advantages_triton(
+            logprobs, ref_logprobs, mask, reward_scores, cost_scores, group_size=group_size, kl_coef=kl_coef,
+            lagrange_multiplier=multiplier, kl_estimator=kl_estimator, score_clip=score_clip,
+        ))
+    dtype = result_dtype(logprobs, ref_logprobs, reward_scores, cost_scores)
+    outputs = new_outputs(3, tuple(logprobs.shape[:1]), dtype, logprobs.device)
+    advantages, returns, kl = outputs
+    cpp_extension().rloo_advantages(
+        logprobs=as_numpy(logprobs, dtype), ref_logprobs=as_numpy(ref_logprobs, dtype),
+        mask=mask_as_numpy(mask),
+        reward_scores=as_numpy(reward_scores, dtype), cost_scores=as_numpy(cost_scores, dtype),
+        advantages=advantages.numpy(), returns=returns.numpy(), kl=kl.numpy(),
+        group_size=group_size, kl_coef=kl_coef, lagrange_multiplier=float(multiplier),
+        kl_estimator=kl_estimator, score_clip=math.inf if score_clip is None else score_clip,
+    )
+    return tuple(outputs)
+
+
+@rloo_advantages_op.register_fake
+def _(logprobs, ref_logprobs, mask, reward_scores, cost_scores, *args):
+    impl = args[-1]
+    dtype = torch.float32 if impl == "triton" else result_dtype(logprobs, ref_logprobs, reward_scores, cost_scores)
+    return tuple(logprobs.new_empty(logprobs.shape[:1], dtype=dtype) for _ in range(3))

@@ -125,26 +125,78 @@ def safe_advantages(
             return reference.safe_advantages(
                 logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values, **options
             )
-        if chosen == "triton":
-            from hcrlhf.kernels.safe_advantages import safe_advantages as safe_advantages_triton
+        multiplier_tensor, multiplier_value = split_multiplier(multiplier)
+        return SafeAdvantages(*torch.ops.hcrlhf.safe_advantages(
+            logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values,
+            multiplier_tensor, multiplier_value, options["kl_coef"], options["gamma"], options["gae_lambda"],
+            kl_estimator, None if score_clip is None else float(score_clip), options["kl_in_cost"],
+            options["divide_by_one_plus_lambda"], options["whiten"], chosen,
+        ))
 
-            return SafeAdvantages(*safe_advantages_triton(
-                logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values, **options
-            ))
-        outputs = new_outputs(6, shape, dtype, device)
-        advantages, reward_advantages, cost_advantages, reward_returns, cost_returns, kl = outputs
-        cpp_extension().safe_advantages(
-            logprobs=as_numpy(logprobs, dtype), ref_logprobs=as_numpy(ref_logprobs, dtype),
-            mask=mask_as_numpy(mask),
-            reward_scores=as_numpy(reward_scores, dtype), cost_scores=as_numpy(cost_scores, dtype),
-            reward_values=as_numpy(reward_values, dtype), cost_values=as_numpy(cost_values, dtype),
-            advantages=advantages.numpy(), reward_advantages=reward_advantages.numpy(),
-            cost_advantages=cost_advantages.numpy(), reward_returns=reward_returns.numpy(),
-            cost_returns=cost_returns.numpy(), kl=kl.numpy(),
-            kl_coef=options["kl_coef"], lagrange_multiplier=float(multiplier), gamma=options["gamma"],
-            gae_lambda=options["gae_lambda"], kl_estimator=kl_estimator,
-            score_clip=math.inf if score_clip is None else float(score_clip),
-            kl_in_cost=options["kl_in_cost"], divide_by_one_plus_lambda=options["divide_by_one_plus_lambda"],
-            whiten=options["whiten"],
-        )
-        return SafeAdvantages(*outputs)
+
+def split_multiplier(multiplier) -> tuple[torch.Tensor | None, float]:
+    """λ as the custom ops take it: (a 0-dim tensor or None, a float used when the tensor is None)."""
+    if isinstance(multiplier, torch.Tensor):
+        return multiplier, 0.0
+    return None, float(multiplier)
+
+
+def read_multiplier(op: str, multiplier_tensor: torch.Tensor | None, multiplier_value: float):
+    """Inside a custom op: a CPU λ tensor (left unread while torch.compile traced) becomes a checked
+    float, so a kernel never gets a host pointer; a device tensor stays a tensor (never read)."""
+    if multiplier_tensor is None:
+        return multiplier_value
+    if multiplier_tensor.device.type == "cpu":
+        return _checks.check_lagrange_multiplier(op, multiplier_tensor, multiplier_tensor.device)
+    return multiplier_tensor
+
+
+# The kernel entry point as a torch.library custom op (docs/ops.md#torchcompile): opaque to
+# torch.compile, shapes from the fake impl. Not differentiable (advantages are targets).
+@torch.library.custom_op("hcrlhf::safe_advantages", mutates_args=())
+def safe_advantages_op(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, reward_scores: torch.Tensor,
+    cost_scores: torch.Tensor, reward_values: torch.Tensor, cost_values: torch.Tensor,
+    multiplier_tensor: torch.Tensor | None, multiplier_value: float, kl_coef: float, gamma: float,
+    gae_lambda: float, kl_estimator: str, score_clip: float | None, kl_in_cost: bool,
+    divide_by_one_plus_lambda: bool, whiten: bool, impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The six outputs of ``safe_advantages`` by the "triton" or "cpp" kernel (arguments already checked)."""
+    multiplier = read_multiplier(OP, multiplier_tensor, multiplier_value)
+    options = dict(
+        kl_coef=kl_coef, lagrange_multiplier=multiplier, gamma=gamma, gae_lambda=gae_lambda,
+        kl_estimator=kl_estimator, score_clip=score_clip, kl_in_cost=kl_in_cost,
+        divide_by_one_plus_lambda=divide_by_one_plus_lambda, whiten=whiten,
+    )
+    if impl == "triton":
+        from hcrlhf.kernels.safe_advantages import safe_advantages as safe_advantages_triton
+
+        return tuple(safe_advantages_triton(
+            logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values, **options
+        ))
+    inputs = (logprobs, ref_logprobs, reward_scores, cost_scores, reward_values, cost_values)
+    dtype = _checks.result_dtype(*inputs)
+    outputs = new_outputs(6, tuple(logprobs.shape), dtype, logprobs.device)
+    advantages, reward_advantages, cost_advantages, reward_returns, cost_returns, kl = outputs
+    cpp_extension().safe_advantages(
+        logprobs=as_numpy(logprobs, dtype), ref_logprobs=as_numpy(ref_logprobs, dtype),
+        mask=mask_as_numpy(mask),
+        reward_scores=as_numpy(reward_scores, dtype), cost_scores=as_numpy(cost_scores, dtype),
+        reward_values=as_numpy(reward_values, dtype), cost_values=as_numpy(cost_values, dtype),
+        advantages=advantages.numpy(), reward_advantages=reward_advantages.numpy(),
+        cost_advantages=cost_advantages.numpy(), reward_returns=reward_returns.numpy(),
+        cost_returns=cost_returns.numpy(), kl=kl.numpy(),
+        kl_coef=kl_coef, lagrange_multiplier=float(multiplier), gamma=gamma,
+        gae_lambda=gae_lambda, kl_estimator=kl_estimator,
+        score_clip=math.inf if score_clip is None else score_clip,
+        kl_in_cost=kl_in_cost, divide_by_one_plus_lambda=divide_by_one_plus_lambda, whiten=whiten,
+    )
+    return tuple(outputs)
+
+
+@safe_advantages_op.register_fake
+def _(logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values, *args):
+    impl = args[-1]
+    inputs = (logprobs, ref_logprobs, reward_scores, cost_scores, reward_values, cost_values)
+    dtype = torch.float32 if impl == "triton" else _checks.result_dtype(*inputs)
+    return tuple(logprobs.new_empty(logprobs.shape, dtype=dtype) for _ in range(6))

@@ -29,6 +29,14 @@ def check_labels_on_device() -> bool:
     return os.environ.get("HCRLHF_CHECK_LABELS", "0").strip().lower() in ("1", "true", "yes")
 
 
+def read_label_values(device: torch.device) -> bool:
+    """Whether ``check_labels`` range-checks the label values: always on the CPU; on CUDA only with
+    ``HCRLHF_CHECK_LABELS=1`` and never while torch.compile traces (it would be a device-side assert)."""
+    if device.type == "cpu":
+        return True
+    return check_labels_on_device() and not torch.compiler.is_compiling()
+
+
 def row_layout(x: torch.Tensor) -> Layout | None:
     """Address the rows of x (..., V) as ``(row // inner) * stride_outer + (row % inner) * stride_inner``.
 
@@ -174,27 +182,119 @@ def _torch_backward_rows(logits, labels, stats, entropy, grad_logp, grad_entropy
     return torch.where(live[:, None], grad * inv_temp, 0.0).to(logits.dtype)
 
 
-# ---------------------------------------------------------------- autograd
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, layout, inv_temp, ignore_index, with_entropy, inplace_backward, impl):
-        logp, stats, entropy = forward_rows(impl, logits, layout, labels, inv_temp, ignore_index, with_entropy)
-        ctx.save_for_backward(logits, labels, stats, entropy)
-        ctx.config = (layout, inv_temp, ignore_index, inplace_backward, impl)
-        ctx.set_materialize_grads(False)
-        return (logp, entropy) if with_entropy else logp
+def addressable_rows(logits: torch.Tensor) -> tuple[torch.Tensor, Layout]:
+    """``logits`` (one contiguous copy when its rows cannot be addressed in place) and its row layout."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    layout = row_layout(logits)
+    if layout is None:  # more than two independent leading strides: one copy
+        logits = logits.contiguous()
+        layout = row_layout(logits)
+    return logits, layout
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp, grad_entropy=None):
-        logits, labels, stats, entropy = ctx.saved_tensors
-        layout, inv_temp, ignore_index, inplace, impl = ctx.config
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 8
-        as_rows = lambda g: None if g is None else g.to(stats.dtype).contiguous()
-        grad = backward_rows(impl, logits, layout, labels, stats, entropy, as_rows(grad_logp),
-                             as_rows(grad_entropy), inv_temp, ignore_index, inplace)
-        return (grad,) + (None,) * 7
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _as_rows(g: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if g is None else g.to(dtype).contiguous()
+
+
+# ---------------------------------------------------------------- custom ops (torch.library)
+# The kernel entry points are torch.library custom ops, so that torch.compile(fullgraph=True)
+# sees them as opaque graph nodes (shapes from register_fake, gradients from register_autograd)
+# instead of breaking the graph on numpy buffers / Triton launches. ``labels`` is flat int64
+# (rows,), ``impl`` the concrete engine ("triton" | "cpp" | "torch"); the op itself addresses the
+# rows of ``logits`` in place (views) or copies them once (addressable_rows).
+@torch.library.custom_op("hcrlhf::token_logprobs_fwd", mutates_args=())
+def token_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, inv_temp: float, ignore_index: int,
+                       with_entropy: bool, inplace_backward: bool, impl: str,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp (rows,), stats (rows, 2), entropy (rows,) or (0,) without ``with_entropy``).
+
+    ``inplace_backward`` is not used by the forward: it tells the autograd formula which backward
+    op to run (hcrlhf::token_logprobs_bwd_ overwrites the logits with their gradient).
+    """
+    logits, layout = addressable_rows(logits)
+    logp, stats, entropy = forward_rows(impl, logits, layout, labels, inv_temp, ignore_index, with_entropy)
+    return logp, stats, entropy if with_entropy else logp.new_empty(0)
+
+
+@token_logprobs_fwd.register_fake
+def _(logits, labels, inv_temp, ignore_index, with_entropy, inplace_backward, impl):
+    rows = labels.shape[0]
+    dtype = _compute_dtype(logits)
+    logp = logits.new_empty(rows, dtype=dtype)
+    entropy = logits.new_empty(rows if with_entropy else 0, dtype=dtype)
+    return logp, logits.new_empty(rows, 2, dtype=dtype), entropy
+
+
+@torch.library.custom_op("hcrlhf::token_logprobs_bwd", mutates_args=())
+def token_logprobs_bwd(logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
+                       entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
+                       grad_entropy: torch.Tensor | None, inv_temp: float, ignore_index: int,
+                       impl: str) -> torch.Tensor:
+    """Gradient w.r.t. ``logits`` (a new contiguous tensor of the logits' shape and dtype)."""
+    logits, layout = addressable_rows(logits)
+    return backward_rows(impl, logits, layout, labels, stats, entropy, _as_rows(grad_logp, stats.dtype),
+                         _as_rows(grad_entropy, stats.dtype), inv_temp, ignore_index, inplace=False)
+
+
+@token_logprobs_bwd.register_fake
+def _(logits, labels, stats, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, impl):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("hcrlhf::token_logprobs_bwd_", mutates_args=("logits",))
+def token_logprobs_bwd_(logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
+                        entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
+                        grad_entropy: torch.Tensor | None, inv_temp: float, ignore_index: int,
+                        impl: str) -> None:
+    """``inplace_backward``: overwrite ``logits`` with their gradient (no logits-sized buffer when
+    its rows are addressable in place, as ops.token_logprobs arranges)."""
+    rows, layout = addressable_rows(logits)
+    args = (labels, stats, entropy, _as_rows(grad_logp, stats.dtype), _as_rows(grad_entropy, stats.dtype),
+            inv_temp, ignore_index)
+    if rows is logits:
+        backward_rows(impl, logits, layout, *args, inplace=True)
+    else:  # not addressable in place (only a caller other than ops.token_logprobs passes such logits)
+        logits.copy_(backward_rows(impl, rows, layout, *args, inplace=False))
+
+
+@token_logprobs_bwd_.register_fake
+def _(logits, labels, stats, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, impl):
+    return None
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    logits, labels, inv_temp, ignore_index, with_entropy, inplace_backward, impl = inputs
+    _, stats, entropy = output
+    ctx.mark_non_differentiable(stats)
+    if not with_entropy:
+        ctx.mark_non_differentiable(entropy)
+    ctx.save_for_backward(logits, labels, stats, entropy if with_entropy else None)
+    ctx.config = (inv_temp, ignore_index, with_entropy, inplace_backward, impl)
+    ctx.set_materialize_grads(False)
+
+
+def _fwd_backward(ctx, grad_logp, grad_stats, grad_entropy):
+    logits, labels, stats, entropy = ctx.saved_tensors
+    inv_temp, ignore_index, with_entropy, inplace, impl = ctx.config
+    if not with_entropy:
+        grad_entropy = None
+    if grad_logp is None and grad_entropy is None:
+        return (None,) * 7
+    args = (labels, stats, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, impl)
+    if inplace:
+        torch.ops.hcrlhf.token_logprobs_bwd_(logits, *args)
+        grad = logits  # now holds its own gradient
+    else:
+        grad = torch.ops.hcrlhf.token_logprobs_bwd(logits, *args)
+    return (grad,) + (None,) * 6
+
+
+token_logprobs_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
 def token_logprobs(
@@ -229,7 +329,8 @@ def token_logprobs(
             ``retain_graph``, or your own code): their values are overwritten. Logits that require
             grad and are a leaf (or a view of one), or whose elements share memory (an expanded,
             stride-0 view), are refused with a ValueError on every impl; the "torch" impl otherwise
-            ignores the flag.
+            ignores the flag. Supported under torch.compile (the backward op declares the
+            mutation; docs/ops.md#torchcompile).
         impl: "auto" | "triton" | "cpp" | "torch" (see ``hcrlhf.ops._dispatch``).
 
     Returns:
@@ -267,7 +368,7 @@ def token_logprobs(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
     _checks.check_labels(OP, labels, tuple(logits.shape[:-1]), vocab, ignore_index,
-                         read_values=device.type == "cpu" or check_labels_on_device())
+                         read_values=read_label_values(device))
     temperature = _checks.check_temperature(OP, temperature)
     if inplace_backward:
         _checks.check_inplace_target(OP, "logits", logits)
@@ -276,16 +377,11 @@ def token_logprobs(
     if chosen == "torch":
         return reference.token_logprobs(logits, labels, temperature, return_entropy, ignore_index)
 
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    layout = row_layout(logits)
-    if layout is None:  # more than two independent leading strides: one copy
-        logits = logits.contiguous()
-        layout = row_layout(logits)
+    logits, _ = addressable_rows(logits)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    out = _TokenLogprobs.apply(logits, flat_labels, layout, 1.0 / temperature, ignore_index,
-                               bool(return_entropy), bool(inplace_backward), chosen)
+    logp, _, entropy = torch.ops.hcrlhf.token_logprobs_fwd(
+        logits, flat_labels, 1.0 / temperature, ignore_index, bool(return_entropy), bool(inplace_backward), chosen
+    )
     if return_entropy:
-        logp, entropy = out
         return logp.view(labels.shape), entropy.view(labels.shape)
-    return out.view(labels.shape)
+    return logp.view(labels.shape)
