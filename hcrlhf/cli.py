@@ -87,9 +87,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="DIR", help="the report directory (overrides output_dir)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier hcrlhf run in the output directory: only what it created (listed "
-                             "in its hcrlhf_run.json) is removed, and a model it returned is moved, with its run, to "
-                             "previous/<time>/ (δ spent on its safety set stays spent: the δ ledger is per user, not "
-                             "per directory)")
+                             "in its hcrlhf_run.json) is removed, and it is moved, whole, to previous/<time>/ instead "
+                             "when it returned a model, did not finish, or holds files it did not write (yours) (δ "
+                             "spent on its safety set stays spent: the δ ledger is per user, not per directory)")
     _add_resume_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -385,6 +385,17 @@ def cmd_safety_test(args) -> int:
     from hcrlhf.safety import assert_disjoint, distinct_prompts, fingerprint, open_ledger
     from hcrlhf.safety._checks import check_prompt_texts, check_safety_set_size
 
+    # 0. the candidate is a model directory (or a Hub id), and the device exists
+    candidate_dir = Path(args.candidate).expanduser()
+    if candidate_dir.is_dir() and not (candidate_dir / "config.json").is_file():
+        if (candidate_dir / "hcrlhf_run.json").is_file():
+            inside = [name for name in ("model", "candidate-not-returned", "candidate")
+                      if (candidate_dir / name).is_dir()]
+            raise UsageError(f"candidate: {args.candidate!r} is an hcrlhf run directory, not a model; pass its "
+                             f"candidate: {' or '.join(str(candidate_dir / n) for n in inside) or '<run>/model'}")
+        raise UsageError(f"candidate: {args.candidate!r} is not a Hugging Face model directory (no config.json)")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; use cpu")
     # 1. settings: command line > the candidate's metadata > defaults; all checked before loading models.
     meta = _read_candidate_meta(args.candidate)
     settings = _safety_settings(args, meta)

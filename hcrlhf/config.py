@@ -211,7 +211,7 @@ class Section:
         collected and raised together as one :class:`ConfigError` whose keys carry ``prefix``. Floats may be
         given as ints or numeric strings.
         """
-        problems = Problems()
+        problems, failed = Problems(), []
         values = _mapping(prefix.rstrip(".") or "<root>", values)
         known = cls.known_keys()
         hints = _hints(cls)
@@ -234,17 +234,21 @@ class Section:
                     kwargs[key] = nested.from_dict(value, prefix=f"{prefix}{key}.")
                 except ConfigError as error:
                     problems.items.extend(error.problems)
+                    failed.append(f"{prefix}{key}.")
             else:
                 value = coerce(value, hint)
                 if matches(value, hint):
                     kwargs[key] = value
                 else:
                     problems.add(f"{prefix}{key}", f"must be {type_name(hint)}, got {value!r} ({type(value).__name__})")
-        # Build even when some keys were refused (their defaults stand in), to report the other keys' problems too.
+        # Build even when some keys were refused (their defaults stand in), to report the other keys' problems too —
+        # but not what the checks say about a refused section's stand-in defaults ("data.prompts is required" when
+        # the data section was refused for another key): those would name keys the user did set.
         try:
             built = cls(**kwargs)
         except ConfigError as error:
-            problems.items.extend(error.prefixed(prefix).problems)
+            problems.items.extend(item for item in error.prefixed(prefix).problems
+                                  if not str(item[0]).startswith(tuple(failed)))
         except TypeError as error:  # a required field is missing
             problems.add(prefix.rstrip(".") or "<root>", str(error))
         if problems:
@@ -289,15 +293,38 @@ def _mapping(key: str, value) -> dict:
 # ------------------------------------------------------------------------------ YAML, overrides
 
 
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently: a second
+        ``safety:`` block would replace the first whole)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one mapping (lines {seen[key] + 1} and "
+                                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def read_yaml(path) -> dict:
     """The mapping in a YAML file (an empty file is an empty mapping)."""
     import yaml
 
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError("<file>", f"config file {str(path)!r} is a directory; expected a YAML file")
     if not path.is_file():
         raise ConfigError("<file>", f"config file {str(path)!r} does not exist")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
     except yaml.YAMLError as error:
         raise ConfigError("<file>", f"{path} is not valid YAML: {error}") from None
     except UnicodeDecodeError as error:

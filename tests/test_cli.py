@@ -228,3 +228,25 @@ def test_safety_test_refuses_a_cost_model_without_a_trained_head(task, headless_
     assert f"--cost-model: {cost_model}: not a trained score model" in result.stderr
     assert "score.weight" in result.stderr and "Traceback" not in result.stderr
     assert not ledger.exists()
+
+
+def test_safety_test_refuses_a_run_directory_a_non_model_and_a_missing_device(task, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "candidate-not-returned").mkdir(parents=True)
+    (run_dir / "hcrlhf_run.json").write_text("{}")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("not a model")
+    args = ["--prompts", str(task.prompt_paths["safety"]), "--cost-model", str(task.policy_path),
+            "--ledger", str(tmp_path / "ledger.json"), "--no-progress"]
+    result = run_cli("safety-test", str(run_dir), *args)
+    assert result.returncode == 2 and "is an hcrlhf run directory, not a model" in result.stderr
+    assert str(run_dir / "candidate-not-returned") in result.stderr
+    result = run_cli("safety-test", str(notes), *args)
+    assert result.returncode == 2 and "is not a Hugging Face model directory (no config.json)" in result.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        result = run_cli("safety-test", str(task.policy_path), *args, "--device", "cuda")
+        assert result.returncode == 2 and "--device cuda: this torch" in result.stderr
+    assert not (tmp_path / "ledger.json").exists()

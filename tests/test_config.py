@@ -144,6 +144,41 @@ def test_pipeline_reports_every_problem_across_sections():
     assert "is set by the pipeline" in problems["rl.output_dir"]
 
 
+def test_a_refused_section_does_not_add_false_required_errors(tmp_path):
+    """Only the real problem: with data.safety_fraction refused, the data section's stand-in defaults must not
+    make data.preferences / data.prompts look unset (they are set)."""
+    prefs, prompts = tmp_path / "prefs.jsonl", tmp_path / "prompts.txt"
+    prefs.write_text("{}\n")
+    prompts.write_text("a\nb\n")
+    values = {"output_dir": str(tmp_path / "out"), "models": {"policy": str(tmp_path)},
+              "data": {"preferences": str(prefs), "prompts": str(prompts), "safety_fraction": 1}}
+    with pytest.raises(ConfigError) as error:
+        load_config(values)
+    assert [key for key, _ in error.value.problems] == ["data.safety_fraction"], error.value.problems
+
+
+def test_device_and_bf16_a_cpu_run_cannot_use_are_refused_up_front(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as error:  # (the device is the problem; bf16 would be fine on it)
+        load_config(demo_config(quick=True, output_dir="out"), ["models.device=cuda:0", "rl.bf16=true"])
+    assert [key for key, _ in error.value.problems] == ["models.device"], error.value.problems
+    with pytest.raises(ConfigError) as error:
+        load_config(demo_config(quick=True, output_dir="out"), ["reward.bf16=true", "rl.bf16=true"])
+    assert sorted(key for key, _ in error.value.problems) == ["reward.bf16", "rl.bf16"], error.value.problems
+    load_config(demo_config(quick=True, output_dir="out"), ["rl.bf16=auto", "models.device=cpu"])  # fine
+
+
+def test_yaml_with_a_key_given_twice_or_a_directory_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("task: builtin\nsafety: {threshold: -3.0}\noutput_dir: x\nsafety: {delta: 0.5}\n")
+    with pytest.raises(ConfigError, match=r"key 'safety' is given twice in one mapping \(lines 2 and 4\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="is a directory; expected a YAML file"):
+        load_config(tmp_path)
+
+
 def test_effective_config_loads_again_and_equals_the_original():
     config = load_config(demo_config(quick=True, seed=3), ["rl.total_steps=7", "safety.method=hoeffding",
                                                            "safety.cost_transform=sigmoid", "rl.cost_threshold=-3"])

@@ -165,6 +165,28 @@ def test_overwrite_never_deletes_files_an_hcrlhf_run_did_not_create(task, tmp_pa
     assert snapshot(out) == before
 
 
+def test_overwrite_keeps_files_a_user_put_inside_the_earlier_runs_folders(task, tmp_path, capsys):
+    """A finished NSF run (nothing returned, so --overwrite would delete it) in which the user then wrote notes
+    inside rl/ and the candidate's folder: its inventory (hcrlhf_run.json "files") does not list them, so the
+    earlier run is moved whole to previous/<time>/ instead of deleted; without such files it is deleted."""
+    out, ledger = tmp_path / "out", tmp_path / "ledger.json"
+    run(small_config(task, out, ledger, NSF))
+    files = manifest(out)["files"]
+    assert "report.json" in files and any(f.startswith("rl/") for f in files)
+    notes = {"rl/my_analysis.txt": b"my notes", "candidate-not-returned/my_eval.json": b"{}"}
+    for name, data in notes.items():
+        (out / name).write_bytes(data)
+    capsys.readouterr()
+    run(small_config(task, out, tmp_path / "ledger-2.json", NSF, overwrite=True))
+    assert "holds files its inventory does not list" in capsys.readouterr().err
+    previous = out / manifest(out)["previous_run"]
+    assert {name: (previous / name).read_bytes() for name in notes} == notes
+    # The second run's own files only: overwriting it deletes it (nothing is moved).
+    run(small_config(task, out, tmp_path / "ledger-3.json", NSF, overwrite=True))
+    assert manifest(out)["previous_run"] is None and "removed the earlier run" in capsys.readouterr().err
+    assert {name: (previous / name).read_bytes() for name in notes} == notes
+
+
 # ----------------------------------------------------------------------------------------- the lock
 
 PAUSED_RUN = """

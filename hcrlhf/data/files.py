@@ -23,7 +23,8 @@ def read_text(path, *, what: str) -> str:
 
     Raises:
         FileNotFoundError: no such file. IsADirectoryError: ``path`` is a directory.
-        ValueError: not UTF-8 — naming the file, the line and the byte offset of the first bad byte.
+        ValueError: not UTF-8 — naming the file, the line and the byte offset of the first bad byte — or
+            holding NUL characters (UTF-16 without a byte-order mark decodes as UTF-8 full of them).
     """
     file = Path(path).expanduser()
     if file.is_dir():
@@ -37,6 +38,10 @@ def read_text(path, *, what: str) -> str:
         line = raw.count(b"\n", 0, error.start) + 1
         raise ValueError(f"{what}: {file}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
                          f"{error.start}); save the file as UTF-8") from None
+    if "\x00" in text:  # valid UTF-8, but no prompt holds NUL: UTF-16 saved without a byte-order mark, most likely
+        at = text.index("\x00")
+        raise ValueError(f"{what}: {file}:{text.count(chr(10), 0, at) + 1}: holds NUL characters (a UTF-16 or "
+                         "binary file?); save the file as UTF-8 text")
     return text[1:] if text.startswith("\ufeff") else text
 
 

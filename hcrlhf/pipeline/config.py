@@ -393,7 +393,8 @@ class PipelineConfig(Section):
         output_dir: the report directory. Must not exist with files in it unless ``overwrite``; locked while a run
             uses it (a second run on it is refused).
         overwrite: allow an ``output_dir`` that holds an earlier hcrlhf run (its ``hcrlhf_run.json``): only what that
-            run created is removed, and a model it returned is moved, with its run, to ``previous/<time>/``.
+            run created is removed, and it is moved, whole, to ``previous/<time>/`` instead when it returned a
+            model, did not finish, or holds files its inventory does not list (yours).
         seed: the seed of sampling in the safety test (training seeds are in their sections).
         progress: show progress bars.
         data: where the data come from and how the prompts are split.
@@ -437,6 +438,7 @@ class PipelineConfig(Section):
             problems.add("output_dir", "must not be empty")
         if self.task not in TASKS:
             problems.add("task", f"must be 'builtin' or null, got {self.task!r}")
+        self._check_device(problems)
         if self.candidate_selection not in CANDIDATE_SELECTIONS:
             problems.add("candidate_selection", f"must be one of {', '.join(CANDIDATE_SELECTIONS)}, got "
                                                 f"{self.candidate_selection!r}")
@@ -465,6 +467,26 @@ class PipelineConfig(Section):
             if models.reference is not None:
                 problems.add("models.reference", "with an sft section the KL reference is the SFT policy; remove "
                                                  "models.reference (or the sft section)")
+
+    def _check_device(self, problems: Problems) -> None:
+        """A CUDA device this torch cannot use, and bf16: true (CUDA only) on a CPU run, are refused here, before
+        any training (they would fail only when their stage starts, after the stages before it)."""
+        import torch
+
+        cuda = torch.cuda.is_available()
+        device = self.models.device
+        for key, value in (("models.device", device), ("rl.device", self.rl.device), ("dpo.device", self.dpo.device)):
+            if key != "models.device" and value == device:
+                continue  # taken from models.device: reported once, there
+            if isinstance(value, str) and value.startswith("cuda") and not cuda:
+                problems.add(key, f"is {value!r}, but this torch ({torch.__version__}) sees no CUDA device; use "
+                                  "'cpu' (or null: CUDA when available, else the CPU)")
+        on_cuda = (device if isinstance(device, str) else ("cuda" if cuda else "cpu")).startswith("cuda")
+        if not on_cuda:
+            for key, section in (("reward", self.reward), ("cost", self.cost), ("rl", self.rl)):
+                if section.bf16 is True:
+                    problems.add(f"{key}.bf16", "true needs a CUDA device, and this run trains on the CPU; use "
+                                                "'auto' (bf16 on CUDA only) or false")
 
     @classmethod
     def from_dict(cls, values, *, prefix: str = "") -> PipelineConfig:

@@ -320,7 +320,8 @@ class RunDir:
         if self.earlier is not None:
             listed = [name for name in self._listed(self.earlier) if (out / name).exists() or (out / name).is_symlink()]
             keep = self.earlier.get("status") != "finished" and "rl" in listed and self._resumable(out)
-            if self._returned(self.earlier) or keep:
+            unknown = self._unknown_files(self.earlier, listed)
+            if self._returned(self.earlier) or keep or unknown:
                 stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
                 target, n = out / PREVIOUS_DIR / stamp, 1
                 while target.exists():
@@ -333,7 +334,12 @@ class RunDir:
                 self.previous = target
                 what = ("returned a model" if self._returned(self.earlier) else
                         f"did not finish (status {self.earlier.get('status')!r}) and holds RL checkpoints it could be "
-                        "resumed from (--resume)")
+                        "resumed from (--resume)" if keep else
+                        "holds files its inventory does not list (yours, or written after it finished: "
+                        + ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "") + ")"
+                        if self.earlier.get("files") is not None else
+                        f"did not finish (status {self.earlier.get('status')!r}), so it has no inventory of its files "
+                        "to tell them from yours")
                 _say(f"overwrite: the earlier run in {str(out)!r} {what}; it was moved, with its report "
                      f"and score models, to {str(target)!r} (nothing of it was deleted)")
             else:
@@ -416,10 +422,35 @@ class RunDir:
             self.manifest.update(fields)
             self._write()
 
+    def _inventory(self, names) -> list[str]:
+        """Every file (and symlink) under the entries ``names``, as paths relative to the run directory."""
+        found = []
+        for name in names:
+            entry = self.path / name
+            if entry.is_dir() and not entry.is_symlink():
+                found += [p.relative_to(self.path).as_posix() for p in entry.rglob("*")
+                          if p.is_symlink() or not p.is_dir()]
+            elif entry.exists() or entry.is_symlink():
+                found.append(name)
+        return sorted(found)
+
+    def _unknown_files(self, manifest: dict, listed: list[str]) -> list[str]:
+        """The files under the earlier run's entries that its inventory (``files``, written when it finished) does
+        not list — a user's own notes put inside ``rl/``, say; all of them when there is no inventory (a run that
+        did not finish). ``--overwrite`` deletes an earlier run only when this is empty, and moves it otherwise."""
+        present = self._inventory(listed)
+        known = manifest.get("files")
+        if not isinstance(known, list):
+            return present
+        known = set(known)
+        return [path for path in present if path not in known]
+
     def finish(self, *, verdict, returned_model, candidate) -> None:
         if self.manifest is None:
             return
         self.manifest["created"] = [n for n in self.manifest["created"] if (self.path / n).exists()]
+        # The inventory that lets a later --overwrite tell this run's files from files a user adds afterwards.
+        self.manifest["files"] = self._inventory(self.manifest["created"])
         self.update(status="finished", finished=_now(), verdict=verdict, returned_model=returned_model,
                     candidate=candidate)
 

@@ -326,6 +326,10 @@ class SafetyLedger:
         if self.path.is_dir():
             raise ValueError(f"SafetyLedger: {self.path} is a directory; the ledger is one JSON file "
                              f"(e.g. {self.path / LEDGER_FILE_NAME})")
+        for parent in self.path.parents:
+            if parent.exists() and not parent.is_dir():
+                raise ValueError(f"SafetyLedger: {self.path} cannot be a file: {parent} is a file, not a directory"
+                                 + (f" (${STATE_DIR_ENV} must name a directory)" if parent == state_dir() else ""))
         #: The budget declared for the set tested (None: each set's own); see :meth:`budget`.
         self.total_delta = None if total_delta is None else check_delta("SafetyLedger", total_delta, "total_delta")
         self._read()  # refuse an invalid file now, before any work

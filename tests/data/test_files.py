@@ -74,11 +74,18 @@ def test_row_without_a_prompt_names_file_and_line(tmp_path):
         read_prompt_file(path)
 
 
-def test_directory_given_as_a_file(tmp_path):
+def test_directory_given_as_a_file(tmp_path, monkeypatch):
     with pytest.raises(IsADirectoryError, match=rf"prompt file: {tmp_path} is a directory"):
         read_prompt_file(tmp_path)
     with pytest.raises(ValueError, match=rf"SafetyLedger: {tmp_path} is a directory; .*safety_ledger.json"):
         SafetyLedger(tmp_path)
+    state = tmp_path / "state-file"
+    state.write_text("")
+    monkeypatch.setenv("HCRLHF_STATE_DIR", str(state))
+    from hcrlhf.safety.ledger import default_ledger_path
+
+    with pytest.raises(ValueError, match=r"is a file, not a directory \(\$HCRLHF_STATE_DIR must name a directory\)"):
+        SafetyLedger(default_ledger_path())
 
 
 def test_lm_rows_errors_name_the_line(tmp_path):
@@ -105,3 +112,10 @@ def test_json_list_file_error_names_the_line(tmp_path):
     path.write_text('[\n  "a",\n  "b",,\n]\n', encoding="utf-8")
     with pytest.raises(ValueError, match=rf"{path}:3: not valid JSON"):
         read_json_rows(path, what="prompt file")
+
+
+def test_utf16_without_bom_or_nul_characters_are_refused(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("how do i bake bread\nsecond prompt\n".encode("utf-16-le"))  # valid UTF-8, full of NULs
+    with pytest.raises(ValueError, match=rf"{path}:1: holds NUL characters \(a UTF-16 or binary file\?\)"):
+        read_prompt_file(path)
