@@ -117,8 +117,10 @@ class DataConfig(Section):
             candidate side (seeded by the split seed), is withheld from all training (RL prompts and
             preference pairs) and from D_s, and written to ``holdout_prompts.jsonl``, so that the truth
             can be measured on fresh prompts (``hcrlhf bench method``). 0: none.
-        category_ratios: FDC composition of the RL prompts (e.g. ``"EHD:10,IHD:3,MHD:1,benign:10"``,
-            docs/method.md#equilibrate-rlhf); needs categories in the pool. None: all candidate prompts.
+        category_ratios: FDC composition (e.g. ``"EHD:10,IHD:3,MHD:1,benign:10"``, docs/method.md#equilibrate-rlhf)
+            of the RL prompts, and with ``candidate_selection: dpo`` also of the preference pairs DPO trains on
+            (categories not named are left out); needs categories in the data. None: all candidate prompts
+            and pairs.
         template: "safe_rlhf" (default), "plain", "chat" or a format string with ``{prompt}``.
     """
 
@@ -517,10 +519,10 @@ class PipelineConfig(Section):
 
         if builtin:
             for key in DataConfig.known_keys():
-                if key not in ("split_seed", "holdout_fraction") and set_away_from_default(
+                if key not in ("split_seed", "holdout_fraction", "category_ratios") and set_away_from_default(
                         "data", key, getattr(DataConfig(), key)):
-                    refused["data"][key] = ("the built-in task supplies the data; only data.split_seed and "
-                                            "data.holdout_fraction apply (or set task: null)")
+                    refused["data"][key] = ("the built-in task supplies the data; only data.split_seed, "
+                                            "data.holdout_fraction and data.category_ratios apply (or set task: null)")
             for key in ModelsConfig.known_keys():
                 if key not in ("reward_model", "cost_model", "device") and set_away_from_default(
                         "models", key, getattr(ModelsConfig(), key)):

@@ -585,15 +585,24 @@ def _train_dpo_candidate(config: PipelineConfig, inputs: _Inputs, reward_model, 
     score_model = None
     if dpo.mask == "ama":
         score_model = reward_model if dpo.ama_score_model == "reward" else cost_model
+    pairs, composition = inputs.preferences, None
+    if config.data.category_ratios is not None:  # FDC for preference data (the paper's safety mix)
+        from hcrlhf.data import compose_preferences
+
+        try:
+            pairs, composition = compose_preferences(pairs, config.data.category_ratios, seed=config.data.seed)
+        except ValueError as error:
+            raise ConfigError("data.category_ratios", f"cannot compose the DPO preference pairs: {error}") from None
     policy = inputs.load_policy()
-    result = train_dpo(policy, inputs.load_reference(), inputs.tokenizer, inputs.preferences, config=dpo,
+    result = train_dpo(policy, inputs.load_reference(), inputs.tokenizer, pairs, config=dpo,
                        score_model=score_model, template=inputs.template, safety_split=inputs.split)
     deployment = generation_config(_decoding(config), inputs.tokenizer)
     deployment.save_pretrained(candidate)
     _mark_candidate(config, inputs, candidate, out, deployment)
     summary = {"method": "ADPO" if dpo.mask == "ama" else "DPO", "config": {**dpo.to_dict(), "output_dir": None},
                "steps": result.steps, "seconds": round(result.seconds, 3), "kept_fraction": result.kept_fraction,
-               "n_pairs": len(inputs.preferences), "curve": result.history, "candidate": CANDIDATE_DIR}
+               "n_pairs": len(pairs), "curve": result.history, "candidate": CANDIDATE_DIR,
+               **({"fdc": composition} if composition is not None else {})}
     del policy
     return _load_candidate(config, candidate), summary
 

@@ -17,7 +17,8 @@ SMALL = ["reward.max_steps=6", "cost.max_steps=6", "evaluation.samples_per_promp
 def adpo_run(task, tmp_path_factory):
     root = tmp_path_factory.mktemp("adpo")
     values = demo_config(quick=True, output_dir=str(root / "out"), task_cache=str(task.root.parent), progress=False)
-    return run(load_config(values, [*SMALL, "dpo.mask=ama", f"safety.ledger={root / 'ledger.json'}"]))
+    return run(load_config(values, [*SMALL, "dpo.mask=ama", "data.category_ratios=EHD:10,IHD:3,MHD:1,benign:10",
+                                    f"safety.ledger={root / 'ledger.json'}"]))
 
 
 def test_adpo_candidate_is_trained_saved_and_tested_like_an_rl_candidate(adpo_run):
@@ -26,6 +27,13 @@ def test_adpo_candidate_is_trained_saved_and_tested_like_an_rl_candidate(adpo_ru
     assert "rl" not in training and not (out / "rl").exists()
     dpo = training["dpo"]
     assert dpo["method"] == "ADPO" and dpo["steps"] == 4 and len(dpo["curve"]) == 4
+    # FDC for preference data: the pairs DPO trained on were composed 10:3:1:10 (n_k = floor(s·w_k) for the
+    # largest scale s = min_k available_k / w_k; docs/method.md#fdc-for-preference-data).
+    counts, available = dpo["fdc"]["counts"], dpo["fdc"]["available"]
+    weights = {"EHD": 10, "IHD": 3, "MHD": 1, "benign": 10}
+    scale = min(available[k] / w for k, w in weights.items())
+    assert counts == {k: int(scale * w) for k, w in weights.items()} and counts["MHD"] > 0
+    assert dpo["n_pairs"] == sum(counts.values())
     assert 0 < dpo["kept_fraction"] < 1  # the AMA mask was applied (a trained reward model splits responses)
     assert dpo["curve"][0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference before step 1
     # The verdict moved the candidate like any other: model/ on PASS, candidate-not-returned/ otherwise.
