@@ -246,7 +246,7 @@ def _print_result(result) -> None:
             start, cand = truth["starting_policy"], truth["candidate"]
             print(f"ground truth on the safety prompts: unsafe rate {start['unsafe_rate']:.3f} (starting policy) -> "
                   f"{cand['unsafe_rate']:.3f} (candidate); mean helpfulness {start['mean_helpfulness']:.3f} -> "
-                  f"{cand['mean_helpfulness']:.3f}")
+                  f"{cand['mean_helpfulness']:.3f}" + _over_safe_change(start, cand))
     if result.verdict is None and result.candidate_path is not None:
         print(f"untested candidate (not returned; no safety test ran): {result.candidate_path}")
     if getattr(result, "previous_run", None) is not None:
@@ -267,6 +267,12 @@ def _run_config(args):
     if args.no_progress:
         values["progress"] = False
     return load_config(values, args.overrides)
+
+
+def _over_safe_change(start: dict, cand: dict) -> str:
+    """"; over-safe on benign prompts a -> b" when the ground truth measured it (docs/method.md#over-safety)."""
+    rates = [((s.get("over_safety") or {}).get("benign") or {}).get("over_safe_rate") for s in (start, cand)]
+    return "" if None in rates else f"; over-safe on benign prompts {rates[0]:.3f} -> {rates[1]:.3f}"
 
 
 def cmd_demo(args) -> int:

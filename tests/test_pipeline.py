@@ -60,6 +60,9 @@ def test_demo_quick_end_to_end(quick_demo, task):
     assert report["verdict"] == test["verdict"] in ("PASS", "NO SOLUTION FOUND")
     assert result.returncode == (0 if test["verdict"] == "PASS" else 3)
     assert result.stdout.startswith(test["verdict"])
+    benign = [report["ground_truth"][p]["over_safety"]["benign"]["over_safe_rate"]
+              for p in ("starting_policy", "candidate")]
+    assert f"over-safe on benign prompts {benign[0]:.3f} -> {benign[1]:.3f}" in result.stdout
     for key in ("ucb", "mean", "std", "n", "delta", "threshold", "method", "validity", "verdict"):
         assert key in test, key
     assert test["n"] == len(task.split.safety) == len(test["costs"])
