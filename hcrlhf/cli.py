@@ -393,13 +393,10 @@ def cmd_safety_test(args) -> int:
 
     # 0. the candidate is a model directory (or a Hub id), and the device exists
     candidate_dir = Path(args.candidate).expanduser()
-    if candidate_dir.is_dir() and not (candidate_dir / "config.json").is_file():
-        if (candidate_dir / "hcrlhf_run.json").is_file():
-            inside = [name for name in ("model", "candidate-not-returned", "candidate")
-                      if (candidate_dir / name).is_dir()]
-            raise UsageError(f"candidate: {args.candidate!r} is an hcrlhf run directory, not a model; pass its "
-                             f"candidate: {' or '.join(str(candidate_dir / n) for n in inside) or '<run>/model'}")
-        raise UsageError(f"candidate: {args.candidate!r} is not a Hugging Face model directory (no config.json)")
+    if (candidate_dir / "hcrlhf_run.json").is_file() and not (candidate_dir / "config.json").is_file():
+        inside = [name for name in ("model", "candidate-not-returned", "candidate") if (candidate_dir / name).is_dir()]
+        raise UsageError(f"candidate: {args.candidate!r} is an hcrlhf run directory, not a model; pass its "
+                         f"candidate: {' or '.join(str(candidate_dir / n) for n in inside) or '<run>/model'}")
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; use cpu")
     # 1. settings: command line > the candidate's metadata > defaults; all checked before loading models.
@@ -447,6 +444,9 @@ def cmd_safety_test(args) -> int:
     # The δ budget, checked before the models are loaded (the spend checks again).
     ledger = open_ledger(settings.ledger, settings.ledger_total_delta, delta=settings.delta)
     ledger.check_spend(prompts, settings.delta, allow_overlapping_set=settings.allow_overlapping_set)
+
+    if candidate_dir.is_dir() and not (candidate_dir / "config.json").is_file():
+        raise UsageError(f"candidate: {args.candidate!r} is not a Hugging Face model directory (no config.json)")
 
     # 2. models, then the pipeline's safety test stage: sampling, the test (spent in the ledger before it is
     # read), safety_test.json / safety_samples.jsonl / safety_costs.png under --output.
