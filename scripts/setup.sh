@@ -10,9 +10,10 @@
 #    it to satisfy torch>=2.4. To choose the build, create .venv and install torch into it first, e.g.
 #    `python3 -m venv .venv && .venv/bin/python -m pip install torch==2.13.0 \
 #       --index-url https://download.pytorch.org/whl/cpu`, then run this script;
-# 3. `pip install -e ".[test]"`: hcrlhf in editable mode with its dependencies and test extras (same
-#    index), compiling the C++ extension hcrlhf._C unless HCRLHF_SKIP_EXT=1 is set; then prints whether
-#    the extension loads.
+# 3. `pip install -e ".[test,integrations]"`: hcrlhf in editable mode with its dependencies, the test
+#    extras and the integrations extra (trl==1.16.0, for hcrlhf.integrations.apply_to_trl and its tests)
+#    from the same index, compiling the C++ extension hcrlhf._C unless HCRLHF_SKIP_EXT=1 is set; then
+#    prints whether the extension loads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -23,5 +24,5 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet torch==2.13.0
 fi
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,integrations]"
 .venv/bin/python -c "import hcrlhf, hcrlhf.ops; print('hcrlhf', hcrlhf.__version__, '| C++ extension built:', hcrlhf.ops.cpp_available())"

@@ -1,0 +1,396 @@
+"""TRL integration: one call routes TRL's log-prob path through hcrlhf's fused ops (docs/integrations.md).
+
+``apply_to_trl()`` replaces, in every loaded ``trl`` module that holds them by name, these TRL 1.16 symbols:
+
+* ``ChunkedLogProbFunction`` (``trl.kernels``, ``trl.kernels.chunked_logprob``, and the alias
+  ``trl.trainer.utils._ChunkedLogProbFunction`` that ``add_fused_lm_head`` calls): the fused LM head of
+  the GRPO / RLOO / DPO / KTO / SFT trainers, now :func:`hcrlhf.ops.linear_logprobs`;
+* ``selective_log_softmax``, ``entropy_from_logits`` and ``selective_log_softmax_and_entropy``
+  (``trl.trainer.utils`` and the trainers that import them by name): now :func:`hcrlhf.ops.token_logprobs`.
+
+Each replacement has the signature and the return conventions (shapes, dtypes, masking) of the TRL
+function it replaces. A call that hcrlhf's ops cannot serve exactly (listed in docs/integrations.md, e.g.
+logit soft-capping or the ``is_top1`` output) is handed to TRL's original, so patching never changes what
+a trainer can do. ``revert_trl()`` puts the originals back; ``trl_patched()`` does both around a block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+
+__all__ = [
+    "SUPPORTED_TRL_VERSIONS",
+    "UnsupportedTRLVersionError",
+    "apply_to_trl",
+    "call_counts",
+    "is_applied",
+    "reset_call_counts",
+    "revert_trl",
+    "trl_patched",
+]
+
+logger = logging.getLogger(__name__)
+
+# The TRL releases whose log-prob path this module was written against and tested with.
+SUPPORTED_TRL_VERSIONS = ("1.16.0",)
+PATCHED = ("ChunkedLogProbFunction", "selective_log_softmax", "entropy_from_logits",
+           "selective_log_softmax_and_entropy")
+# ChunkedLogProbFunction outputs that hcrlhf's ops do not compute: a call asking for one goes to TRL.
+_TRL_ONLY_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The label given to rows that ``row_mask`` turns off. Not -100: an index of -100 in a live row is an
+# error for TRL's functions, and stays one (instead of silently scoring 0).
+_MASKED_LABEL = -(2**31)
+
+
+class UnsupportedTRLVersionError(RuntimeError):
+    """The installed TRL is not one whose internals ``apply_to_trl`` knows."""
+
+
+_lock = threading.RLock()
+_applied: dict | None = None  # {"originals": {name: obj}, "replacements": {name: obj}, "impl": str}
+_counts: Counter = Counter()
+_fallback_reasons_logged: set = set()
+
+
+# ------------------------------------------------------------------------------------------ public API
+def apply_to_trl(*, impl: str = "auto") -> None:
+    """Route TRL's log-prob functions through hcrlhf's ops (see the module docstring for what is patched).
+
+    Args:
+        impl: the hcrlhf engine, as for every op: "auto" (Triton on CUDA, C++ on CPU when built, else
+            torch) | "triton" | "cpp" | "torch". float64 inputs always use "torch" (the float64 engine).
+
+    Call it before creating the trainer or after, but before training; idempotent (a second call with
+    another ``impl`` switches the engine). Only modules of the ``trl`` package are patched: code outside
+    TRL that did ``from trl.trainer.utils import selective_log_softmax`` before the call keeps TRL's.
+
+    Raises:
+        UnsupportedTRLVersionError: the installed TRL is not one of ``SUPPORTED_TRL_VERSIONS``.
+        ImportError: TRL is not installed (``pip install 'hcrlhf[integrations]'``).
+        ValueError: unknown ``impl``.
+    """
+    from hcrlhf.ops import IMPLS
+
+    if impl not in IMPLS:
+        raise ValueError(f"apply_to_trl: impl must be one of {IMPLS}, got {impl!r}")
+    global _applied
+    with _lock:
+        originals = _load_trl_originals()
+        if _applied is not None:
+            if _applied["impl"] == impl:
+                _patch_modules(_applied["originals"], _applied["replacements"])  # modules loaded since
+                return
+            _revert_locked()
+        replacements = _make_replacements(originals, impl)
+        _patch_modules(originals, replacements)
+        _applied = {"originals": originals, "replacements": replacements, "impl": impl}
+
+
+def revert_trl() -> None:
+    """Put TRL's own functions back wherever :func:`apply_to_trl` (or a module importing afterwards)
+    placed hcrlhf's. A no-op when nothing is applied."""
+    with _lock:
+        _revert_locked()
+
+
+@contextlib.contextmanager
+def trl_patched(*, impl: str = "auto") -> Iterator[None]:
+    """``with trl_patched(): trainer.train()``: :func:`apply_to_trl` on entry, :func:`revert_trl` on exit
+    (also on an exception). Not reentrant with a surrounding ``apply_to_trl``: the exit reverts it."""
+    apply_to_trl(impl=impl)
+    try:
+        yield
+    finally:
+        revert_trl()
+
+
+def is_applied() -> bool:
+    """Whether hcrlhf's replacements are in place."""
+    return _applied is not None
+
+
+def call_counts() -> dict[str, dict[str, int]]:
+    """How many calls each patched symbol sent to hcrlhf and how many it handed to TRL's original
+    (``{"ChunkedLogProbFunction": {"hcrlhf": 12, "trl": 0}, ...}``), since the last reset."""
+    return {name: {"hcrlhf": _counts[(name, "hcrlhf")], "trl": _counts[(name, "trl")]} for name in PATCHED}
+
+
+def reset_call_counts() -> None:
+    _counts.clear()
+
+
+# ------------------------------------------------------------------------------------------ patching
+def _supported_version(version: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version).public in SUPPORTED_TRL_VERSIONS  # a local build (+label) of a release counts
+    except (InvalidVersion, TypeError):
+        return False
+
+
+def _load_trl_originals() -> dict:
+    try:
+        import trl
+    except ImportError as exc:
+        raise ImportError(
+            "hcrlhf.integrations.apply_to_trl needs TRL: pip install 'hcrlhf[integrations]' "
+            f"(trl=={SUPPORTED_TRL_VERSIONS[-1]})"
+        ) from exc
+    version = getattr(trl, "__version__", "unknown")
+    if not _supported_version(version):
+        raise UnsupportedTRLVersionError(
+            f"hcrlhf.integrations.apply_to_trl supports TRL {', '.join(SUPPORTED_TRL_VERSIONS)}, found TRL "
+            f"{version}: it replaces TRL internals whose signatures change between releases. Install a supported "
+            f"version (pip install 'trl=={SUPPORTED_TRL_VERSIONS[-1]}') or leave TRL unpatched."
+        )
+    import trl.kernels.chunked_logprob as chunked_logprob
+    import trl.trainer.utils as trainer_utils
+
+    if _applied is not None:  # the modules hold hcrlhf's objects now
+        return _applied["originals"]
+    return {
+        "ChunkedLogProbFunction": chunked_logprob.ChunkedLogProbFunction,
+        "selective_log_softmax": trainer_utils.selective_log_softmax,
+        "entropy_from_logits": trainer_utils.entropy_from_logits,
+        "selective_log_softmax_and_entropy": trainer_utils.selective_log_softmax_and_entropy,
+        # Not replaced; read to reproduce TRL's output dtype (float32 where its Triton kernel runs).
+        "_OPTIONAL_OUTPUTS": chunked_logprob.OPTIONAL_OUTPUTS,
+        "_triton_kernel_runs": _trl_triton_kernel_predicate(trainer_utils),
+    }
+
+
+def _trl_triton_kernel_predicate(trainer_utils):
+    supports = trainer_utils._supports_trl_loss_kernel
+    triton = trainer_utils.is_triton_available()
+    return lambda logits, index=None, row_mask=None: bool(triton and supports(logits, index, row_mask))
+
+
+def _trl_modules():
+    return [module for name, module in list(sys.modules.items())
+            if module is not None and (name == "trl" or name.startswith("trl."))]
+
+
+def _swap(mapping: dict) -> None:
+    """In every loaded trl module, replace each attribute that *is* a key of ``mapping`` by its value."""
+    for module in _trl_modules():
+        try:
+            items = list(vars(module).items())
+        except TypeError:
+            continue
+        for attr, value in items:
+            for old, new in mapping:
+                if value is old:
+                    setattr(module, attr, new)
+                    break
+
+
+def _patch_modules(originals: dict, replacements: dict) -> None:
+    _swap([(originals[name], replacements[name]) for name in PATCHED])
+
+
+def _revert_locked() -> None:
+    global _applied
+    if _applied is None:
+        return
+    _swap([(_applied["replacements"][name], _applied["originals"][name]) for name in PATCHED])
+    _applied = None
+
+
+# ------------------------------------------------------------------------------------------ replacements
+def _count(name: str, route: str, reason: str | None = None) -> None:
+    _counts[(name, route)] += 1
+    if reason is not None and (name, reason) not in _fallback_reasons_logged:
+        _fallback_reasons_logged.add((name, reason))
+        logger.info("hcrlhf.integrations: %s handed to TRL's original (%s)", name, reason)
+
+
+def _engine(impl: str, dtype: torch.dtype) -> str:
+    return "torch" if dtype == torch.float64 else impl  # the ops compute float64 in the torch engine only
+
+
+def _token_path_refusal(logits, index, row_mask, temperature) -> str | None:
+    """Why ``ops.token_logprobs`` cannot serve this TRL call exactly (None: it can)."""
+    from hcrlhf.ops._checks import MIN_TEMPERATURE
+
+    if not isinstance(logits, torch.Tensor) or logits.dtype not in _FLOAT_DTYPES:
+        return "logits are not a float16/bfloat16/float32/float64 tensor"
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        return "logits have no vocabulary dim"
+    if index is not None:
+        if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int32, torch.int64):
+            return "index is not an int32/int64 tensor"
+        if tuple(index.shape) != tuple(logits.shape[:-1]):
+            return "index gathers several entries per row (shape (..., K))"
+        if index.device != logits.device:
+            return "index is on another device"
+    if row_mask is not None and (not isinstance(row_mask, torch.Tensor) or index is None
+                                 or tuple(row_mask.shape) != tuple(index.shape)
+                                 or row_mask.device != logits.device):
+        return "row_mask does not have the shape and device of index"
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature >= MIN_TEMPERATURE):
+        return f"temperature {temperature!r} is below hcrlhf's minimum {MIN_TEMPERATURE:g} or not a finite number"
+    return None
+
+
+def _token_logprobs(logits, index, row_mask, temperature, impl, with_entropy):
+    from hcrlhf import ops
+
+    labels = index if row_mask is None else index.masked_fill(row_mask == 0, _MASKED_LABEL)
+    return ops.token_logprobs(logits, labels, temperature=float(temperature), return_entropy=with_entropy,
+                              ignore_index=_MASKED_LABEL, impl=_engine(impl, logits.dtype))
+
+
+def _make_replacements(originals: dict, impl: str) -> dict:
+    trl_selective = originals["selective_log_softmax"]
+    trl_entropy = originals["entropy_from_logits"]
+    trl_both = originals["selective_log_softmax_and_entropy"]
+    trl_chunked = originals["ChunkedLogProbFunction"]
+    triton_kernel_runs = originals["_triton_kernel_runs"]
+    optional_outputs = originals["_OPTIONAL_OUTPUTS"]
+
+    def out_dtype(logits, index=None, row_mask=None):
+        # TRL returns float32 where its Triton kernel runs (CUDA/XPU) and the logits' dtype elsewhere.
+        return torch.float32 if triton_kernel_runs(logits, index, row_mask) else logits.dtype
+
+    def selective_log_softmax(
+        logits: torch.Tensor,
+        index: torch.Tensor,
+        temperature: float = 1.0,
+        row_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if temperature <= 0:
+            raise ValueError("temperature must be positive")
+        reason = _token_path_refusal(logits, index, row_mask, temperature)
+        if reason is not None:
+            _count("selective_log_softmax", "trl", reason)
+            return trl_selective(logits, index, temperature, row_mask)
+        _count("selective_log_softmax", "hcrlhf")
+        logp = _token_logprobs(logits, index, row_mask, temperature, impl, with_entropy=False)
+        return logp.to(out_dtype(logits, index, row_mask))
+
+    def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
+        reason = _token_path_refusal(logits, None, None, 1.0)
+        if reason is not None:
+            _count("entropy_from_logits", "trl", reason)
+            return trl_entropy(logits, chunk_size)
+        _count("entropy_from_logits", "hcrlhf")
+        # One streaming pass over V per row: ``chunk_size`` (TRL's rows per step) has nothing to bound.
+        labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+        _, entropy = _token_logprobs(logits, labels, None, 1.0, impl, with_entropy=True)
+        return entropy.to(out_dtype(logits))
+
+    def selective_log_softmax_and_entropy(
+        logits: torch.Tensor,
+        index: torch.Tensor,
+        entropy_requires_grad: bool = True,
+        temperature: float = 1.0,
+        row_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if temperature <= 0:
+            raise ValueError("temperature must be positive")
+        reason = _token_path_refusal(logits, index, row_mask, temperature)
+        if reason is not None:
+            _count("selective_log_softmax_and_entropy", "trl", reason)
+            return trl_both(logits, index, entropy_requires_grad, temperature, row_mask)
+        _count("selective_log_softmax_and_entropy", "hcrlhf")
+        logp, entropy = _token_logprobs(logits, index, row_mask, temperature, impl, with_entropy=True)
+        dtype = out_dtype(logits, index, row_mask)
+        logp, entropy = logp.to(dtype), entropy.to(dtype)
+        return logp, entropy if entropy_requires_grad else entropy.detach()
+
+    class ChunkedLogProbFunction:
+        """hcrlhf's stand-in for ``trl.kernels.ChunkedLogProbFunction`` (see hcrlhf.integrations.trl):
+        ``apply`` takes TRL's nine arguments and returns its five outputs, computed by
+        ``hcrlhf.ops.linear_logprobs`` (``chunk_size``, TRL's vocabulary tile width, is not used:
+        hcrlhf chunks over tokens, never materialising more than one (chunk, V) block)."""
+
+        original = trl_chunked
+
+        @staticmethod
+        def apply(
+            hidden: torch.Tensor,
+            weight: torch.Tensor,
+            bias: torch.Tensor | None,
+            targets: torch.Tensor,
+            temperature: float,
+            chunk_size: int,
+            final_logit_softcapping: float | None = None,
+            logit_scale: float = 1.0,
+            outputs: tuple[str, ...] = optional_outputs,
+        ):
+            name = "ChunkedLogProbFunction"
+            reason = _chunked_refusal(hidden, weight, bias, targets, temperature, final_logit_softcapping,
+                                      logit_scale, outputs)
+            if reason is not None:
+                _count(name, "trl", reason)
+                return trl_chunked.apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                         final_logit_softcapping, logit_scale, outputs)
+            _count(name, "hcrlhf")
+            return _chunked_logprobs(hidden, weight, bias, targets, temperature / logit_scale,
+                                     "entropy" in outputs, impl)
+
+    return {
+        "ChunkedLogProbFunction": ChunkedLogProbFunction,
+        "selective_log_softmax": selective_log_softmax,
+        "entropy_from_logits": entropy_from_logits,
+        "selective_log_softmax_and_entropy": selective_log_softmax_and_entropy,
+    }
+
+
+def _chunked_refusal(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs) -> str | None:
+    """Why ``ops.linear_logprobs`` cannot serve this ChunkedLogProbFunction call exactly (None: it can)."""
+    from hcrlhf.ops._checks import MIN_TEMPERATURE
+
+    extra = [name for name in outputs if name in _TRL_ONLY_OUTPUTS]
+    if extra:
+        return f"outputs {tuple(extra)} are not computed by hcrlhf"
+    if softcap is not None:
+        return "final_logit_softcapping is not supported by hcrlhf"
+    tensors = (hidden, weight, targets) + (() if bias is None else (bias,))
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return "an argument is not a tensor"
+    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1 or hidden.dtype not in _FLOAT_DTYPES:
+        return "hidden / weight / targets are not (N, H) / (V, H) / (N,) with float hidden states"
+    if targets.dtype not in (torch.int32, torch.int64):
+        return "targets are not int32/int64"
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
+        return f"logit_scale {logit_scale!r} is not a finite number > 0"
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature / logit_scale >= MIN_TEMPERATURE):
+        return f"temperature / logit_scale is below hcrlhf's minimum {MIN_TEMPERATURE:g} or not a finite number"
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():  # TRL's backward re-gathers the partitioned lm_head; hcrlhf's does not
+        return "DeepSpeed ZeRO-3 is enabled"
+    return None
+
+
+def _chunked_logprobs(hidden, weight, bias, targets, temperature, with_entropy, impl):
+    """TRL's ChunkedLogProbFunction conventions around ops.linear_logprobs: the projection runs in the
+    autocast dtype when autocast is on (else the hidden states' dtype); outputs are float32 (TRL's
+    accumulators), ``(log_probs, entropy or None, None, None, None)``; gradients reach hidden, weight and
+    bias in their own dtypes."""
+    from hcrlhf import ops
+
+    device_type = hidden.device.type
+    autocast_on = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast_on else hidden.dtype
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    no_autocast = torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext()
+    with no_autocast:
+        result = ops.linear_logprobs(hidden, weight, targets, bias=bias, temperature=float(temperature),
+                                     return_entropy=with_entropy, impl=_engine(impl, dtype))
+    logp, entropy = result if with_entropy else (result, None)
+    return logp.float(), None if entropy is None else entropy.float(), None, None, None
