@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import typing
@@ -293,6 +294,7 @@ def _mapping(key: str, value) -> dict:
 # ------------------------------------------------------------------------------ YAML, overrides
 
 
+@functools.cache  # one class, built on first use (yaml is imported lazily)
 def _unique_key_loader():
     import yaml
 

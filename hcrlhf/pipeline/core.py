@@ -211,7 +211,7 @@ def _check_safety_set_size(config: PipelineConfig, split, problems: Problems) ->
     """The safety set the split gives holds enough distinct prompts for the safety test's method (checked right
     after the split, before any training: too few would only fail at the test, after it)."""
     method, n = config.safety.method, len(split.safety)
-    needed = MIN_COSTS.get(method, 2)
+    needed = MIN_COSTS
     if n >= needed:
         return
     if config.task == "builtin":

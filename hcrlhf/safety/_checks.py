@@ -19,9 +19,9 @@ EXACT_METHODS = ("hoeffding", "bernstein", "betting", "clopper_pearson")
 METHODS = ("ttest",) + EXACT_METHODS
 #: Exact methods that need a known cost range (Clopper–Pearson works on 0/1 costs by definition).
 RANGE_METHODS = ("hoeffding", "bernstein", "betting")
-#: The fewest costs (safety prompts, one response each) each method's bound is defined for: the t-test and
+#: The fewest costs (safety prompts, one response each) any method's bound is defined for: the t-test and
 #: Bernstein divide by n − 1, and every bound is refused below n = 2 (:func:`as_cost_array`).
-MIN_COSTS = {method: 2 for method in METHODS}
+MIN_COSTS = 2
 
 
 def is_tensor(x) -> bool:
@@ -197,7 +197,7 @@ def check_prompt_texts(fn: str, prompts, *, name: str = "prompts", source=None) 
 
 def check_safety_set_size(fn: str, n: int, method: str, *, name: str = "the safety set") -> None:
     """Refuse a safety set too small for ``method``'s bound (:data:`MIN_COSTS`), before any sampling."""
-    needed = MIN_COSTS.get(method, 2)
+    needed = MIN_COSTS
     if n < needed:
         raise ValueError(f"{fn}: {name} holds {n} distinct prompt{'' if n == 1 else 's'}; the safety test "
                          f"({method}) needs at least {needed} (one cost per prompt)")
