@@ -13,7 +13,10 @@
 # 3. `pip install -e ".[test,integrations]"`: hcrlhf in editable mode with its dependencies, the test
 #    extras and the integrations extra (trl==1.16.0, for hcrlhf.integrations.apply_to_trl and its tests)
 #    from the same index, compiling the C++ extension hcrlhf._C unless HCRLHF_SKIP_EXT=1 is set; then
-#    prints whether the extension loads.
+#    prints whether the extension loads;
+# 4. the peer libraries verl and OpenRLHF (requirements/peers.txt, pinned, `--no-deps`: their own pins
+#    conflict with ours; requirements/peers-imports.txt is what importing their pure-torch modules needs),
+#    for hcrlhf.integrations.apply_to_verl / apply_to_openrlhf, their tests and the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -25,4 +28,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet torch==2.13.0
 fi
 .venv/bin/python -m pip install --quiet -e ".[test,integrations]"
+.venv/bin/python -m pip install --quiet -r requirements/peers-imports.txt
+.venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -r requirements/peers.txt
 .venv/bin/python -c "import hcrlhf, hcrlhf.ops; print('hcrlhf', hcrlhf.__version__, '| C++ extension built:', hcrlhf.ops.cpp_available())"
