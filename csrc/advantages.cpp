@@ -1,4 +1,4 @@
-// CPU kernels for the advantage ops (docs/ops.md): gae, safe_advantages, rloo_advantages.
+// CPU kernels for the advantage ops (docs/ops.md): gae, safe_advantages, rloo_advantages, group_advantages.
 //
 // The math mirrors hcrlhf/reference/{gae,safe_advantages,rloo_advantages}.py operation by
 // operation (same evaluation order, same compute dtype), so float32 results agree with the
@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <string>
@@ -27,7 +28,7 @@ namespace {
 
 using index_t = int64_t;
 
-constexpr double kWhitenEps = 1e-8;  // reference.safe_advantages.WHITEN_EPS
+constexpr double kWhitenEps = 1e-8;  // reference.gae.WHITEN_EPS
 // Below this many tokens a parallel region costs more than it saves.
 constexpr index_t kParallelMinWork = index_t(1) << 15;
 
@@ -202,12 +203,12 @@ inline T clamp(T x, T lo, T hi) {
 }
 
 // k3 as verl's "low_var_kl": the log-ratio clamped to ±20 first, the estimate to ±10 after
-// (reference.safe_advantages.K3_LOG_RATIO_CLIP / K3_CLIP).
+// (reference.kl_penalty.K3_LOG_RATIO_CLIP / K3_CLIP).
 constexpr double kK3LogRatioClip = 20.0;
 constexpr double kK3Clip = 10.0;
 
 // k1 = d, k2 = d²/2, k3 = clamp(e^{-c} - 1 + c, ±10) with c = clamp(d, ±20)
-// (reference.safe_advantages.kl_penalty).
+// (reference.kl_penalty.kl_penalty).
 template <KlEstimator E, typename T>
 inline T kl_estimate(T logprob, T ref_logprob) {
     const T d = logprob - ref_logprob;
@@ -237,6 +238,119 @@ void with_estimator(KlEstimator e, F&& f) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Whitening over all valid tokens of the batch (reference.gae.masked_whiten), shared by gae and
+// safe_advantages: each row's sweep returns its moments, the moments are combined (Chan et al.),
+// then one pass rescales the output in place.
+
+enum class WhitenVariance { unbiased, population, none };
+
+struct WhitenOptions {
+    bool enabled = false;
+    WhitenVariance variance = WhitenVariance::unbiased;
+    bool shift_mean = true;
+};
+
+WhitenOptions parse_whiten(const char* op, bool whiten, const std::string& variance, bool shift_mean) {
+    WhitenOptions w;
+    w.enabled = whiten;
+    w.shift_mean = shift_mean;
+    if (variance == "unbiased") {
+        w.variance = WhitenVariance::unbiased;
+    } else if (variance == "population") {
+        w.variance = WhitenVariance::population;
+    } else if (variance == "none") {
+        w.variance = WhitenVariance::none;
+    } else {
+        throw std::invalid_argument(prefix(op, "whiten_variance") +
+                                    " must be one of ('unbiased', 'population', 'none'), got '" + variance + "'");
+    }
+    return w;
+}
+
+// v where the mask byte m is nonzero, +0 where it is 0: a bitwise AND instead of a select, since GCC does not vectorise a select on a uint8 condition over float/double data. Unlike
+// v·m it gives 0 for a NaN or infinite v too, as the reference's torch.where does.
+template <typename T>
+inline T keep_if(T v, uint8_t m) {
+    using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+    Bits bits;
+    std::memcpy(&bits, &v, sizeof(T));
+    bits &= Bits(0) - static_cast<Bits>(m != 0);
+    std::memcpy(&v, &bits, sizeof(T));
+    return v;
+}
+
+// Per-row statistics of an output over the valid tokens.
+struct RowMoments {
+    double count = 0, mean = 0, m2 = 0;  // m2 = Σ (x - mean)²
+};
+
+// Moments of x[0..end] over the valid tokens, given their sum and count from the sweep that wrote
+// them: a second pass over the (cache-hot) row gives M2 about the row mean, so the batch variance
+// is combined stably without a global sum of squares.
+template <typename T>
+RowMoments row_moments(const T* x, const uint8_t* mask, index_t ms, index_t end, double sum, index_t count) {
+    RowMoments moments;
+    if (count == 0) return moments;
+    moments.count = static_cast<double>(count);
+    moments.mean = sum / moments.count;
+    const double mean = moments.mean;
+    double m2 = 0;
+    if (ms == 1) {  // the usual contiguous mask: a unit-stride loop the compiler vectorises
+#pragma omp simd reduction(+ : m2)
+        for (index_t t = 0; t <= end; ++t) {
+            const double centred = keep_if(static_cast<double>(x[t]) - mean, mask[t]);
+            m2 += centred * centred;
+        }
+    } else {
+        for (index_t t = 0; t <= end; ++t) {
+            const double centred = keep_if(static_cast<double>(x[t]) - mean, mask[t * ms]);
+            m2 += centred * centred;
+        }
+    }
+    moments.m2 = m2;
+    return moments;
+}
+
+// x = (x - mean)·scale (+ mean without shift_mean) on valid tokens, 0 on masked ones, with
+// scale = rsqrt(var + eps) (unbiased), rsqrt(max(var, eps)) (population) or 1 (none).
+template <typename T>
+void whiten_rows(T* x, const Matrix<uint8_t>& mask, index_t batch, index_t n, const std::vector<RowMoments>& rows,
+                 const WhitenOptions& w) {
+    RowMoments total;  // Chan et al.'s pairwise combination, row by row
+    for (const RowMoments& row : rows) {
+        if (row.count == 0) continue;
+        const double count = total.count + row.count;
+        const double delta = row.mean - total.mean;
+        total.mean += delta * (row.count / count);
+        total.m2 += row.m2 + delta * delta * (total.count * row.count / count);
+        total.count = count;
+    }
+    double scale = 1.0;
+    if (w.variance == WhitenVariance::unbiased) {
+        const double var = total.count > 1 ? total.m2 / (total.count - 1) : 0.0;
+        scale = 1.0 / std::sqrt(var + kWhitenEps);
+    } else if (w.variance == WhitenVariance::population) {
+        const double var = total.count > 0 ? total.m2 / total.count : 0.0;
+        scale = 1.0 / std::sqrt(std::max(var, kWhitenEps));
+    }
+    const T mean = static_cast<T>(total.mean);
+    const T scale_t = static_cast<T>(scale);
+    const T shift = w.shift_mean ? T(0) : mean;
+    const index_t chunk = rows_per_chunk(n);
+#pragma omp parallel for schedule(dynamic, chunk) if (batch * n >= kParallelMinWork)
+    for (index_t b = 0; b < batch; ++b) {
+        T* __restrict out = x + b * n;
+        const uint8_t* m = mask.row(b);
+        const index_t ms = mask.col_stride;
+        if (ms == 1) {  // the usual contiguous mask: a unit-stride loop the compiler vectorises
+            for (index_t t = 0; t < n; ++t) out[t] = keep_if((out[t] - mean) * scale_t + shift, m[t]);
+        } else {
+            for (index_t t = 0; t < n; ++t) out[t] = keep_if((out[t] - mean) * scale_t + shift, m[t * ms]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // gae
 
 template <typename T>
@@ -247,6 +361,7 @@ struct GaeArgs {
     T* returns;
     index_t batch, length;
     double gamma, gae_lambda;
+    WhitenOptions whiten;
 };
 
 template <typename T>
@@ -255,6 +370,8 @@ void gae_kernel(const GaeArgs<T>& a) {
     const T gamma = static_cast<T>(a.gamma);
     // The reference multiplies the Python floats first.
     const T gamma_gae_lambda = static_cast<T>(a.gamma * a.gae_lambda);
+    const bool whiten = a.whiten.enabled;
+    std::vector<RowMoments> moments(whiten ? static_cast<size_t>(a.batch) : 0);
 #pragma omp parallel for schedule(dynamic, chunk) if (a.batch * n >= kParallelMinWork)
     for (index_t b = 0; b < a.batch; ++b) {
         const T* rewards = a.rewards.row(b);
@@ -264,6 +381,8 @@ void gae_kernel(const GaeArgs<T>& a) {
         T* __restrict advantages = a.advantages + b * n;
         T* __restrict returns = a.returns + b * n;
         T next_value = 0, running = 0;
+        double sum = 0;  // of the valid advantages, for whitening
+        index_t count = 0, end = -1;
         for (index_t t = n - 1; t >= 0; --t) {
             if (!mask[t * ms]) {  // masked: transparent, output 0
                 advantages[t] = T(0);
@@ -276,14 +395,22 @@ void gae_kernel(const GaeArgs<T>& a) {
             advantages[t] = running;
             returns[t] = running + value;
             next_value = value;
+            if (whiten) {
+                sum += static_cast<double>(running);
+                if (end < 0) end = t;
+                ++count;
+            }
         }
+        if (whiten) moments[b] = row_moments(advantages, mask, ms, end, sum, count);
     }
+    // The returns are targets of the critic: never whitened (verl whitens after computing them).
+    if (whiten) whiten_rows(a.advantages, a.mask, a.batch, n, moments, a.whiten);
 }
 
 template <typename T>
 void gae_typed(const py::object& rewards, const py::object& values, const py::object& mask,
                const py::object& advantages_out, const py::object& returns_out, index_t batch, index_t length,
-               double gamma, double gae_lambda) {
+               double gamma, double gae_lambda, const WhitenOptions& whiten) {
     const char* op = "gae";
     GaeArgs<T> a;
     a.rewards = input_matrix<T>(op, "rewards", rewards, batch, length);
@@ -295,22 +422,25 @@ void gae_typed(const py::object& rewards, const py::object& values, const py::ob
     a.length = length;
     a.gamma = gamma;
     a.gae_lambda = gae_lambda;
+    a.whiten = whiten;
     py::gil_scoped_release nogil;
     gae_kernel(a);
 }
 
 void gae(const py::object& rewards, const py::object& values, const py::object& mask,
-         const py::object& advantages_out, const py::object& returns_out, double gamma, double gae_lambda) {
+         const py::object& advantages_out, const py::object& returns_out, double gamma, double gae_lambda,
+         bool whiten, const std::string& whiten_variance, bool whiten_shift_mean) {
     const char* op = "gae";
     py::array first = get_array(op, "rewards", rewards);
     check_finite(op, "gamma", gamma);
     check_finite(op, "gae_lambda", gae_lambda);
+    const WhitenOptions w = parse_whiten(op, whiten, whiten_variance, whiten_shift_mean);
     const std::pair<index_t, index_t> shape = batch_and_length(op, "rewards", first);
     const index_t batch = shape.first, length = shape.second;
     if (is_float64(op, "rewards", first)) {
-        gae_typed<double>(rewards, values, mask, advantages_out, returns_out, batch, length, gamma, gae_lambda);
+        gae_typed<double>(rewards, values, mask, advantages_out, returns_out, batch, length, gamma, gae_lambda, w);
     } else {
-        gae_typed<float>(rewards, values, mask, advantages_out, returns_out, batch, length, gamma, gae_lambda);
+        gae_typed<float>(rewards, values, mask, advantages_out, returns_out, batch, length, gamma, gae_lambda, w);
     }
 }
 
@@ -325,18 +455,16 @@ struct SafeArgs {
     T *advantages, *reward_advantages, *cost_advantages, *reward_returns, *cost_returns, *kl;
     index_t batch, length;
     double kl_coef, multiplier, gamma, gae_lambda, score_clip;
-    bool kl_in_cost, divide_by_one_plus_lambda, whiten;
-};
-
-// Per-row statistics of the combined advantages over the valid tokens, for whitening.
-struct RowMoments {
-    double count = 0, mean = 0, m2 = 0;  // m2 = Σ (x - mean)²
+    bool kl_in_cost, divide_by_one_plus_lambda, clip_before_kl;
+    WhitenOptions whiten;
 };
 
 // The per-token scalars of one call, in the compute type.
 template <typename T>
 struct SafeCoefficients {
-    T neg_kl_coef, kl_coef, gamma, gamma_gae_lambda, multiplier, denominator, clip;
+    // clip bounds the per-token totals; with clip_before_kl it is +inf (a no-op) and the scores
+    // are clamped once per row instead.
+    T neg_kl_coef, kl_coef, gamma, gamma_gae_lambda, multiplier, denominator, clip, score_clip;
 };
 
 // One right-to-left sweep over row b: KL, shaped reward/cost, both GAE streams, combination.
@@ -364,7 +492,7 @@ RowMoments safe_row(const SafeArgs<T>& a, const SafeCoefficients<T> k, index_t b
     const T neg_kl_coef = k.neg_kl_coef, kl_coef = k.kl_coef, gamma = k.gamma;
     const T gamma_gae_lambda = k.gamma_gae_lambda;
     const T multiplier = k.multiplier, denominator = k.denominator, clip = k.clip;
-    const bool whiten = a.whiten;
+    const bool whiten = a.whiten.enabled;
 
     auto zero = [&](index_t t) {
         advantages[t] = reward_advantages[t] = cost_advantages[t] = T(0);
@@ -381,6 +509,9 @@ RowMoments safe_row(const SafeArgs<T>& a, const SafeCoefficients<T> k, index_t b
     T reward_next_value = 0, reward_running = 0, cost_next_value = 0, cost_running = 0;
     double sum = 0;
     index_t count = 0;
+    // clamp(score, ±inf) is the score itself, so this is a no-op without clip_before_kl.
+    const T reward_score = clamp(a.reward_scores[b], -k.score_clip, k.score_clip);
+    const T cost_score = clamp(a.cost_scores[b], -k.score_clip, k.score_clip);
 
     // One valid token t. The scores enter only at the end (at_end is a compile-time flag), so the
     // common path carries no "+ 0" per token.
@@ -389,8 +520,8 @@ RowMoments safe_row(const SafeArgs<T>& a, const SafeCoefficients<T> k, index_t b
         T reward = neg_kl_coef * kl;
         T cost = KlInCost ? kl_coef * kl : T(0);
         if constexpr (decltype(at_end)::value) {
-            reward = reward + a.reward_scores[b];
-            cost = cost + a.cost_scores[b];
+            reward = reward + reward_score;
+            cost = cost + cost_score;
         }
         reward = clamp(reward, -clip, clip);
         cost = clamp(cost, -clip, clip);
@@ -425,48 +556,8 @@ RowMoments safe_row(const SafeArgs<T>& a, const SafeCoefficients<T> k, index_t b
         }
     }
 
-    if (whiten) {
-        // Second pass over the (cache-hot) row: M2 about the row mean, so the batch variance can
-        // be combined stably (Chan et al.) without a global sum of squares.
-        moments.count = static_cast<double>(count);
-        moments.mean = sum / moments.count;
-        const double mean = moments.mean;
-        double m2 = 0;
-#pragma omp simd reduction(+ : m2)
-        for (index_t t = 0; t <= end; ++t) {
-            const double centred = mask[t * ms] ? static_cast<double>(advantages[t]) - mean : 0.0;
-            m2 += centred * centred;
-        }
-        moments.m2 = m2;
-    }
+    if (whiten) moments = row_moments(advantages, mask, ms, end, sum, count);
     return moments;
-}
-
-// (x - mean)·rsqrt(var + eps) over the valid tokens; masked stay 0 (reference masked_whiten).
-template <typename T>
-void whiten_rows(const SafeArgs<T>& a, const std::vector<RowMoments>& rows) {
-    RowMoments total;  // Chan et al.'s pairwise combination, row by row
-    for (const RowMoments& row : rows) {
-        if (row.count == 0) continue;
-        const double count = total.count + row.count;
-        const double delta = row.mean - total.mean;
-        total.mean += delta * (row.count / count);
-        total.m2 += row.m2 + delta * delta * (total.count * row.count / count);
-        total.count = count;
-    }
-    const double var = total.count > 1 ? total.m2 / (total.count - 1) : 0.0;
-    const T mean = static_cast<T>(total.mean);
-    const T scale = static_cast<T>(1.0 / std::sqrt(var + kWhitenEps));
-    const index_t n = a.length, chunk = rows_per_chunk(n);
-#pragma omp parallel for schedule(dynamic, chunk) if (a.batch * n >= kParallelMinWork)
-    for (index_t b = 0; b < a.batch; ++b) {
-        T* __restrict advantages = a.advantages + b * n;
-        const uint8_t* mask = a.mask.row(b);
-        const index_t ms = a.mask.col_stride;
-        for (index_t t = 0; t < n; ++t) {
-            advantages[t] = mask[t * ms] ? (advantages[t] - mean) * scale : T(0);
-        }
-    }
 }
 
 template <typename T, KlEstimator E, bool KlInCost>
@@ -479,16 +570,19 @@ void safe_kernel(const SafeArgs<T>& a) {
     k.gamma_gae_lambda = static_cast<T>(a.gamma * a.gae_lambda);
     k.multiplier = multiplier;
     k.denominator = a.divide_by_one_plus_lambda ? T(1) + multiplier : T(1);
-    k.clip = static_cast<T>(a.score_clip);
+    const T clip = static_cast<T>(a.score_clip);
+    k.clip = a.clip_before_kl ? std::numeric_limits<T>::infinity() : clip;
+    k.score_clip = a.clip_before_kl ? clip : std::numeric_limits<T>::infinity();
 
-    std::vector<RowMoments> moments(a.whiten ? static_cast<size_t>(a.batch) : 0);
+    const bool whiten = a.whiten.enabled;
+    std::vector<RowMoments> moments(whiten ? static_cast<size_t>(a.batch) : 0);
     const index_t chunk = rows_per_chunk(a.length);
 #pragma omp parallel for schedule(dynamic, chunk) if (a.batch * a.length >= kParallelMinWork)
     for (index_t b = 0; b < a.batch; ++b) {
         const RowMoments row = safe_row<T, E, KlInCost>(a, k, b);
-        if (a.whiten) moments[b] = row;
+        if (whiten) moments[b] = row;
     }
-    if (a.whiten) whiten_rows(a, moments);
+    if (whiten) whiten_rows(a.advantages, a.mask, a.batch, a.length, moments, a.whiten);
 }
 
 template <typename T>
@@ -498,7 +592,8 @@ void safe_typed(const py::object& logprobs, const py::object& ref_logprobs, cons
                 const py::object& cost_advantages, const py::object& reward_returns,
                 const py::object& cost_returns, const py::object& kl, index_t batch, index_t length,
                 double kl_coef, double multiplier, double gamma, double gae_lambda, KlEstimator estimator,
-                double score_clip, bool kl_in_cost, bool divide_by_one_plus_lambda, bool whiten) {
+                double score_clip, bool kl_in_cost, bool divide_by_one_plus_lambda, bool clip_before_kl,
+                const WhitenOptions& whiten) {
     const char* op = "safe_advantages";
     SafeArgs<T> a;
     a.logprobs = input_matrix<T>(op, "logprobs", logprobs, batch, length);
@@ -523,6 +618,7 @@ void safe_typed(const py::object& logprobs, const py::object& ref_logprobs, cons
     a.score_clip = score_clip;
     a.kl_in_cost = kl_in_cost;
     a.divide_by_one_plus_lambda = divide_by_one_plus_lambda;
+    a.clip_before_kl = clip_before_kl;
     a.whiten = whiten;
 
     py::gil_scoped_release nogil;
@@ -543,10 +639,12 @@ void safe_advantages(const py::object& logprobs, const py::object& ref_logprobs,
                      const py::object& cost_advantages, const py::object& reward_returns,
                      const py::object& cost_returns, const py::object& kl, double kl_coef,
                      double lagrange_multiplier, double gamma, double gae_lambda, const std::string& kl_estimator,
-                     double score_clip, bool kl_in_cost, bool divide_by_one_plus_lambda, bool whiten) {
+                     double score_clip, bool kl_in_cost, bool divide_by_one_plus_lambda, bool whiten,
+                     bool clip_before_kl, const std::string& whiten_variance, bool whiten_shift_mean) {
     const char* op = "safe_advantages";
     py::array first = get_array(op, "logprobs", logprobs);
     const KlEstimator estimator = parse_estimator(op, kl_estimator);
+    const WhitenOptions w = parse_whiten(op, whiten, whiten_variance, whiten_shift_mean);
     check_finite(op, "kl_coef", kl_coef);
     check_finite(op, "gamma", gamma);
     check_finite(op, "gae_lambda", gae_lambda);
@@ -558,7 +656,7 @@ void safe_advantages(const py::object& logprobs, const py::object& ref_logprobs,
         safe_typed<T>(logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values,
                       advantages, reward_advantages, cost_advantages, reward_returns, cost_returns, kl, batch,
                       length, kl_coef, lagrange_multiplier, gamma, gae_lambda, estimator, score_clip, kl_in_cost,
-                      divide_by_one_plus_lambda, whiten);
+                      divide_by_one_plus_lambda, clip_before_kl, w);
     };
     if (is_float64(op, "logprobs", first)) {
         run(double{});
@@ -687,19 +785,319 @@ void rloo_advantages(const py::object& logprobs, const py::object& ref_logprobs,
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// group_advantages: rloo (rloo_advantages' opt-in options), grpo, dr_grpo, reinforce_pp
+// (reference.group_advantages / reference.rloo_advantages). Groups arrive as dense ids in [0, B)
+// (the op layer's stable-sort densification), so uneven, non-contiguous groups need no hashing.
+
+enum class GroupEstimator { rloo, grpo, dr_grpo, reinforce_pp };
+
+template <typename T>
+struct GroupArgs {
+    Matrix<T> logprobs, ref_logprobs;
+    Matrix<uint8_t> mask;
+    Vector<T> reward_scores, cost_scores;
+    const int64_t* group_ids = nullptr;  // (B,) contiguous; null for reinforce_pp
+    T *advantages, *returns, *kl;
+    index_t batch, length;
+    GroupEstimator estimator;
+    double kl_coef, multiplier, score_clip, eps;
+    bool clip_before_kl, mask_nan, population, per_token;
+};
+
+template <typename T>
+inline bool scorable(const GroupArgs<T>& a, index_t b) {
+    return !a.mask_nan || !(std::isnan(a.reward_scores[b]) || std::isnan(a.cost_scores[b]));
+}
+
+// rloo / grpo / dr_grpo: G_i per row, then per-group count, sum (and Σ (G - mean)² for grpo) in
+// double, then each row's advantage; per_token broadcasts A and G over the row's valid positions.
+template <typename T, KlEstimator E>
+void sequence_group_kernel(const GroupArgs<T>& a) {
+    const T kl_coef = static_cast<T>(a.kl_coef);
+    const T multiplier = static_cast<T>(sanitize_multiplier(a.multiplier));
+    const T clip = static_cast<T>(a.score_clip);
+    const index_t n = a.length, chunk = rows_per_chunk(n);
+    std::vector<T> returns(static_cast<size_t>(a.batch)), kl_sums(static_cast<size_t>(a.batch));
+
+#pragma omp parallel for schedule(dynamic, chunk) if (a.batch * n >= kParallelMinWork)
+    for (index_t b = 0; b < a.batch; ++b) {
+        const T* logprobs = a.logprobs.row(b);
+        const T* ref_logprobs = a.ref_logprobs.row(b);
+        const uint8_t* mask = a.mask.row(b);
+        const index_t ls = a.logprobs.col_stride, rls = a.ref_logprobs.col_stride, ms = a.mask.col_stride;
+        if (a.per_token) {
+            T* __restrict kl_out = a.kl + b * n;
+            for (index_t t = 0; t < n; ++t) {
+                kl_out[t] = mask[t * ms] ? kl_estimate<E>(logprobs[t * ls], ref_logprobs[t * rls]) : T(0);
+            }
+        }
+        const T kl = static_cast<T>(row_kl_sum<T, E>(logprobs, ls, ref_logprobs, rls, mask, ms, n));
+        const T reward = a.reward_scores[b];
+        const T shaped = a.clip_before_kl ? clamp(reward, -clip, clip) - kl_coef * kl
+                                          : clamp(reward - kl_coef * kl, -clip, clip);
+        kl_sums[b] = kl;
+        returns[b] = shaped - multiplier * a.cost_scores[b];
+    }
+
+    // O(B) and serial: the per-group statistics.
+    std::vector<double> count(static_cast<size_t>(a.batch)), sum(static_cast<size_t>(a.batch));
+    std::vector<double> mean, squares;
+    for (index_t b = 0; b < a.batch; ++b) {
+        if (!scorable(a, b)) continue;
+        count[a.group_ids[b]] += 1;
+        sum[a.group_ids[b]] += static_cast<double>(returns[b]);
+    }
+    if (a.estimator != GroupEstimator::rloo) {
+        mean.assign(static_cast<size_t>(a.batch), 0.0);  // a group of one: mean 0 (verl)
+        for (index_t g = 0; g < a.batch; ++g) {
+            if (count[g] >= 2) mean[g] = sum[g] / count[g];
+        }
+    }
+    if (a.estimator == GroupEstimator::grpo) {
+        squares.assign(static_cast<size_t>(a.batch), 0.0);
+        for (index_t b = 0; b < a.batch; ++b) {
+            if (!scorable(a, b)) continue;
+            const double centred = static_cast<double>(returns[b]) - mean[a.group_ids[b]];
+            squares[a.group_ids[b]] += centred * centred;
+        }
+    }
+
+#pragma omp parallel for schedule(dynamic, chunk) if (a.per_token && a.batch * n >= kParallelMinWork)
+    for (index_t b = 0; b < a.batch; ++b) {
+        const index_t g = a.group_ids[b];
+        const double own = static_cast<double>(returns[b]);
+        double advantage = 0;
+        if (scorable(a, b)) {
+            if (a.estimator == GroupEstimator::rloo) {
+                const double others = count[g] - 1;  // no other member: baseline 0 (verl's size-1 rule)
+                advantage = own - (others > 0 ? (sum[g] - own) / others : 0.0);
+            } else if (a.estimator == GroupEstimator::dr_grpo) {
+                advantage = own - mean[g];
+            } else {  // grpo: unbiased std (torch.std), 1 for a group of one
+                const double std_dev = count[g] >= 2 ? std::sqrt(squares[g] / (count[g] - 1)) : 1.0;
+                advantage = (own - mean[g]) / (std_dev + a.eps);
+            }
+        }
+        const T advantage_t = static_cast<T>(advantage);
+        if (!a.per_token) {
+            a.advantages[b] = advantage_t;
+            a.returns[b] = returns[b];
+            a.kl[b] = kl_sums[b];
+            continue;
+        }
+        const uint8_t* mask = a.mask.row(b);
+        const index_t ms = a.mask.col_stride;
+        T* __restrict advantages = a.advantages + b * n;
+        T* __restrict returns_out = a.returns + b * n;
+        const T row_return = returns[b];
+        for (index_t t = 0; t < n; ++t) {
+            const bool valid = mask[t * ms] != 0;
+            advantages[t] = valid ? advantage_t : T(0);
+            returns_out[t] = valid ? row_return : T(0);
+        }
+    }
+}
+
+// reinforce_pp: one right-to-left sweep per row gives the per-token kl, rewards and returns
+// R_t = Σ_{s >= t} r_s (γ = 1; holes carry R through) and the row's moments of R (scorable rows
+// only); Chan's combination gives the batch mean/variance; a second pass whitens.
+template <typename T, KlEstimator E>
+void reinforce_pp_kernel(const GroupArgs<T>& a) {
+    const T neg_kl_coef = static_cast<T>(-a.kl_coef);
+    const T multiplier = static_cast<T>(sanitize_multiplier(a.multiplier));
+    const T clip = static_cast<T>(a.score_clip);
+    const index_t n = a.length, chunk = rows_per_chunk(n);
+    std::vector<RowMoments> moments(static_cast<size_t>(a.batch));
+
+#pragma omp parallel for schedule(dynamic, chunk) if (a.batch * n >= kParallelMinWork)
+    for (index_t b = 0; b < a.batch; ++b) {
+        const T* logprobs = a.logprobs.row(b);
+        const T* ref_logprobs = a.ref_logprobs.row(b);
+        const uint8_t* mask = a.mask.row(b);
+        const index_t ls = a.logprobs.col_stride, rls = a.ref_logprobs.col_stride, ms = a.mask.col_stride;
+        T* __restrict returns = a.returns + b * n;
+        T* __restrict kl_out = a.kl + b * n;
+        index_t end = n - 1;
+        while (end >= 0 && !mask[end * ms]) --end;
+        const T reward = a.clip_before_kl ? clamp(a.reward_scores[b], -clip, clip) : a.reward_scores[b];
+        const T cost = multiplier * a.cost_scores[b];
+        T running = 0;
+        double sum = 0, count = 0;
+        for (index_t t = n - 1; t >= 0; --t) {
+            if (!mask[t * ms]) {
+                returns[t] = kl_out[t] = T(0);
+                continue;
+            }
+            const T kl = kl_estimate<E>(logprobs[t * ls], ref_logprobs[t * rls]);
+            T r = neg_kl_coef * kl;
+            if (t == end) r = r + reward;
+            if (!a.clip_before_kl) r = clamp(r, -clip, clip);  // per token, like safe_advantages
+            if (t == end) r = r - cost;
+            running = running + r;
+            returns[t] = running;
+            kl_out[t] = kl;
+            sum += static_cast<double>(running);
+            count += 1;
+        }
+        RowMoments row;
+        if (count > 0 && scorable(a, b)) {
+            row.count = count;
+            row.mean = sum / count;
+            double m2 = 0;
+            for (index_t t = 0; t <= end; ++t) {
+                const double centred = mask[t * ms] ? static_cast<double>(returns[t]) - row.mean : 0.0;
+                m2 += centred * centred;
+            }
+            row.m2 = m2;
+        }
+        moments[b] = row;
+    }
+
+    RowMoments total;  // Chan et al.'s pairwise combination, row by row
+    for (const RowMoments& row : moments) {
+        if (row.count == 0) continue;
+        const double count = total.count + row.count;
+        const double delta = row.mean - total.mean;
+        total.mean += delta * (row.count / count);
+        total.m2 += row.m2 + delta * delta * (total.count * row.count / count);
+        total.count = count;
+    }
+    // reference.gae.masked_whiten: unbiased rsqrt(var + eps) (verl), population rsqrt(max(var, eps)) (OpenRLHF)
+    double scale;
+    if (a.population) {
+        scale = 1.0 / std::sqrt(std::max(total.count > 0 ? total.m2 / total.count : 0.0, a.eps));
+    } else {
+        scale = 1.0 / std::sqrt((total.count > 1 ? total.m2 / (total.count - 1) : 0.0) + a.eps);
+    }
+    const T mean = static_cast<T>(total.mean);
+    const T scale_t = static_cast<T>(scale);
+#pragma omp parallel for schedule(dynamic, chunk) if (a.batch * n >= kParallelMinWork)
+    for (index_t b = 0; b < a.batch; ++b) {
+        const uint8_t* mask = a.mask.row(b);
+        const index_t ms = a.mask.col_stride;
+        const T* returns = a.returns + b * n;
+        T* __restrict advantages = a.advantages + b * n;
+        const bool counted = scorable(a, b);
+        for (index_t t = 0; t < n; ++t) {
+            advantages[t] = counted && mask[t * ms] ? (returns[t] - mean) * scale_t : T(0);
+        }
+    }
+}
+
+GroupEstimator parse_group_estimator(const char* op, const std::string& name) {
+    if (name == "rloo") return GroupEstimator::rloo;
+    if (name == "grpo") return GroupEstimator::grpo;
+    if (name == "dr_grpo") return GroupEstimator::dr_grpo;
+    if (name == "reinforce_pp") return GroupEstimator::reinforce_pp;
+    throw std::invalid_argument(prefix(op, "estimator") +
+                                " must be one of ('rloo', 'grpo', 'dr_grpo', 'reinforce_pp'), got '" + name + "'");
+}
+
+template <typename T>
+void group_typed(GroupArgs<T>& a, const py::object& logprobs, const py::object& ref_logprobs,
+                 const py::object& mask, const py::object& reward_scores, const py::object& cost_scores,
+                 const py::object& group_ids, const py::object& advantages, const py::object& returns,
+                 const py::object& kl, KlEstimator estimator) {
+    const char* op = "group_advantages";
+    const index_t batch = a.batch, length = a.length;
+    a.logprobs = input_matrix<T>(op, "logprobs", logprobs, batch, length);
+    a.ref_logprobs = input_matrix<T>(op, "ref_logprobs", ref_logprobs, batch, length);
+    a.mask = input_mask(op, mask, batch, length);
+    a.reward_scores = input_vector<T>(op, "reward_scores", reward_scores, batch);
+    a.cost_scores = input_vector<T>(op, "cost_scores", cost_scores, batch);
+    const bool per_token = a.per_token || a.estimator == GroupEstimator::reinforce_pp;
+    if (per_token) {
+        a.advantages = output_array<T>(op, "advantages", advantages, {batch, length});
+        a.returns = output_array<T>(op, "returns", returns, {batch, length});
+        a.kl = output_array<T>(op, "kl", kl, {batch, length});
+    } else {
+        a.advantages = output_array<T>(op, "advantages", advantages, {batch});
+        a.returns = output_array<T>(op, "returns", returns, {batch});
+        a.kl = output_array<T>(op, "kl", kl, {batch});
+    }
+    if (a.estimator != GroupEstimator::reinforce_pp) {
+        py::array ids = get_array(op, "group_ids", group_ids);
+        check_shape(op, "group_ids", ids, {batch});
+        check(py::isinstance<py::array_t<int64_t>>(ids) && (ids.flags() & py::array::c_style) != 0,
+              [&] { return prefix(op, "group_ids") + " must be a C-contiguous int64 array, got " + dtype_string(ids); });
+        a.group_ids = static_cast<const int64_t*>(ids.data());
+        for (index_t b = 0; b < batch; ++b) {
+            const int64_t g = a.group_ids[b];
+            check(g >= 0 && g < batch, [&] {
+                return prefix(op, "group_ids") + " must lie in [0, B) (dense ids), got " + std::to_string(g) +
+                       " at row " + std::to_string(b);
+            });
+        }
+    }
+
+    py::gil_scoped_release nogil;
+    with_estimator(estimator, [&](auto estimator_tag) {
+        constexpr KlEstimator E = decltype(estimator_tag)::value;
+        if (a.estimator == GroupEstimator::reinforce_pp) {
+            reinforce_pp_kernel<T, E>(a);
+        } else {
+            sequence_group_kernel<T, E>(a);
+        }
+    });
+}
+
+void group_advantages(const py::object& logprobs, const py::object& ref_logprobs, const py::object& mask,
+                      const py::object& reward_scores, const py::object& cost_scores, const py::object& group_ids,
+                      const py::object& advantages, const py::object& returns, const py::object& kl,
+                      const std::string& estimator, double kl_coef, double lagrange_multiplier,
+                      const std::string& kl_estimator, double score_clip, bool clip_before_kl, bool mask_nan_rewards,
+                      double eps, bool population, bool per_token) {
+    const char* op = "group_advantages";
+    py::array first = get_array(op, "logprobs", logprobs);
+    const KlEstimator kl_kind = parse_estimator(op, kl_estimator);
+    const GroupEstimator kind = parse_group_estimator(op, estimator);
+    check_finite(op, "kl_coef", kl_coef);
+    check_score_clip(op, score_clip);
+    check(std::isfinite(eps) && eps >= 0, [&] { return prefix(op, "eps") + " must be finite and >= 0, got " +
+                                                       number_string(eps); });
+    const std::pair<index_t, index_t> shape = batch_and_length(op, "logprobs", first);
+    auto run = [&](auto type_tag) {
+        using T = decltype(type_tag);
+        GroupArgs<T> a;
+        a.batch = shape.first;
+        a.length = shape.second;
+        a.estimator = kind;
+        a.kl_coef = kl_coef;
+        a.multiplier = lagrange_multiplier;
+        a.score_clip = score_clip;
+        a.eps = eps;
+        a.clip_before_kl = clip_before_kl;
+        a.mask_nan = mask_nan_rewards;
+        a.population = population;
+        a.per_token = per_token;
+        group_typed<T>(a, logprobs, ref_logprobs, mask, reward_scores, cost_scores, group_ids, advantages, returns,
+                       kl, kl_kind);
+    };
+    if (is_float64(op, "logprobs", first)) {
+        run(double{});
+    } else {
+        run(float{});
+    }
+}
+
 }  // namespace
 
 void register_advantages(py::module_& m) {
     m.def("gae", &gae, py::kw_only(), py::arg("rewards"), py::arg("values"), py::arg("mask"),
           py::arg("advantages_out"), py::arg("returns_out"), py::arg("gamma"), py::arg("gae_lambda"),
+          py::arg("whiten") = false, py::arg("whiten_variance") = "unbiased", py::arg("whiten_shift_mean") = true,
           "GAE over the valid positions of each row (docs/ops.md#gae), written into the contiguous outputs.\n"
-          "rewards, values: (B, T) float32/float64, any strides; mask: (B, T) bool.");
+          "rewards, values: (B, T) float32/float64, any strides; mask: (B, T) bool. whiten: the advantages\n"
+          "are whitened over all valid tokens in place (whiten_variance 'unbiased' | 'population' | 'none').");
     m.def("safe_advantages", &safe_advantages, py::kw_only(), py::arg("logprobs"), py::arg("ref_logprobs"),
           py::arg("mask"), py::arg("reward_scores"), py::arg("cost_scores"), py::arg("reward_values"),
           py::arg("cost_values"), py::arg("advantages"), py::arg("reward_advantages"), py::arg("cost_advantages"),
           py::arg("reward_returns"), py::arg("cost_returns"), py::arg("kl"), py::arg("kl_coef"),
           py::arg("lagrange_multiplier"), py::arg("gamma"), py::arg("gae_lambda"), py::arg("kl_estimator"),
           py::arg("score_clip"), py::arg("kl_in_cost"), py::arg("divide_by_one_plus_lambda"), py::arg("whiten"),
+          py::arg("clip_before_kl") = false, py::arg("whiten_variance") = "unbiased",
+          py::arg("whiten_shift_mean") = true,
           "KL-penalised reward - λ·cost advantages (docs/ops.md#safe_advantages) in one sweep per row, written\n"
           "into the six contiguous (B, T) outputs. score_clip=math.inf disables clipping.");
     m.def("rloo_advantages", &rloo_advantages, py::kw_only(), py::arg("logprobs"), py::arg("ref_logprobs"),
@@ -708,6 +1106,14 @@ void register_advantages(py::module_& m) {
           py::arg("kl_estimator"), py::arg("score_clip"),
           "Sequence-level leave-one-out advantages (docs/ops.md#rloo_advantages), written into the three\n"
           "contiguous (B,) outputs. score_clip=math.inf disables clipping.");
+    m.def("group_advantages", &group_advantages, py::kw_only(), py::arg("logprobs"), py::arg("ref_logprobs"),
+          py::arg("mask"), py::arg("reward_scores"), py::arg("cost_scores"), py::arg("group_ids"),
+          py::arg("advantages"), py::arg("returns"), py::arg("kl"), py::arg("estimator"), py::arg("kl_coef"),
+          py::arg("lagrange_multiplier"), py::arg("kl_estimator"), py::arg("score_clip"), py::arg("clip_before_kl"),
+          py::arg("mask_nan_rewards"), py::arg("eps"), py::arg("population"), py::arg("per_token"),
+          "Group-baseline advantages (docs/ops.md#group_advantages; estimator 'rloo' | 'grpo' | 'dr_grpo' |\n"
+          "'reinforce_pp'), written into the three contiguous (B,) or (B, T) outputs. group_ids: (B,) int64\n"
+          "dense ids in [0, B) (ignored for reinforce_pp). score_clip=math.inf disables clipping.");
 }
 
 }  // namespace hcrlhf

@@ -17,6 +17,10 @@
 //
 // A row whose softmax is undefined -- a NaN or +inf logit, or every logit -inf -- gives NaN
 // log-prob, entropy and gradient (docs/ops.md#token_logprobs); its stats hold log_sum = NaN.
+//
+// Labels are optional (None: entropy only, or several labels per row gathered by the caller, whose
+// one-hot terms the caller then adds in the backward), and so is a row mask: a row whose label is
+// ignore_index or whose mask entry is 0 is dead and never read.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -358,11 +362,25 @@ struct Layout {
     int64_t row_offset(int64_t r) const { return (r / inner) * stride_outer + (r % inner) * stride_inner; }
 };
 
+// A row is live unless its label equals ignore_index or its row-mask entry is 0; without labels
+// (nullptr: entropy only, or the caller gathers several labels per row itself) only the row mask
+// decides. A dead row is never read: log-prob and entropy 0, stats (0, 0) (its backward writes zeros).
+inline bool row_is_live(const int64_t* labels, const uint8_t* row_mask, int64_t r, int64_t ignore_index) {
+    return (labels == nullptr || labels[r] != ignore_index) && (row_mask == nullptr || row_mask[r] != 0);
+}
+
 template <int K>
-void forward_rows(const void* logits, const Layout& L, const int64_t* labels, float inv_temp, int64_t ignore_index,
-                  float* logp, float* stats, float* entropy, bool simd) {
+void forward_rows(const void* logits, const Layout& L, const int64_t* labels, const uint8_t* row_mask,
+                  float inv_temp, int64_t ignore_index, float* logp, float* stats, float* entropy, bool simd) {
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < L.rows; ++r) {
+        if (!row_is_live(labels, row_mask, r, ignore_index)) {
+            stats[2 * r] = 0.f;
+            stats[2 * r + 1] = 0.f;
+            if (logp) logp[r] = 0.f;
+            if (entropy) entropy[r] = 0.f;
+            continue;
+        }
         const void* row = element<K>(logits, L.row_offset(r));
         RowResult res;
 #if HCRLHF_X86_SIMD
@@ -373,28 +391,20 @@ void forward_rows(const void* logits, const Layout& L, const int64_t* labels, fl
         (void)simd;
         stats[2 * r] = res.max;
         stats[2 * r + 1] = static_cast<float>(res.log_sum);
-        const int64_t label = labels[r];
-        if (label == ignore_index) {
-            logp[r] = 0.f;
-            if (entropy) entropy[r] = 0.f;
-            continue;
-        }
         // label in [0, V): checked by the entry point. -inf label logit -> -inf; undefined row -> NaN.
-        logp[r] = static_cast<float>((load1<K>(row, label) - res.max) * inv_temp - res.log_sum);
+        if (labels) logp[r] = static_cast<float>((load1<K>(row, labels[r]) - res.max) * inv_temp - res.log_sum);
         if (entropy) entropy[r] = static_cast<float>(res.entropy);
     }
 }
 
 template <int K>
 void backward_rows(const void* logits, const Layout& L, void* grad, const Layout& G, const int64_t* labels,
-                   const float* stats, const float* entropy, const float* grad_logp, const float* grad_entropy,
-                   float inv_temp, int64_t ignore_index, bool simd) {
+                   const uint8_t* row_mask, const float* stats, const float* entropy, const float* grad_logp,
+                   const float* grad_entropy, float inv_temp, int64_t ignore_index, bool simd) {
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < L.rows; ++r) {
-        const void* row = element<K>(logits, L.row_offset(r));
         void* grad_row = element<K>(grad, G.row_offset(r));
-        const int64_t label = labels[r];
-        if (label == ignore_index) {  // constant outputs: zero gradient
+        if (!row_is_live(labels, row_mask, r, ignore_index)) {  // constant outputs: zero gradient, row not read
             for (int64_t j = 0; j < L.V; ++j) store1<K>(grad_row, j, 0.f);
             continue;
         }
@@ -402,16 +412,21 @@ void backward_rows(const void* logits, const Layout& L, void* grad, const Layout
             for (int64_t j = 0; j < L.V; ++j) store1<K>(grad_row, j, std::numeric_limits<float>::quiet_NaN());
             continue;
         }
+        const void* row = element<K>(logits, L.row_offset(r));
         const float g_lp = grad_logp ? grad_logp[r] : 0.f, g_h = grad_entropy ? grad_entropy[r] : 0.f;
         const float h = entropy ? entropy[r] : 0.f;
+        // Without labels there is no one-hot term: grad_logp is the row's total upstream gradient
+        // and the caller adds it at its label columns (several labels per row).
+        const int64_t label = labels ? labels[r] : -1;
         // Read the label's logit before the row is overwritten (the gradient may alias the logits).
-        const float x_label = load1<K>(row, label);  // label in [0, V): checked by the entry point
+        const float x_label = labels ? load1<K>(row, label) : 0.f;  // label in [0, V): checked by the entry point
 #if HCRLHF_X86_SIMD
         if (simd) backward_row_avx2<K>(row, grad_row, L.V, inv_temp, stats[2 * r], stats[2 * r + 1], h, g_lp, g_h);
         else
 #endif
             backward_row_scalar<K>(row, grad_row, L.V, inv_temp, stats[2 * r], stats[2 * r + 1], h, g_lp, g_h);
         (void)simd;
+        if (!labels) continue;
         float lp = (x_label - stats[2 * r]) * inv_temp - stats[2 * r + 1];
         lp = lp < kMinExpArg ? kMinExpArg : lp;
         const float p = std::exp(lp);
@@ -519,18 +534,42 @@ void check_inv_temp(double inv_temp) {
             "token_logprobs: inv_temp must be finite and > 0 in float32, got " + std::to_string(inv_temp));
 }
 
+// Optional int64 labels (rows,) (None: no label is gathered; the log-prob output must be None too)
+// and an optional row mask (rows,) of bool / uint8 (0: the row is dead).
+const int64_t* optional_labels(const py::object& labels, py::array& keep, int64_t rows, int64_t V,
+                               int64_t ignore_index) {
+    if (labels.is_none()) return nullptr;
+    keep = labels.cast<py::array>();
+    const int64_t* lab = in_ptr<int64_t>(keep, rows, "labels");
+    check_labels(lab, rows, V, ignore_index);
+    return lab;
+}
+
+const uint8_t* optional_row_mask(const py::object& row_mask, py::array& keep, int64_t rows) {
+    if (row_mask.is_none()) return nullptr;
+    keep = row_mask.cast<py::array>();
+    require((keep.dtype().kind() == 'b' || keep.dtype().kind() == 'u') && keep.itemsize() == 1,
+            "token_logprobs: row_mask: wrong dtype (expected bool or uint8)");
+    require(keep.size() == rows, "token_logprobs: row_mask: wrong size");
+    require(keep.flags() & py::array::c_style, "token_logprobs: row_mask: must be contiguous");
+    return static_cast<const uint8_t*>(keep.data());
+}
+
 void token_logprobs_forward(const py::array& logits, int kind, int64_t rows, int64_t inner, int64_t stride_outer,
-                            int64_t stride_inner, int64_t V, const py::array& labels, double inv_temp,
-                            int64_t ignore_index, py::array& logp, py::array& stats, py::object entropy) {
+                            int64_t stride_inner, int64_t V, const py::object& labels, double inv_temp,
+                            int64_t ignore_index, py::object logp, py::array& stats, py::object entropy,
+                            const py::object& row_mask) {
     const Layout L{rows, inner, stride_outer, stride_inner, V};
     check_layout(logits, kind, L);
     check_inv_temp(inv_temp);
-    const int64_t* lab = in_ptr<int64_t>(labels, rows, "labels");
-    check_labels(lab, rows, V, ignore_index);
-    float* lp = out_ptr<float>(logp, rows, "logp");
+    py::array lab_arr, mask_arr, lp_arr, ent_arr;
+    const int64_t* lab = optional_labels(labels, lab_arr, rows, V, ignore_index);
+    const uint8_t* mask = optional_row_mask(row_mask, mask_arr, rows);
+    require(logp.is_none() == (lab == nullptr), "token_logprobs: logp must be given exactly when labels are");
+    float* lp = nullptr;
+    if (!logp.is_none()) { lp_arr = logp.cast<py::array>(); lp = out_ptr<float>(lp_arr, rows, "logp"); }
     float* ls = out_ptr<float>(stats, 2 * rows, "stats");
     float* ent = nullptr;
-    py::array ent_arr;
     if (!entropy.is_none()) {
         ent_arr = entropy.cast<py::array>();
         ent = out_ptr<float>(ent_arr, rows, "entropy");
@@ -539,24 +578,25 @@ void token_logprobs_forward(const py::array& logits, int kind, int64_t rows, int
     const bool simd = cpu_has_avx2();
     const float it = static_cast<float>(inv_temp);
     py::gil_scoped_release release;
-    if (kind == kF32) forward_rows<kF32>(data, L, lab, it, ignore_index, lp, ls, ent, simd);
-    else if (kind == kBF16) forward_rows<kBF16>(data, L, lab, it, ignore_index, lp, ls, ent, simd);
-    else forward_rows<kF16>(data, L, lab, it, ignore_index, lp, ls, ent, simd);
+    if (kind == kF32) forward_rows<kF32>(data, L, lab, mask, it, ignore_index, lp, ls, ent, simd);
+    else if (kind == kBF16) forward_rows<kBF16>(data, L, lab, mask, it, ignore_index, lp, ls, ent, simd);
+    else forward_rows<kF16>(data, L, lab, mask, it, ignore_index, lp, ls, ent, simd);
 }
 
 void token_logprobs_backward(const py::array& logits, int kind, int64_t rows, int64_t inner, int64_t stride_outer,
-                             int64_t stride_inner, int64_t V, const py::array& labels, const py::array& stats,
+                             int64_t stride_inner, int64_t V, const py::object& labels, const py::array& stats,
                              py::object entropy, py::object grad_logp, py::object grad_entropy, double inv_temp,
                              int64_t ignore_index, py::array& grad, int64_t grad_stride_outer,
-                             int64_t grad_stride_inner) {
+                             int64_t grad_stride_inner, const py::object& row_mask) {
     const Layout L{rows, inner, stride_outer, stride_inner, V};
     const Layout G{rows, inner, grad_stride_outer, grad_stride_inner, V};
     check_layout(logits, kind, L);
     check_inv_temp(inv_temp);
     require(grad.itemsize() == logits.itemsize() && grad.writeable(), "grad: must be writeable, same dtype as logits");
     check_rows_in_buffer("grad", grad, G);
-    const int64_t* lab = in_ptr<int64_t>(labels, rows, "labels");
-    check_labels(lab, rows, V, ignore_index);
+    py::array lab_arr, mask_arr;
+    const int64_t* lab = optional_labels(labels, lab_arr, rows, V, ignore_index);
+    const uint8_t* mask = optional_row_mask(row_mask, mask_arr, rows);
     const float* ls = in_ptr<float>(stats, 2 * rows, "stats");
     py::array ent_arr, glp_arr, gh_arr;
     const float *ent = nullptr, *glp = nullptr, *gh = nullptr;
@@ -572,26 +612,28 @@ void token_logprobs_backward(const py::array& logits, int kind, int64_t rows, in
     const bool simd = cpu_has_avx2();
     const float it = static_cast<float>(inv_temp);
     py::gil_scoped_release release;
-    if (kind == kF32) backward_rows<kF32>(data, L, gdata, G, lab, ls, ent, glp, gh, it, ignore_index, simd);
-    else if (kind == kBF16) backward_rows<kBF16>(data, L, gdata, G, lab, ls, ent, glp, gh, it, ignore_index, simd);
-    else backward_rows<kF16>(data, L, gdata, G, lab, ls, ent, glp, gh, it, ignore_index, simd);
+    if (kind == kF32) backward_rows<kF32>(data, L, gdata, G, lab, mask, ls, ent, glp, gh, it, ignore_index, simd);
+    else if (kind == kBF16) backward_rows<kBF16>(data, L, gdata, G, lab, mask, ls, ent, glp, gh, it, ignore_index, simd);
+    else backward_rows<kF16>(data, L, gdata, G, lab, mask, ls, ent, glp, gh, it, ignore_index, simd);
 }
 
 }  // namespace
 
 void register_logprobs(py::module_& m) {
     m.def("token_logprobs_forward", &token_logprobs_forward,
-          "Per-row log-prob of the label, stats (max z, log Σ exp(z - max)) and (optionally) entropy of "
-          "softmax(z), z = logits * inv_temp.",
+          "Per-row log-prob of the label (labels may be None), stats (max x, log Σ exp((x - max)·inv_temp)) and "
+          "(optionally) entropy of softmax(x·inv_temp); rows with an ignored label or a 0 row_mask entry are not read.",
           py::kw_only(), py::arg("logits"), py::arg("kind"), py::arg("rows"), py::arg("inner"),
           py::arg("stride_outer"), py::arg("stride_inner"), py::arg("vocab"), py::arg("labels"), py::arg("inv_temp"),
-          py::arg("ignore_index"), py::arg("logp"), py::arg("stats"), py::arg("entropy"));
+          py::arg("ignore_index"), py::arg("logp"), py::arg("stats"), py::arg("entropy"),
+          py::arg("row_mask") = py::none());
     m.def("token_logprobs_backward", &token_logprobs_backward,
           "Gradient w.r.t. the logits of Σ g_lp·logp + g_H·entropy, recomputing softmax from stats (may alias logits).",
           py::kw_only(), py::arg("logits"), py::arg("kind"), py::arg("rows"), py::arg("inner"),
           py::arg("stride_outer"), py::arg("stride_inner"), py::arg("vocab"), py::arg("labels"), py::arg("stats"),
           py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("inv_temp"),
-          py::arg("ignore_index"), py::arg("grad"), py::arg("grad_stride_outer"), py::arg("grad_stride_inner"));
+          py::arg("ignore_index"), py::arg("grad"), py::arg("grad_stride_outer"), py::arg("grad_stride_inner"),
+          py::arg("row_mask") = py::none());
     m.attr("logprobs_simd") = cpu_has_avx2();
 }
 

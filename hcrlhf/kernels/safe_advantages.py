@@ -1,5 +1,6 @@
 """Triton safe_advantages: KL shaping, end-token scores, clipping, both GAE streams and the
-λ-combination in ONE launch (docs/ops.md#safe_advantages); whitening adds one small reduction pass.
+λ-combination in ONE launch (docs/ops.md#safe_advantages); whitening adds one pass
+(hcrlhf.kernels.gae.whiten_in_place).
 
 One program owns ROWS rows and sweeps them right to left in BLOCK_T chunks. The row's end (its
 last valid position) is found on the way: the first chunk (from the right) holding a valid
@@ -15,10 +16,10 @@ import triton
 import triton.language as tl
 
 from hcrlhf._op_outputs import new_outputs
-from hcrlhf.kernels.gae import block_t_for, gae_chunk
+from hcrlhf.kernels.gae import block_t_for, gae_chunk, update_moments, whiten_in_place
 
 KL_ESTIMATOR_CODES = {"k1": 0, "k2": 1, "k3": 2}
-# k3 as verl's "low_var_kl" (hcrlhf.reference.safe_advantages.K3_LOG_RATIO_CLIP / K3_CLIP);
+# k3 as verl's "low_var_kl" (hcrlhf.reference.kl_penalty.K3_LOG_RATIO_CLIP / K3_CLIP);
 # constexprs, since compiled Triton rejects plain-float globals inside @triton.jit functions.
 K3_LOG_RATIO_CLIP = tl.constexpr(20.0)
 K3_CLIP = tl.constexpr(10.0)
@@ -61,7 +62,8 @@ def _safe_advantages_kernel(
     B, T,
     s_lp_b, s_lp_t, s_ref_b, s_ref_t, s_m_b, s_m_t, s_rs, s_cs, s_rv_b, s_rv_t, s_cv_b, s_cv_t,
     kl_coef, multiplier_value, gamma, gamma_gae_lambda, score_clip,
-    KL_ESTIMATOR: tl.constexpr, KL_IN_COST: tl.constexpr, DIVIDE_BY_ONE_PLUS_LAMBDA: tl.constexpr,
+    CLIP_BEFORE_KL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, KL_IN_COST: tl.constexpr,
+    DIVIDE_BY_ONE_PLUS_LAMBDA: tl.constexpr,
     WHITEN: tl.constexpr, MULTIPLIER_IS_TENSOR: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -69,6 +71,9 @@ def _safe_advantages_kernel(
     rows64 = rows.to(tl.int64)
     reward_score = tl.load(rscore_ptr + rows64 * s_rs, mask=row_ok, other=0.0).to(tl.float32)
     cost_score = tl.load(cscore_ptr + rows64 * s_cs, mask=row_ok, other=0.0).to(tl.float32)
+    if CLIP_BEFORE_KL:  # TRL / OpenRLHF: the raw scores are clamped, the KL term is not
+        reward_score = _clamp_keep_nan(reward_score, -score_clip, score_clip)
+        cost_score = _clamp_keep_nan(cost_score, -score_clip, score_clip)
     multiplier = load_multiplier(multiplier_ptr, multiplier_value, MULTIPLIER_IS_TENSOR)
     rows64 = rows64[:, None]
 
@@ -104,8 +109,9 @@ def _safe_advantages_kernel(
             costs = kl_coef * kl + tl.where(is_end, cost_score[:, None], 0.0)
         else:
             costs = tl.where(is_end, cost_score[:, None], 0.0)
-        rewards = tl.minimum(tl.maximum(rewards, -score_clip), score_clip)
-        costs = tl.minimum(tl.maximum(costs, -score_clip), score_clip)
+        if not CLIP_BEFORE_KL:
+            rewards = tl.minimum(tl.maximum(rewards, -score_clip), score_clip)
+            costs = tl.minimum(tl.maximum(costs, -score_clip), score_clip)
 
         r_adv, r_ret, r_running, r_next = gae_chunk(
             rewards, rv, valid, r_running, r_next, gamma, gamma_gae_lambda, BLOCK_T)
@@ -124,60 +130,17 @@ def _safe_advantages_kernel(
         tl.store(cret_ptr + out, c_ret, mask=inside)
         tl.store(kl_ptr + out, kl, mask=inside)
         if WHITEN:
-            n_b = tl.sum(valid.to(tl.float32), axis=1)
-            mean_b = tl.sum(adv, axis=1) / tl.maximum(n_b, 1.0)
-            centred = tl.where(valid, adv - mean_b[:, None], 0.0)
-            m2_b = tl.sum(centred * centred, axis=1)
-            total = count + n_b
-            delta = mean_b - mean
-            mean = mean + delta * n_b / tl.maximum(total, 1.0)
-            m2 = m2 + m2_b + delta * delta * count * n_b / tl.maximum(total, 1.0)
-            count = total
+            count, mean, m2 = update_moments(adv, valid, count, mean, m2)
     if WHITEN:
         tl.store(stats_ptr + rows * 3 + 0, count, mask=row_ok)
         tl.store(stats_ptr + rows * 3 + 1, mean, mask=row_ok)
         tl.store(stats_ptr + rows * 3 + 2, m2, mask=row_ok)
 
 
-@triton.jit
-def _whiten_kernel(adv_ptr, mask_ptr, stats_ptr, B, T, s_m_b, s_m_t, eps,
-                   ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
-    # Every program combines all per-row statistics itself (B·3 floats: cheap, and no extra
-    # launch or host sync), then whitens its own rows.
-    total = tl.zeros((BLOCK_B,), tl.float32)
-    weighted = tl.zeros((BLOCK_B,), tl.float32)
-    for start in range(0, B, BLOCK_B):
-        idx = start + tl.arange(0, BLOCK_B)
-        n_i = tl.load(stats_ptr + idx * 3 + 0, mask=idx < B, other=0.0)
-        mean_i = tl.load(stats_ptr + idx * 3 + 1, mask=idx < B, other=0.0)
-        total += n_i
-        weighted += n_i * mean_i
-    n = tl.sum(total, axis=0)
-    mean = tl.sum(weighted, axis=0) / tl.maximum(n, 1.0)
-    spread = tl.zeros((BLOCK_B,), tl.float32)
-    for start in range(0, B, BLOCK_B):
-        idx = start + tl.arange(0, BLOCK_B)
-        n_i = tl.load(stats_ptr + idx * 3 + 0, mask=idx < B, other=0.0)
-        mean_i = tl.load(stats_ptr + idx * 3 + 1, mask=idx < B, other=0.0)
-        m2_i = tl.load(stats_ptr + idx * 3 + 2, mask=idx < B, other=0.0)
-        spread += m2_i + n_i * (mean_i - mean) * (mean_i - mean)
-    var = tl.where(n > 1.0, tl.sum(spread, axis=0) / tl.maximum(n - 1.0, 1.0), 0.0)
-    scale = 1.0 / tl.sqrt(var + eps)
-
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    rows64 = rows.to(tl.int64)[:, None]
-    for start in range(0, T, BLOCK_T):
-        cols = start + tl.arange(0, BLOCK_T)
-        inside = (rows < B)[:, None] & (cols < T)[None, :]
-        cols64 = cols.to(tl.int64)[None, :]
-        m = tl.load(mask_ptr + rows64 * s_m_b + cols64 * s_m_t, mask=inside, other=0)
-        adv = tl.load(adv_ptr + rows64 * T + cols64, mask=inside, other=0.0)
-        tl.store(adv_ptr + rows64 * T + cols64, tl.where(m != 0, (adv - mean) * scale, 0.0), mask=inside)
-
-
 def safe_advantages(logprobs, ref_logprobs, mask, reward_scores, cost_scores, reward_values, cost_values, *,
                     kl_coef, lagrange_multiplier, gamma, gae_lambda, kl_estimator, score_clip, kl_in_cost,
-                    divide_by_one_plus_lambda, whiten):
+                    divide_by_one_plus_lambda, whiten, clip_before_kl=False, whiten_variance="unbiased",
+                    whiten_shift_mean=True):
     """Launch the fused kernel; arguments are checked by hcrlhf.ops. Returns six (B, T) float32 tensors.
 
     ``gae_lambda`` is the GAE λ; ``lagrange_multiplier`` the λ of reward − λ·cost (a float or a 0-dim
@@ -200,15 +163,12 @@ def safe_advantages(logprobs, ref_logprobs, mask, reward_scores, cost_scores, re
         reward_values.stride(0), reward_values.stride(1), cost_values.stride(0), cost_values.stride(1),
         float(kl_coef), 0.0 if multiplier_is_tensor else float(lagrange_multiplier), float(gamma),
         float(gamma * gae_lambda), math.inf if score_clip is None else float(score_clip),
-        KL_ESTIMATOR=KL_ESTIMATOR_CODES[kl_estimator], KL_IN_COST=bool(kl_in_cost),
+        CLIP_BEFORE_KL=bool(clip_before_kl), KL_ESTIMATOR=KL_ESTIMATOR_CODES[kl_estimator],
+        KL_IN_COST=bool(kl_in_cost),
         DIVIDE_BY_ONE_PLUS_LAMBDA=bool(divide_by_one_plus_lambda), WHITEN=bool(whiten),
         MULTIPLIER_IS_TENSOR=multiplier_is_tensor,
         ROWS=rows, BLOCK_T=block_t,
     )
     if whiten:
-        whiten_rows = 4
-        _whiten_kernel[(triton.cdiv(batch, whiten_rows),)](
-            outputs[0], mask, stats, batch, length, mask.stride(0), mask.stride(1), 1e-8,
-            ROWS=whiten_rows, BLOCK_B=min(1024, triton.next_power_of_2(batch)), BLOCK_T=min(block_t, 256),
-        )
+        whiten_in_place(outputs[0], mask, stats, whiten_variance, whiten_shift_mean, block_t)
     return tuple(outputs)

@@ -8,6 +8,11 @@ keeps full fp32 precision near the mode; the difference is taken before scaling,
 temperatures lose nothing either. Backward: one program per row recomputes the softmax from those
 stats in a single pass and writes the gradient (into a new buffer, or over the logits).
 
+A row is live unless its label equals ``ignore_index`` or its row-mask entry is False; without
+labels (``HAS_LABELS`` off: entropy only, or several labels per row gathered by the caller) only
+the row mask decides. A dead row is never read: its loop runs zero blocks (forward) and its loads
+are masked off (backward, which writes zeros).
+
 A row whose softmax is undefined -- a NaN or +inf logit, or every logit -inf -- gets log_sum =
 NaN, hence NaN log-prob, entropy and gradient (docs/ops.md#token_logprobs). NaN is mapped to +inf
 for the max, so the rule holds whatever NaN semantics the GPU's max/min have.
@@ -37,20 +42,33 @@ def _row_base(ptr, row, inner, stride_outer, stride_inner):
 
 
 @triton.jit
+def _row_is_live(labels_ptr, row_mask_ptr, row, ignore_index, HAS_LABELS: tl.constexpr, HAS_ROW_MASK: tl.constexpr):
+    live = row >= 0  # a scalar True
+    if HAS_LABELS:
+        live = live & (tl.load(labels_ptr + row) != ignore_index)
+    if HAS_ROW_MASK:
+        live = live & (tl.load(row_mask_ptr + row) != 0)
+    return live
+
+
+@triton.jit
 def _token_logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, stats_ptr, entropy_ptr,
+    logits_ptr, labels_ptr, row_mask_ptr, logp_ptr, stats_ptr, entropy_ptr,
     V, inner, stride_outer, stride_inner, inv_temp, ignore_index,
-    HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_ROW_MASK: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = _row_base(logits_ptr, row, inner, stride_outer, stride_inner)
+    live = _row_is_live(labels_ptr, row_mask_ptr, row, ignore_index, HAS_LABELS, HAS_ROW_MASK)
+    # A dead row runs no block: it is never read (and m stays -inf).
+    v_live = tl.where(live, V, 0)
     # Running stats relative to the running max logit m, with d = (x - m)·inv_temp:
     # s = Σ exp(d), t = Σ exp(d)·d. Keeping t relative to m (not Σ p·z) avoids cancellation in
     # H = log s - t/s for large logits.
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
-    for start in range(0, V, BLOCK_V):
+    for start in range(0, v_live, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         # NaN counts as +inf for the max: either makes m = +inf, i.e. the row undefined.
@@ -70,34 +88,38 @@ def _token_logprobs_fwd_kernel(
         m = m_new
     undefined = (m == float("inf")) | (m == float("-inf"))  # a NaN / +inf logit, or only -inf logits
     m_out = tl.where(undefined, 0.0, m)
+    s = tl.where(undefined, 1.0, s)  # s = 0 without a finite logit (a dead row too): no log(0), no 0/0
     log_s = tl.where(undefined, float("nan"), tl.log(s))
+    log_s = tl.where(live, log_s, 0.0)  # a dead row's stats (0, 0) are never used
     tl.store(stats_ptr + 2 * row, m_out)
     tl.store(stats_ptr + 2 * row + 1, log_s)
-    label = tl.load(labels_ptr + row)
-    ignored = label == ignore_index
-    in_range = (label >= 0) & (label < V)
-    label_logit = tl.load(base + tl.where(in_range, label, 0)).to(tl.float32)
-    # An out-of-range label (unchecked on GPU unless HCRLHF_CHECK_LABELS=1) gives NaN, never a bad read.
-    logp = tl.where(in_range, (label_logit - m_out) * inv_temp - log_s, float("nan"))
-    tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        in_range = (label >= 0) & (label < V)
+        label_logit = tl.load(base + tl.where(in_range, label, 0), mask=live, other=0.0).to(tl.float32)
+        # An out-of-range label (unchecked on GPU unless HCRLHF_CHECK_LABELS=1) gives NaN, never a bad read.
+        logp = tl.where(in_range, (label_logit - m_out) * inv_temp - log_s, float("nan"))
+        tl.store(logp_ptr + row, tl.where(live, logp, 0.0))
     if HAS_ENTROPY:
         entropy = tl.where(undefined, float("nan"), log_s - t / s)
-        tl.store(entropy_ptr + row, tl.where(ignored, 0.0, entropy))
+        tl.store(entropy_ptr + row, tl.where(live, entropy, 0.0))
 
 
 @triton.jit
 def _token_logprobs_bwd_kernel(
-    logits_ptr, grad_ptr, labels_ptr, stats_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
+    logits_ptr, grad_ptr, labels_ptr, row_mask_ptr, stats_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
     V, inner, stride_outer, stride_inner, grad_stride_outer, grad_stride_inner, inv_temp, ignore_index,
-    HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
-    ROUND_BF16_BY_HAND: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_ROW_MASK: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = _row_base(logits_ptr, row, inner, stride_outer, stride_inner)
     grad_base = _row_base(grad_ptr, row, inner, grad_stride_outer, grad_stride_inner)
-    label = tl.load(labels_ptr + row)
-    live = label != ignore_index  # an ignored position has constant outputs: zero gradient
-    in_range = (label >= 0) & (label < V)
+    # a dead row (ignored label, masked-out row) has constant outputs: zero gradient, logits not read
+    live = _row_is_live(labels_ptr, row_mask_ptr, row, ignore_index, HAS_LABELS, HAS_ROW_MASK)
+    v_live = tl.where(live, V, 0)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
     row_max = tl.load(stats_ptr + 2 * row)
     log_sum = tl.load(stats_ptr + 2 * row + 1)
     g_lp = tl.zeros((), tl.float32)
@@ -110,15 +132,19 @@ def _token_logprobs_bwd_kernel(
         entropy = tl.load(entropy_ptr + row)
     g_lp = tl.where(live, g_lp, 0.0)
     g_h = tl.where(live, g_h, 0.0)
-    # NaN gradient for a bad label and for an undefined row (log_sum NaN); zero for an ignored row.
-    bad = live & ((in_range == 0) | (log_sum != log_sum))
+    # NaN gradient for a bad label and for an undefined row (log_sum NaN); zero for a dead row.
+    bad = live & (log_sum != log_sum)
+    if HAS_LABELS:
+        bad = bad | (live & ((label < 0) | (label >= V)))
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+        x = tl.load(base + cols, mask=cols < v_live, other=0.0).to(tl.float32)  # a dead row: no read
         log_p = tl.maximum((x - row_max) * inv_temp - log_sum, MIN_EXP_ARG)
         p = tl.exp(log_p)
         # d logp / dz = onehot - p;  d H / dz = -p·(log p + H)
-        grad = tl.where(cols == label, g_lp, 0.0) - p * (g_lp + g_h * (log_p + entropy))
+        grad = -p * (g_lp + g_h * (log_p + entropy))
+        if HAS_LABELS:  # without labels, g_lp is the row's total and the caller adds the one-hot terms
+            grad += tl.where(cols == label, g_lp, 0.0)
         grad = tl.where(bad, float("nan"), tl.where(live, grad * inv_temp, 0.0))
         # Each block is loaded before it is stored, so the gradient may overwrite the logits.
         if ROUND_BF16_BY_HAND:
@@ -143,46 +169,56 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def token_logprobs_forward(logits: torch.Tensor, layout: tuple[int, int, int, int], labels: torch.Tensor,
+def _or(x: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """A pointer argument the kernel does not read (its HAS_* flag is off)."""
+    return placeholder if x is None else x
+
+
+def token_logprobs_forward(logits: torch.Tensor, layout: tuple[int, int, int, int], labels: torch.Tensor | None,
                            inv_temp: float, ignore_index: int, with_entropy: bool,
-                           block_v: int | None = None):
+                           block_v: int | None = None, row_mask: torch.Tensor | None = None):
     """Launch the forward kernel; `layout` = (rows, inner, stride_outer, stride_inner) in elements.
 
-    Returns fp32 (logp (rows,), stats (rows, 2) = [max z, log Σ exp(z - max)], entropy (rows,) or None).
+    ``labels`` (rows,) int64 or None (no log-prob); ``row_mask`` (rows,) bool or None (all rows live).
+    Returns fp32 (logp (rows,) or None, stats (rows, 2) = [max x, log Σ exp((x - max)·inv_temp)],
+    entropy (rows,) or None).
     """
     rows, inner, stride_outer, stride_inner = layout
     V = logits.shape[-1]
-    logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
     stats = torch.empty(rows, 2, dtype=torch.float32, device=logits.device)
-    entropy = torch.empty_like(logp) if with_entropy else None
+    logp = torch.empty(rows, dtype=torch.float32, device=logits.device) if labels is not None else None
+    entropy = torch.empty(rows, dtype=torch.float32, device=logits.device) if with_entropy else None
     if rows == 0:
         return logp, stats, entropy
     block = _block_v(V, block_v)
     _token_logprobs_fwd_kernel[(rows,)](
-        logits, labels, logp, stats, entropy if with_entropy else logp,
+        logits, _or(labels, stats), _or(row_mask, stats), _or(logp, stats), stats, _or(entropy, stats),
         V, inner, stride_outer, stride_inner, float(inv_temp), int(ignore_index),
-        HAS_ENTROPY=with_entropy, BLOCK_V=block, num_warps=8 if block >= 4096 else 4,
+        HAS_LABELS=labels is not None, HAS_ROW_MASK=row_mask is not None, HAS_ENTROPY=with_entropy,
+        BLOCK_V=block, num_warps=8 if block >= 4096 else 4,
     )
     return logp, stats, entropy
 
 
-def token_logprobs_backward(logits: torch.Tensor, layout: tuple[int, int, int, int], labels: torch.Tensor,
+def token_logprobs_backward(logits: torch.Tensor, layout: tuple[int, int, int, int], labels: torch.Tensor | None,
                             stats: torch.Tensor, entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
                             grad_entropy: torch.Tensor | None, inv_temp: float, ignore_index: int,
-                            grad: torch.Tensor, grad_strides: tuple[int, int], block_v: int | None = None):
-    """Write the gradient w.r.t. the logits into `grad` (which may be `logits` itself)."""
+                            grad: torch.Tensor, grad_strides: tuple[int, int], block_v: int | None = None,
+                            row_mask: torch.Tensor | None = None):
+    """Write the gradient w.r.t. the logits into `grad` (which may be `logits` itself).
+
+    Without ``labels`` there is no one-hot term: ``grad_logp`` is then each row's total upstream
+    gradient Σ_k g_k, and the caller adds g_k at its label columns."""
     rows, inner, stride_outer, stride_inner = layout
     if rows == 0:
         return grad
     V = logits.shape[-1]
     block = _block_v(V, block_v)
     _token_logprobs_bwd_kernel[(rows,)](
-        logits, grad, labels, stats,
-        entropy if entropy is not None else stats,
-        grad_logp if grad_logp is not None else stats,
-        grad_entropy if grad_entropy is not None else stats,
+        logits, grad, _or(labels, stats), _or(row_mask, stats), stats, _or(entropy, stats),
+        _or(grad_logp, stats), _or(grad_entropy, stats),
         V, inner, stride_outer, stride_inner, grad_strides[0], grad_strides[1], float(inv_temp),
-        int(ignore_index),
+        int(ignore_index), HAS_LABELS=labels is not None, HAS_ROW_MASK=row_mask is not None,
         HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
         BLOCK_V=block, ROUND_BF16_BY_HAND=_interpreted() and grad.dtype == torch.bfloat16,
         num_warps=8 if block >= 4096 else 4,

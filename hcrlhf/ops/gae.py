@@ -9,8 +9,17 @@ from hcrlhf._op_outputs import new_outputs
 from hcrlhf.ops import _checks
 from hcrlhf.ops._cpp import as_numpy, mask_as_numpy
 from hcrlhf.ops._dispatch import cpp_extension, resolve_impl
+from hcrlhf.reference.gae import WHITEN_VARIANCES
 
 OP = "gae"
+
+
+def check_whiten(op: str, whiten_variance, whiten_shift_mean) -> None:
+    """The whitening options shared by gae and safe_advantages (``whiten`` itself is taken as bool())."""
+    if not isinstance(whiten_shift_mean, bool):
+        raise TypeError(f"{op}: whiten_shift_mean must be a bool, got {type(whiten_shift_mean).__name__}")
+    if whiten_variance not in WHITEN_VARIANCES:
+        raise ValueError(f"{op}: whiten_variance must be one of {WHITEN_VARIANCES}, got {whiten_variance!r}")
 
 
 def gae(
@@ -20,6 +29,10 @@ def gae(
     gamma: float = 1.0,
     gae_lambda: float = 0.95,
     impl: str = "auto",
+    *,
+    whiten: bool = False,
+    whiten_variance: str = "unbiased",
+    whiten_shift_mean: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation, right to left over the valid positions of each row.
 
@@ -32,6 +45,12 @@ def gae(
         gamma: discount γ in [0, 1].
         gae_lambda: GAE λ in [0, 1] (the bias/variance trade-off: 0 = one-step TD, 1 = Monte Carlo).
         impl: "auto" | "triton" | "cpp" | "torch" (see ``hcrlhf.ops._dispatch``).
+        whiten: whiten the advantages over all valid positions of the batch, inside the kernel
+            (the returns are computed before and stay unwhitened, as in verl).
+        whiten_variance: "unbiased" — (A − mean)·rsqrt(var + 1e-8), var with divisor n − 1 (verl's
+            masked_whiten); "population" — (A − mean)·rsqrt(max(var, 1e-8)), divisor n (OpenRLHF);
+            "none" — A − mean (OpenRLHF's no_std_norm).
+        whiten_shift_mean: False adds the mean back after scaling (verl's shift_mean=False).
 
     Returns:
         (advantages, returns), each (B, T) float32, zero on masked positions; fp16/bf16 inputs
@@ -46,6 +65,8 @@ def gae(
                 running = delta + gamma * gae_lambda * running
                 advantages[b, t], returns[b, t] = running, running + values[b, t]
                 next_value = values[b, t]
+        if whiten:  # over the whole batch; see hcrlhf.reference.gae.masked_whiten
+            advantages = masked_whiten(advantages, mask, variance=whiten_variance, shift_mean=whiten_shift_mean)
     """
     _checks.check_tensor(OP, "rewards", rewards, ndim=2)
     shape = tuple(rewards.shape)
@@ -55,13 +76,17 @@ def gae(
     device = _checks.check_same_device(OP, rewards=rewards, values=values, mask=mask)
     _checks.check_unit_interval(OP, "gamma", gamma)
     _checks.check_unit_interval(OP, "gae_lambda", gae_lambda)
+    check_whiten(OP, whiten_variance, whiten_shift_mean)
+    whiten = bool(whiten)
     dtype = _checks.result_dtype(rewards, values)
     chosen = resolve_impl(impl, device, op=OP, float64=dtype == torch.float64)
 
     with torch.no_grad():
         if chosen == "torch":
-            return reference.gae(rewards, values, mask, gamma, gae_lambda)
-        advantages, returns = torch.ops.hcrlhf.gae(rewards, values, mask, float(gamma), float(gae_lambda), chosen)
+            return reference.gae(rewards, values, mask, gamma, gae_lambda, whiten=whiten,
+                                 whiten_variance=whiten_variance, whiten_shift_mean=whiten_shift_mean)
+        advantages, returns = torch.ops.hcrlhf.gae(rewards, values, mask, float(gamma), float(gae_lambda), chosen,
+                                                   whiten, whiten_variance, whiten_shift_mean)
         return advantages, returns
 
 
@@ -69,22 +94,27 @@ def gae(
 # torch.compile, shapes from the fake impl. Not differentiable (advantages are targets).
 @torch.library.custom_op("hcrlhf::gae", mutates_args=())
 def gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float,
-           impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns) by the "triton" or "cpp" kernel; arguments already checked by ``gae``."""
+           impl: str, whiten: bool = False, whiten_variance: str = "unbiased",
+           whiten_shift_mean: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) by the "triton" or "cpp" kernel; arguments already checked by ``gae``.
+
+    The whitening options come after ``impl`` (with defaults) so the schema stays compatible."""
     if impl == "triton":
         from hcrlhf.kernels.gae import gae as gae_triton
 
-        return gae_triton(rewards, values, mask, gamma, gae_lambda)
+        return gae_triton(rewards, values, mask, gamma, gae_lambda, whiten=whiten,
+                          whiten_variance=whiten_variance, whiten_shift_mean=whiten_shift_mean)
     dtype = _checks.result_dtype(rewards, values)
     advantages, returns = new_outputs(2, tuple(rewards.shape), dtype, rewards.device)
     cpp_extension().gae(
         rewards=as_numpy(rewards, dtype), values=as_numpy(values, dtype), mask=mask_as_numpy(mask),
         advantages_out=advantages.numpy(), returns_out=returns.numpy(), gamma=gamma, gae_lambda=gae_lambda,
+        whiten=whiten, whiten_variance=whiten_variance, whiten_shift_mean=whiten_shift_mean,
     )
     return advantages, returns
 
 
 @gae_op.register_fake
-def _(rewards, values, mask, gamma, gae_lambda, impl):
+def _(rewards, values, mask, gamma, gae_lambda, impl, *whiten_options):
     dtype = torch.float32 if impl == "triton" else _checks.result_dtype(rewards, values)
     return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)

@@ -6,14 +6,13 @@ from typing import NamedTuple
 
 import torch
 
-from hcrlhf.reference.gae import compute_dtype, gae
+from hcrlhf.reference.gae import WHITEN_EPS, WHITEN_VARIANCES, compute_dtype, gae, masked_whiten
+from hcrlhf.reference.kl_penalty import K3_CLIP, K3_LOG_RATIO_CLIP, kl_penalty
 
-WHITEN_EPS = 1e-8
-# k3 as verl's kl_penalty "low_var_kl": the log-ratio clamped to ±K3_LOG_RATIO_CLIP before exp,
-# the estimate clamped to ±K3_CLIP after (docs/ops.md#kl-estimators). Keeps k3 finite (≤ 10) for
-# any log-ratio, ±inf included; NaN still propagates.
-K3_LOG_RATIO_CLIP = 20.0
-K3_CLIP = 10.0
+__all__ = [
+    "K3_CLIP", "K3_LOG_RATIO_CLIP", "WHITEN_EPS", "WHITEN_VARIANCES", "SafeAdvantages", "kl_penalty",
+    "last_valid_index", "masked_whiten", "multiplier_tensor", "safe_advantages",
+]
 
 
 class SafeAdvantages(NamedTuple):
@@ -25,23 +24,6 @@ class SafeAdvantages(NamedTuple):
     reward_returns: torch.Tensor
     cost_returns: torch.Tensor
     kl: torch.Tensor
-
-
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL estimate with d = logprobs − ref_logprobs: k1 = d, k2 = d²/2, k3 = e^{−d} − 1 + d.
-
-    k3 follows verl's "low_var_kl": d is clamped to [−20, 20] first and the estimate to [−10, 10]
-    after (k3 ≥ 0, so it is at most 10), so it is finite for any d, ±inf included.
-    """
-    d = logprobs - ref_logprobs
-    if estimator == "k1":
-        return d
-    if estimator == "k2":
-        return 0.5 * d * d
-    if estimator == "k3":
-        d = d.clamp(-K3_LOG_RATIO_CLIP, K3_LOG_RATIO_CLIP)
-        return (torch.exp(-d) - 1.0 + d).clamp(-K3_CLIP, K3_CLIP)
-    raise ValueError(f"kl_estimator must be one of ('k1', 'k2', 'k3'), got {estimator!r}")
 
 
 def last_valid_index(valid: torch.Tensor) -> torch.Tensor:
@@ -56,19 +38,6 @@ def multiplier_tensor(lagrange_multiplier, dtype, device) -> torch.Tensor:
     """λ as a 0-dim tensor; a negative or non-finite λ becomes NaN (visible, never silently used)."""
     multiplier = torch.as_tensor(lagrange_multiplier, dtype=dtype, device=device)
     return torch.where(torch.isfinite(multiplier) & (multiplier >= 0), multiplier, torch.nan)
-
-
-def masked_whiten(x: torch.Tensor, valid: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
-    """(x − mean)·rsqrt(var + eps) with mean and unbiased variance over all valid entries.
-
-    With fewer than two valid entries the variance is taken as 0. Masked entries become 0.
-    """
-    count = valid.sum()
-    mean = torch.where(valid, x, 0.0).sum() / count.clamp(min=1)
-    centred = torch.where(valid, x - mean, 0.0)
-    var = (centred * centred).sum() / (count - 1).clamp(min=1)
-    var = torch.where(count > 1, var, 0.0)
-    return centred * torch.rsqrt(var + eps)
 
 
 def safe_advantages(
@@ -89,23 +58,33 @@ def safe_advantages(
     kl_in_cost: bool = True,
     divide_by_one_plus_lambda: bool = True,
     whiten: bool = False,
+    clip_before_kl: bool = False,
+    whiten_variance: str = "unbiased",
+    whiten_shift_mean: bool = True,
 ) -> SafeAdvantages:
     """Per-token advantages of reward − λ·cost with a KL penalty (shapes: see docs/ops.md#safe_advantages).
 
     λ is ``lagrange_multiplier``; ``gae_lambda`` is the GAE λ of both streams. With
     ``divide_by_one_plus_lambda`` the combination A_r − λ·A_c is divided by 1 + λ (Safe RLHF's
-    scaling); ``whiten`` then whitens it over all valid tokens.
+    scaling); ``whiten`` then whitens it over all valid tokens (``masked_whiten`` with
+    ``whiten_variance`` and ``whiten_shift_mean``). ``clip_before_kl``: ``score_clip`` clamps the
+    raw scores before the KL term is added, instead of the per-token totals.
     """
     dtype = compute_dtype(logprobs, ref_logprobs, reward_scores, cost_scores, reward_values, cost_values)
     valid = mask != 0
     kl = torch.where(valid, kl_penalty(logprobs.to(dtype), ref_logprobs.to(dtype), kl_estimator), 0.0)
     end = last_valid_index(valid)
     is_end = torch.arange(valid.shape[-1], device=valid.device) == end[:, None]
-    rewards = -kl_coef * kl + torch.where(is_end, reward_scores.to(dtype)[:, None], 0.0)
+    reward_scores, cost_scores = reward_scores.to(dtype), cost_scores.to(dtype)
+    if score_clip is not None and clip_before_kl:
+        # TRL / OpenRLHF: the raw scores are clamped; the KL term is added unclamped.
+        reward_scores = reward_scores.clamp(-score_clip, score_clip)
+        cost_scores = cost_scores.clamp(-score_clip, score_clip)
+    rewards = -kl_coef * kl + torch.where(is_end, reward_scores[:, None], 0.0)
     costs = (kl_coef * kl if kl_in_cost else torch.zeros_like(kl)) + torch.where(
-        is_end, cost_scores.to(dtype)[:, None], 0.0
+        is_end, cost_scores[:, None], 0.0
     )
-    if score_clip is not None:
+    if score_clip is not None and not clip_before_kl:
         rewards = rewards.clamp(-score_clip, score_clip)
         costs = costs.clamp(-score_clip, score_clip)
     reward_advantages, reward_returns = gae(rewards, reward_values.to(dtype), valid, gamma, gae_lambda)
@@ -115,6 +94,6 @@ def safe_advantages(
     if divide_by_one_plus_lambda:
         advantages = advantages / (1.0 + multiplier)
     if whiten:
-        advantages = masked_whiten(advantages, valid)
+        advantages = masked_whiten(advantages, valid, variance=whiten_variance, shift_mean=whiten_shift_mean)
     advantages = torch.where(valid, advantages, 0.0)
     return SafeAdvantages(advantages, reward_advantages, cost_advantages, reward_returns, cost_returns, kl)

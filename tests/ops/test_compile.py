@@ -104,6 +104,31 @@ def test_token_logprobs_inplace_backward(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_token_logprobs_peer_conventions(impl):
+    """The options that reach the custom op: a positional temperature, row_mask, K labels per
+    position (with a per-label mask), the entropy alone, out_dtype, and inplace_backward with K labels."""
+    require_impl(impl)
+    logits, labels, _ = logprob_case(11)
+    gen = torch.Generator().manual_seed(12)
+    row_mask = torch.rand(B, T, generator=gen) < 0.7
+    top_k = torch.randint(0, V, (B, T, 3), generator=gen)
+    top_k[0, 0, 1] = -100
+    top_k[1, 2] = -100  # every label ignored: a dead position
+
+    def fn(x, y, m, k):
+        lp, h = ops.token_logprobs(x, y, 0.8, return_entropy=True, row_mask=m, out_dtype=torch.bfloat16, impl=impl)
+        h_only = ops.token_logprobs(x[:, :-1], None, 1.2, return_entropy=True, row_mask=m[:, :-1], impl=impl)
+        lp_k, h_k = ops.token_logprobs(x, k, 0.9, return_entropy=True, row_mask=m, impl=impl)
+        lp_masked = ops.token_logprobs(x * 1.0, k, row_mask=k != 5, inplace_backward=True, impl=impl)
+        return lp, h, h_only, lp_k, h_k, lp_masked
+
+    shapes = ((B, T), (B, T), (B, T - 1), (B, T, 3), (B, T), (B, T, 3))
+    upstream = tuple(torch.randn(shape, generator=gen) for shape in shapes)
+    compare(fn, (logits, labels, row_mask, top_k), upstream=upstream, grads_of=(logits,),
+            name=f"token_logprobs conventions/{impl}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_linear_logprobs(impl):
     require_impl(impl)
     gen = torch.Generator().manual_seed(3)
@@ -168,6 +193,33 @@ def test_rloo_advantages(impl):
         eager = fn(lam, **case)
         compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(lam, **case)
         assert_same(eager, compiled, f"rloo_advantages/{impl} λ={lam!r}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_group_advantages(impl):
+    """GRPO over a group_index (the stable-sort densification is traced, no host read), REINFORCE++
+    and rloo_advantages' opt-in path, under fullgraph."""
+    require_impl(impl)
+    case = advantage_case(9)
+    del case["reward_values"], case["cost_values"]
+    index = torch.tensor([4, 1, 4, 1])
+
+    def fn(lam, index, **inputs):
+        grpo = ops.group_advantages(**inputs, estimator="grpo", group_index=index, kl_coef=0.05,
+                                    lagrange_multiplier=lam, mask_nan_rewards=True, per_token=True, impl=impl)
+        rpp = ops.group_advantages(**inputs, estimator="reinforce_pp", kl_coef=0.05, lagrange_multiplier=lam,
+                                   score_clip=1.0, clip_before_kl=True, impl=impl)
+        rloo = ops.rloo_advantages(**inputs, group_index=index, kl_coef=0.05, lagrange_multiplier=lam,
+                                   mask_nan_rewards=True, impl=impl)
+        return (*grpo, *rpp, *rloo)
+
+    case["reward_scores"][2] = float("nan")
+    for lam in (0.3, torch.tensor(0.3)):
+        eager = fn(lam, index, **case)
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(lam, index, **case)
+        for i, (a, b) in enumerate(zip(eager, compiled, strict=True)):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6, equal_nan=True,
+                                       msg=lambda m, i=i: f"group_advantages/{impl} output {i}: {m}")
 
 
 # ---------------------------------------------------------------- inductor (needs a C++ compiler on a CPU)
@@ -285,6 +337,28 @@ def test_opcheck_logprob_ops():
                  (hidden, weight, bias, labels, stats, entropy, g_lp, g_h, 0.8, 2, impl, True, True, True))
         _opcheck(torch.ops.hcrlhf.linear_logprobs_bwd.default,
                  (hidden, weight, None, labels, stats, None, g_lp, None, 0.8, 2, impl, False, True, False))
+
+
+def test_opcheck_logprob_ops_new_arguments():
+    """token_logprobs_fwd / _bwd / _bwd_ with labels None (entropy alone), (rows, K) labels and a row mask."""
+    require_impl("cpp")
+    gen = torch.Generator().manual_seed(10)
+    logits = torch.randn(5, 13, generator=gen)
+    labels = torch.tensor([[0, 3, 3], [-100, 12, 7], [-100, -100, -100], [1, 2, 4], [5, -100, 6]])
+    row_mask = torch.tensor([True, True, True, False, True])
+    g_k, g_h = torch.randn(5, 3, generator=gen), torch.randn(5, generator=gen)
+    for impl in ("cpp", "torch"):
+        x = logits.clone().requires_grad_()
+        _opcheck(torch.ops.hcrlhf.token_logprobs_fwd.default, (x, None, 0.8, -100, True, False, impl, row_mask))
+        _opcheck(torch.ops.hcrlhf.token_logprobs_fwd.default, (x, labels, 0.8, -100, True, False, impl, row_mask))
+        one_label = (x, labels[:, 0], 1.0, -100, False, False, impl, row_mask)  # a strided labels view
+        _opcheck(torch.ops.hcrlhf.token_logprobs_fwd.default, one_label)
+        _, stats, entropy = torch.ops.hcrlhf.token_logprobs_fwd(logits, labels, 0.8, -100, True, False, impl, row_mask)
+        bwd_args = (labels, stats, entropy, g_k, g_h, 0.8, -100, impl, row_mask)
+        _opcheck(torch.ops.hcrlhf.token_logprobs_bwd.default, (logits, *bwd_args))
+        _opcheck(torch.ops.hcrlhf.token_logprobs_bwd_.default, (logits.clone(), *bwd_args))
+        _opcheck(torch.ops.hcrlhf.token_logprobs_bwd.default,
+                 (logits, None, stats, entropy, None, g_h, 0.8, -100, impl, row_mask))
 
 
 def test_opcheck_advantage_ops():

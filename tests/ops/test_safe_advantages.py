@@ -76,6 +76,57 @@ def test_options(impl, options, generator):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kl_in_cost", [True, False])
+@pytest.mark.parametrize("kl_estimator", ["k1", "k3"])
+def test_clip_before_kl(impl, kl_estimator, kl_in_cost, generator):
+    """score_clip on the raw scores (TRL / OpenRLHF) instead of the per-token totals; the clip binds."""
+    inputs = make_inputs((3, 21) if impl == "triton" else (6, 37), generator, "empty_rows")
+    inputs["logprobs"] = inputs["logprobs"] + 0.8  # KL terms that exceed the clip range on their own
+    for name in ("reward_scores", "cost_scores"):  # |score| > 1: every score is clipped
+        inputs[name] = inputs[name].sign() * (1.0 + inputs[name].abs())
+    options = dict(kl_coef=2.0, lagrange_multiplier=0.6, kl_estimator=kl_estimator, kl_in_cost=kl_in_cost,
+                   score_clip=0.5)
+    got = check(impl, inputs, clip_before_kl=True, **options)
+    default = ops.safe_advantages(**inputs, **options, impl=impl)
+    assert (got.reward_advantages - default.reward_advantages).abs().max() > 0.1
+    if kl_in_cost:  # else the cost stream is the clamped score alone, the same either way
+        assert (got.cost_advantages - default.cost_advantages).abs().max() > 0.1
+    # KL only (scores inside the clip range): no per-token clamp at all, unlike the default
+    inside = dict(inputs, reward_scores=inputs["reward_scores"].clamp(-0.4, 0.4),
+                  cost_scores=inputs["cost_scores"].clamp(-0.4, 0.4))
+    unclipped = ops.safe_advantages(**inside, **dict(options, score_clip=None), impl=impl)
+    clipped = ops.safe_advantages(**inside, **options, clip_before_kl=True, impl=impl)
+    for name, a, b in zip(FIELDS, clipped, unclipped):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_clip_before_kl_matches_openrlhf_compute_reward(generator):
+    """OpenRLHF: reward = clamp(score, clip range) at the end token − β·kl (models/utils.py compute_reward)."""
+    utils = pytest.importorskip("test_kl_penalty").openrlhf_models_utils()
+    inputs = make_inputs((5, 30), generator, "right_padded", torch.float64)
+    out = ops.safe_advantages(**inputs, kl_coef=0.3, lagrange_multiplier=0.0, score_clip=1.0, clip_before_kl=True,
+                              impl="cpp")
+    reward = utils.compute_reward(inputs["reward_scores"], 0.3, out.kl, action_mask=inputs["mask"],
+                                       reward_clip_range=(-1.0, 1.0))
+    expected, _ = reference.gae(reward, inputs["reward_values"], inputs["mask"], 1.0, 0.95)
+    torch.testing.assert_close(out.reward_advantages, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variance", ["unbiased", "population", "none"])
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_whiten_variance_and_shift_mean(impl, variance, shift_mean, generator):
+    inputs = make_inputs((3, 21) if impl == "triton" else (6, 37), generator, "empty_rows")
+    got = check(impl, inputs, **DEFAULTS, whiten=True, whiten_variance=variance, whiten_shift_mean=shift_mean)
+    plain = ops.safe_advantages(**inputs, **DEFAULTS, impl=impl)
+    valid = inputs["mask"]
+    expected = reference.masked_whiten(plain.advantages.double(), valid, variance=variance, shift_mean=shift_mean)
+    torch.testing.assert_close(got.advantages.double(), expected, rtol=1e-5, atol=1e-5)
+    for name in FIELDS[1:]:
+        torch.testing.assert_close(getattr(got, name), getattr(plain, name), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("whiten", [False, True])
 def test_rows_without_valid_tokens_are_zero(impl, whiten, generator):
     inputs = make_inputs((6, 40), generator, "empty_rows")
@@ -183,6 +234,9 @@ def test_negative_lambda_tensor_on_device_gives_nan(generator):
         (dict(score_clip=0.0), "score_clip must be None or"),
         (dict(gamma=2.0), "gamma must be a number in"),
         (dict(impl="fast"), "impl must be one of"),
+        (dict(clip_before_kl="yes"), "clip_before_kl must be a bool"),
+        (dict(whiten=True, whiten_variance="sample"), "whiten_variance must be one of"),
+        (dict(whiten_shift_mean=1), "whiten_shift_mean must be a bool"),
     ],
 )
 def test_bad_input_names_the_argument(change, match, generator):
@@ -224,3 +278,12 @@ def test_empty_inputs(impl, shape, generator):
     torch.testing.assert_close(rloo.kl, torch.zeros(shape[0]))
     adv, ret = ops.gae(inputs["reward_values"], inputs["cost_values"], inputs["mask"], impl=impl)
     assert adv.shape == ret.shape == shape
+
+
+def test_opcheck_with_new_options(generator):
+    require_impl("cpp")
+    inputs = make_inputs((4, 9), generator, "holes")
+    args = (*inputs.values(), None, 0.5, 0.1, 1.0, 0.95, "k3", 0.7, True, True, True, "cpp", True, "population",
+            False)
+    torch.library.opcheck(torch.ops.hcrlhf.safe_advantages.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

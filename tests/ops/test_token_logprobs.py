@@ -47,6 +47,8 @@ def small_triton_blocks(monkeypatch):
 def assert_rule(name, actual, truth, low_precision_ref, atol):
     """max|actual - truth| <= 2 * max|low_precision_ref - truth| + atol, with a useful message."""
     actual, truth, low = actual.double(), truth.double(), low_precision_ref.double()
+    # a NaN in the truth would slip through the max-error bound below (NaN > bound is False)
+    assert torch.isfinite(truth).all() and torch.isfinite(low).all(), f"{name}: non-finite reference"
     err = (actual - truth).abs()
     ref_err = (low - truth).abs()
     bound = 2 * ref_err.max().item() + atol
