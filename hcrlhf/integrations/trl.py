@@ -48,7 +48,7 @@ _TRL_ONLY_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The label given to rows that ``row_mask`` turns off. Not -100: an index of -100 in a live row is an
 # error for TRL's functions, and stays one (instead of silently scoring 0).
-_MASKED_LABEL = -(2**31)
+_NO_IGNORE_INDEX = -(2**31)  # below any int32 index TRL passes
 
 
 class UnsupportedTRLVersionError(RuntimeError):
@@ -218,7 +218,7 @@ def _engine(impl: str, dtype: torch.dtype) -> str:
     return "torch" if dtype == torch.float64 else impl  # the ops compute float64 in the torch engine only
 
 
-def _token_path_refusal(logits, index, row_mask, temperature) -> str | None:
+def _token_path_refusal(logits, index, row_mask, temperature, *, with_entropy: bool = False) -> str | None:
     """Why ``ops.token_logprobs`` cannot serve this TRL call exactly (None: it can)."""
     from hcrlhf.ops._checks import MIN_TEMPERATURE
 
@@ -229,8 +229,12 @@ def _token_path_refusal(logits, index, row_mask, temperature) -> str | None:
     if index is not None:
         if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int32, torch.int64):
             return "index is not an int32/int64 tensor"
-        if tuple(index.shape) != tuple(logits.shape[:-1]):
-            return "index gathers several entries per row (shape (..., K))"
+        one_per_row = tuple(index.shape) == tuple(logits.shape[:-1])
+        several_per_row = index.dim() == logits.dim() and tuple(index.shape[:-1]) == tuple(logits.shape[:-1])
+        if not (one_per_row or several_per_row):
+            return "index does not have the leading shape of logits, (...) or (..., K)"
+        if several_per_row and with_entropy:
+            return "index gathers several entries per row (shape (..., K)) beside the entropy"
         if index.device != logits.device:
             return "index is on another device"
     if row_mask is not None and (not isinstance(row_mask, torch.Tensor) or index is None
@@ -243,12 +247,13 @@ def _token_path_refusal(logits, index, row_mask, temperature) -> str | None:
     return None
 
 
-def _token_logprobs(logits, index, row_mask, temperature, impl, with_entropy):
+def _token_logprobs(logits, index, row_mask, temperature, impl, with_entropy, out_dtype):
     from hcrlhf import ops
 
-    labels = index if row_mask is None else index.masked_fill(row_mask == 0, _MASKED_LABEL)
-    return ops.token_logprobs(logits, labels, temperature=float(temperature), return_entropy=with_entropy,
-                              ignore_index=_MASKED_LABEL, impl=_engine(impl, logits.dtype))
+    # TRL masks where row_mask == 0 (any dtype); index values are never "ignored" (TRL has no ignore_index).
+    return ops.token_logprobs(logits, index, float(temperature), return_entropy=with_entropy,
+                              ignore_index=_NO_IGNORE_INDEX, out_dtype=out_dtype,
+                              row_mask=None if row_mask is None else row_mask != 0, impl=_engine(impl, logits.dtype))
 
 
 def _make_replacements(originals: dict, impl: str) -> dict:
@@ -276,8 +281,8 @@ def _make_replacements(originals: dict, impl: str) -> dict:
             _count("selective_log_softmax", "trl", reason)
             return trl_selective(logits, index, temperature, row_mask)
         _count("selective_log_softmax", "hcrlhf")
-        logp = _token_logprobs(logits, index, row_mask, temperature, impl, with_entropy=False)
-        return logp.to(out_dtype(logits, index, row_mask))
+        return _token_logprobs(logits, index, row_mask, temperature, impl, with_entropy=False,
+                               out_dtype=out_dtype(logits, index, row_mask))
 
     def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
         reason = _token_path_refusal(logits, None, None, 1.0)
@@ -286,9 +291,7 @@ def _make_replacements(originals: dict, impl: str) -> dict:
             return trl_entropy(logits, chunk_size)
         _count("entropy_from_logits", "hcrlhf")
         # One streaming pass over V per row: ``chunk_size`` (TRL's rows per step) has nothing to bound.
-        labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-        _, entropy = _token_logprobs(logits, labels, None, 1.0, impl, with_entropy=True)
-        return entropy.to(out_dtype(logits))
+        return _token_logprobs(logits, None, None, 1.0, impl, with_entropy=True, out_dtype=out_dtype(logits))
 
     def selective_log_softmax_and_entropy(
         logits: torch.Tensor,
@@ -299,21 +302,20 @@ def _make_replacements(originals: dict, impl: str) -> dict:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if temperature <= 0:
             raise ValueError("temperature must be positive")
-        reason = _token_path_refusal(logits, index, row_mask, temperature)
+        reason = _token_path_refusal(logits, index, row_mask, temperature, with_entropy=True)
         if reason is not None:
             _count("selective_log_softmax_and_entropy", "trl", reason)
             return trl_both(logits, index, entropy_requires_grad, temperature, row_mask)
         _count("selective_log_softmax_and_entropy", "hcrlhf")
-        logp, entropy = _token_logprobs(logits, index, row_mask, temperature, impl, with_entropy=True)
-        dtype = out_dtype(logits, index, row_mask)
-        logp, entropy = logp.to(dtype), entropy.to(dtype)
+        logp, entropy = _token_logprobs(logits, index, row_mask, temperature, impl, with_entropy=True,
+                                        out_dtype=out_dtype(logits, index, row_mask))
         return logp, entropy if entropy_requires_grad else entropy.detach()
 
     class ChunkedLogProbFunction:
         """hcrlhf's stand-in for ``trl.kernels.ChunkedLogProbFunction`` (see hcrlhf.integrations.trl):
         ``apply`` takes TRL's nine arguments and returns its five outputs, computed by
         ``hcrlhf.ops.linear_logprobs`` (``chunk_size``, TRL's vocabulary tile width, is not used:
-        hcrlhf chunks over tokens, never materialising more than one (chunk, V) block)."""
+        hcrlhf picks its own token chunks and vocabulary tiles from the shapes, dtype and device)."""
 
         original = trl_chunked
 

@@ -176,14 +176,52 @@ def test_selective_log_softmax_and_entropy_matches_trl(dtype, temperature, entro
 def test_token_functions_hand_unsupported_calls_to_trl():
     generator = torch.Generator().manual_seed(14)
     logits, _, _ = random_case((2, 5), 31, torch.float32, False, generator)
-    topk = torch.randint(0, 31, (2, 5, 3), generator=generator)  # (..., K): several entries per row
+    topk = torch.randint(0, 31, (2, 5, 3), generator=generator)
     ours_fn = patched_function("selective_log_softmax")
-    torch.testing.assert_close(ours_fn(logits, topk), TRL_SELECTIVE(logits, topk), rtol=0, atol=0)
     tiny_temperature = ours_fn(logits, topk[..., 0], temperature=1e-5)  # below hcrlhf's 1e-4 floor
     torch.testing.assert_close(tiny_temperature, TRL_SELECTIVE(logits, topk[..., 0], 1e-5), rtol=0, atol=0)
-    assert call_counts()["selective_log_softmax"] == {"hcrlhf": 0, "trl": 2}
+    assert call_counts()["selective_log_softmax"] == {"hcrlhf": 0, "trl": 1}
     with pytest.raises(ValueError, match="temperature must be positive"):
         ours_fn(logits, topk[..., 0], temperature=0.0)
+    both_fn = patched_function("selective_log_softmax_and_entropy")  # (..., K) index beside the entropy
+    for got, want in zip(both_fn(logits, topk), TRL_BOTH(logits, topk), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert call_counts()["selective_log_softmax_and_entropy"] == {"hcrlhf": 0, "trl": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_selective_log_softmax_several_entries_per_row(dtype, masked):
+    """An index of shape (..., K) (K entries per row, e.g. top-k tokens) and a row_mask of its shape: served by
+    hcrlhf, equal to TRL's result and to float64 (values and gradient)."""
+    generator = torch.Generator().manual_seed(15)
+    logits64 = torch.randn(2, 5, 31, generator=generator, dtype=torch.float64) * 3
+    topk = torch.randint(0, 31, (2, 5, 4), generator=generator)
+    topk[0, 1, 2] = topk[0, 1, 0]  # a repeated entry: its gradient counts twice
+    row_mask = (torch.rand(2, 5, 4, generator=generator) > 0.3).long() if masked else None
+    upstream = torch.randn(2, 5, 4, generator=generator, dtype=torch.float64)
+    ours_fn = patched_function("selective_log_softmax")
+    outs, grads = [], []
+    rounded = logits64.to(dtype)  # the float64 truth is of the logits as rounded to `dtype`
+    for fn, x in ((ours_fn, rounded), (TRL_SELECTIVE, rounded), (TRL_SELECTIVE, rounded.double())):
+        x = x.clone().requires_grad_()
+        out = fn(x, topk, 0.7, row_mask)
+        (out.double() * upstream).sum().backward()
+        outs.append(out)
+        grads.append(x.grad)
+    ours, theirs, truth = outs
+    assert call_counts()["selective_log_softmax"] == {"hcrlhf": 1, "trl": 0}
+    assert ours.dtype == theirs.dtype == dtype and ours.shape == (2, 5, 4)
+    if masked:
+        assert bool((ours[row_mask == 0] == 0).all())
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours.double(), truth, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grads[0].double(), grads[2], rtol=1e-6, atol=1e-6)
+    else:  # bf16 results are rounded once (half an ulp); the upstream gradient is rounded to bf16 at the output too
+        torch.testing.assert_close(ours.double(), truth, rtol=2**-8, atol=1e-3)
+        torch.testing.assert_close(grads[0].double(), grads[2], rtol=2**-6, atol=2e-2)
+    if dtype == torch.bfloat16:  # hcrlhf rounds once from float32: at least as close to float64 as TRL's bf16 math
+        assert (ours.double() - truth).abs().max() <= (theirs.double() - truth).abs().max()
 
 
 # ------------------------------------------------------------------------------------ ChunkedLogProbFunction
