@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)),
                         help="demos run in parallel processes (default: 2 or the cores)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-dir", "--out", dest="out_dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.workers < 1 or any(s < 0 for s in args.seeds):
         parser.error("--workers must be >= 1 and seeds >= 0")

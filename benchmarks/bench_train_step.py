@@ -1,6 +1,6 @@
 """Benchmark one iteration of the Lagrangian RL trainer: our kernels vs peer-style ops.
 
-    hcrlhf bench train_step [--device cpu|cuda] [--quick] [--estimators ppo rloo] [--no-write]
+    hcrlhf bench train_step [--device cpu|cuda] [--quick] [--estimators ppo rloo] [--out FILE] [--no-write]
     python -m hcrlhf.benchmarks.bench_train_step ...
 
 The same :class:`hcrlhf.train.SafeRLTrainer` iteration is run twice per estimator, each in a fresh process:
@@ -43,6 +43,9 @@ SHAPES = {
     "cpu-quick": dict(vocab_size=8000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, prompts_per_step=4, samples_per_prompt=2,
                       max_new_tokens=16),
+    # plumbing checks only (gpu_check --dry-run): the smallest model that runs every phase
+    "tiny": dict(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4),
     "cuda": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2, prompts_per_step=16, samples_per_prompt=2,
                  max_new_tokens=128),
@@ -193,11 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hcrlhf bench train_step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--quick", action="store_true", help="a smaller CPU model (a smoke run; nothing written)")
+    parser.add_argument("--quick", action="store_true", help="a smaller CPU model (a smoke run; written with --out)")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # plumbing only: gpu_check --dry-run
     parser.add_argument("--estimators", nargs="+", choices=("ppo", "rloo"), default=["ppo", "rloo"])
     parser.add_argument("--iterations", type=int, default=3, help="measured iterations after one warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--task-root", default=str(Path(tempfile.gettempdir()) / "hcrlhf-bench-task"))
+    parser.add_argument("--out", help="markdown file to write (default benchmarks/results/<device>.md); the CSV goes "
+                                      "beside it; with --quick, results are written only when --out is given")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -211,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     from hcrlhf.benchmarks import harness
 
     device = torch.device(args.device)
-    shape = "cuda" if device.type == "cuda" else ("cpu-quick" if args.quick else "cpu")
+    shape = "tiny" if args.tiny else "cuda" if device.type == "cuda" else ("cpu-quick" if args.quick else "cpu")
     rows = []
     for estimator in args.estimators:
         results = {}
@@ -234,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(ratio)
         print(json.dumps(ratio), flush=True)
     print(harness.markdown_table(rows))
-    if not args.quick and not args.no_write:
+    if not args.no_write and (args.out or not (args.quick or args.tiny)):
         s = SHAPES[shape]
         notes = (f"One SafeRLTrainer iteration, median of {args.iterations} after a warm-up, each variant in a fresh "
                  f"process. {s['prompts_per_step']} prompts x {s['samples_per_prompt']} samples, "
@@ -243,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                  "advantages. peer-style: full logits + log_softmax/gather at every position, Safe RLHF Python-loop "
                  "GAE / Python RLOO. Phase times are device-synchronised. Peak memory: CUDA allocator peak "
                  "(GPU) or peak RSS growth of the measured iterations (CPU).")
-        path = harness.write_results(SECTION, rows, device, notes=notes)
+        path = harness.write_results(SECTION, rows, device, notes=notes, out=args.out)
         print(f"wrote {path}")
     return 0
 

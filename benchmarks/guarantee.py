@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regimes", nargs="+", choices=[r.name for r in REGIMES], default=[r.name for r in REGIMES])
     parser.add_argument("--quick", action="store_true", help="200 trials, print only (a smoke run)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where to write guarantee.md/.csv/.png")
+    parser.add_argument("--out-dir", "--out", dest="out_dir", type=Path, default=RESULTS_DIR,
+                        help="where to write guarantee.md/.csv/.png")
     args = parser.parse_args(argv)
     if args.quick:
         args.trials = min(args.trials, 200)

@@ -2,8 +2,16 @@
 
 GPU: device time from CUDA events with the L2 flushed between repetitions, full-call time from
 the wall clock around call + synchronize, peak memory from the CUDA allocator. CPU: wall-clock
-median. Both report median and p20/p80. Results go to ``benchmarks/results/<device>.md`` (one
-section per benchmark, replaced on re-run) and ``<device>-<section>.csv``.
+median. Both report median and p20/p80 (and keep the fastest sample for the floor check). Results
+go to ``benchmarks/results/<device>.md`` (one section per benchmark, replaced on re-run) and
+``<device>-<section>.csv``, or wherever ``--out`` points.
+
+Floors are true lower bounds, never estimates: a memory-bound op that reads R bytes and writes W
+bytes cannot finish before max(R / B_read, W / B_write), where B_read and B_write are the best
+(fastest of many runs, warm caches, a buffer of the same size as the op's) measured read and write
+bandwidths; a matmul-bound op cannot beat its FLOPs / the best measured matmul rate. Every bench
+checks that its fastest sample is not below its floor (:func:`check_floors`): a violation means the
+floor was measured wrong, and the run says so instead of printing a "× floor" below 1.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,12 +40,13 @@ class Timing:
     median: float
     p20: float
     p80: float
+    min: float = float("nan")  # the fastest sample: what a floor must not exceed
 
     @classmethod
     def from_samples(cls, samples: list[float]) -> Timing:
         ordered = sorted(samples)
         pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
-        return cls(statistics.median(ordered), pick(0.2), pick(0.8))
+        return cls(statistics.median(ordered), pick(0.2), pick(0.8), ordered[0])
 
     def ms(self) -> str:
         return f"{self.median * 1e3:.3f} ms [{self.p20 * 1e3:.3f}, {self.p80 * 1e3:.3f}]"
@@ -117,15 +127,110 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 256 * 1024 * 1024) -> float:
-    """Measured device copy bandwidth in bytes/s (read + write counted), the memory floor's yardstick."""
+_BANDWIDTH: dict[tuple[str, str, int], float] = {}
+
+
+def _best_time(fn: Callable[[], object], device: torch.device, reps: int, min_span_s: float = 0.2) -> float:
+    """Fastest of at least `reps` calls spread over at least `min_span_s` (warm, no L2 flush): the most favourable
+    time, so a floor built on it stays low. The span matters on a shared machine: a few back-to-back calls can
+    all fall in one stretch where another process holds a core."""
+    best, started, count = float("inf"), time.perf_counter(), 0
+    while count < reps or (time.perf_counter() - started < min_span_s and count < 100 * reps):
+        best = min(best, time_device(fn, device, reps=1, warmup=1 if count == 0 else 0, flush=False).min)
+        count += 1
+    return best
+
+
+def read_bandwidth(device: torch.device, nbytes: int, *, reps: int = 20, refresh: bool = False) -> float:
+    """Best measured read bandwidth (bytes/s) over a buffer of `nbytes`: max over a sum and a max reduction.
+
+    The buffer has the op's size, so it sits in the same cache level as the op's input; the time is the
+    fastest of `reps` warm runs. Reading nbytes therefore takes at least nbytes / this.
+    """
     device = torch.device(device)
-    if device.type == "cpu":
-        nbytes = min(nbytes, 128 * 1024 * 1024)
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    timing = time_device(lambda: dst.copy_(src), device, reps=20, warmup=3, flush=False)
-    return 2 * nbytes / timing.median
+    nbytes = max(int(nbytes), 4096)
+    key = ("read", str(device), nbytes)
+    if key not in _BANDWIDTH or refresh:
+        buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+        best = min(_best_time(lambda: buf.sum(), device, reps), _best_time(lambda: buf.amax(), device, reps))
+        _BANDWIDTH[key] = max(_BANDWIDTH.get(key, 0.0), buf.numel() * 4 / best)  # a re-measure only raises it
+    return _BANDWIDTH[key]
+
+
+def write_bandwidth(device: torch.device, nbytes: int, *, reps: int = 20, refresh: bool = False) -> float:
+    """Best measured write bandwidth (bytes/s): fill_ of an already-touched buffer of `nbytes` (no page faults)."""
+    device = torch.device(device)
+    nbytes = max(int(nbytes), 4096)
+    key = ("write", str(device), nbytes)
+    if key not in _BANDWIDTH or refresh:
+        buf = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+        best = _best_time(lambda: buf.fill_(1.0), device, reps)
+        _BANDWIDTH[key] = max(_BANDWIDTH.get(key, 0.0), buf.numel() * 4 / best)
+    return _BANDWIDTH[key]
+
+
+def refined_floor(floor_fn: Callable[[bool], float], fastest: float, *, tries: int = 3) -> float:
+    """floor_fn(refresh) with the yardstick re-measured (more runs, best kept) while a fastest sample beats it.
+
+    On a shared machine one measurement of the bandwidth or matmul rate can be slowed throughout (a descheduled
+    thread stalls every rep); a time below the floor then says the yardstick was measured low, so it is measured
+    again. What is left after `tries` is a real violation for :func:`check_floors`."""
+    floor = floor_fn(False)
+    for _ in range(tries):
+        if fastest >= floor:
+            break
+        floor = min(floor, floor_fn(True))
+    return floor
+
+
+def memory_floor(device: torch.device, read_bytes: int, write_bytes: int = 0, *, refresh: bool = False) -> float:
+    """Seconds an op that reads `read_bytes` and writes `write_bytes` needs at least.
+
+    max(R / B_read, W / B_write): each term alone is a lower bound (nothing reads faster than the best
+    measured read); their sum is not, since reads and writes can overlap.
+    """
+    reps = 50 if refresh else 20
+    floor = read_bytes / read_bandwidth(device, read_bytes, reps=reps, refresh=refresh)
+    if write_bytes:
+        floor = max(floor, write_bytes / write_bandwidth(device, write_bytes, reps=reps, refresh=refresh))
+    return floor
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int, int]], *,
+                reps: int = 10) -> float:
+    """Best measured matmul rate (FLOP/s) in `dtype`: max over (M, K, N) shapes of 2·M·K·N / fastest time.
+
+    Pass the op's own matmul shape(s) with a large square one: the floor FLOPs / this rate is then below
+    the time of the op's own bare matmul too.
+    """
+    device = torch.device(device)
+    best = 0.0
+    for m, k, n in shapes:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+        b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
+        out = torch.empty(m, n, device=device, dtype=dtype)
+        best = max(best, 2 * m * k * n / _best_time(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), device, reps))
+    return best
+
+
+class FloorViolation(AssertionError):
+    """A measured time fell below its floor: the floor (not the kernel) is wrong."""
+
+
+def check_floors(rows: list[dict[str, object]], key: str = "x floor (fastest)", *, mode: str = "fail") -> int:
+    """Raise FloorViolation naming every row whose fastest sample beat its floor (its ratio is below 1);
+    mode="warn" prints the same message to stderr instead (for smoke runs on a shared machine). Returns the count."""
+    bad = [row for row in rows if row.get(key) not in (None, "") and float(row[key]) < 1.0]
+    if bad:
+        message = (
+            f"{len(bad)} measured time(s) below the floor, which must be a lower bound (re-measure the bandwidth or "
+            "matmul rate over more runs, or the floor's byte/FLOP count is wrong): "
+            + "; ".join(", ".join(f"{k}={v}" for k, v in row.items()) for row in bad))
+        if mode != "warn":
+            raise FloorViolation(message)
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+    return len(bad)
 
 
 def device_name(device: torch.device) -> str:
@@ -168,10 +273,42 @@ def environment(device: torch.device) -> dict[str, str]:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = "not installed"
+    info.update(peer_versions())
+    info["hcrlhf commit"] = git_commit()
     if torch.device(device).type == "cuda":
         info["cuda"] = str(torch.version.cuda)
         info["driver"] = _nvidia_driver()
     return info
+
+
+def peer_versions() -> dict[str, str]:
+    """Installed versions of the peer libraries the benchmarks import (requirements/peers.txt)."""
+    from importlib import metadata
+
+    found = {}
+    for name in ("trl", "verl", "openrlhf"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def git_commit() -> str:
+    """The hcrlhf source commit (short hash, '+dirty' with uncommitted changes), or 'unknown' outside a checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _nvidia_driver() -> str:
@@ -195,11 +332,16 @@ def markdown_table(rows: list[dict[str, object]]) -> str:
 
 
 def write_results(section: str, rows: list[dict[str, object]], device: torch.device, *,
-                  notes: str = "", results_dir: Path = RESULTS_DIR) -> Path:
-    """Replace `section` in results/<device>.md (keeping other sections) and write its CSV."""
-    results_dir.mkdir(parents=True, exist_ok=True)
+                  notes: str = "", results_dir: Path = RESULTS_DIR, out: str | Path | None = None) -> Path:
+    """Replace `section` in results/<device>.md, or in `out` (keeping other sections), and write its CSV
+    (``<device>-<section>.csv`` beside it, or ``<out stem>-<section>.csv``)."""
     slug = device_slug(device)
-    path = results_dir / f"{slug}.md"
+    if out is not None:
+        path = Path(out)
+        results_dir, slug = path.parent, path.stem
+    else:
+        path = results_dir / f"{slug}.md"
+    results_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     body = [f"## {section}", "", " · ".join(f"{k}: {v}" for k, v in env.items()), ""]
     if notes:

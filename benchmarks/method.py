@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run nothing: write the report and plot again from the existing .csv")
     parser.add_argument("--threshold", type=float, help="τ (default: the demo's, -3); results go to "
                         "method-tau<τ>.md/.csv/.png")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-dir", "--out", dest="out_dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.trials < 1 or args.workers < 1 or args.eval_samples < 1:
         parser.error("--trials, --workers and --eval-samples must be >= 1")
