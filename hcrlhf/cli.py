@@ -17,6 +17,7 @@ before any work, naming the key), 1 any other error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import pkgutil
@@ -226,6 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------ commands
 
 
+# stdout carries hcrlhf's results only (its first line is the verdict, for scripts); while a command works,
+# anything else that writes to stdout goes to stderr: e.g. DeepSpeed, which transformers imports when it is
+# installed, logs its accelerator choice to stdout.
+_RESULTS = {"stream": None}
+
+
+def _say(*parts) -> None:
+    """Print a result line to the real stdout (see _RESULTS)."""
+    print(*parts, file=_RESULTS["stream"] or sys.stdout)
+
+
+@contextlib.contextmanager
+def _stdout_for_results_only():
+    _RESULTS["stream"] = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _RESULTS["stream"] = None
+
+
 def _verdict_exit(result) -> int:
     if result.verdict is None:
         return EXIT_OK
@@ -235,23 +257,23 @@ def _verdict_exit(result) -> int:
 def _print_result(result) -> None:
     out = result.output_dir
     if result.verdict is not None:
-        print(result.safety_test.summary())
+        _say(result.safety_test.summary())
         if result.passed:
-            print(f"returned model: {result.model_path}")
+            _say(f"returned model: {result.model_path}")
         else:
-            print(f"no model is returned (the candidate is kept at {result.candidate_path}, marked NOT_RETURNED.md, "
+            _say(f"no model is returned (the candidate is kept at {result.candidate_path}, marked NOT_RETURNED.md, "
                   "for inspection only)")
         truth = result.report.get("ground_truth")
         if truth:
             start, cand = truth["starting_policy"], truth["candidate"]
-            print(f"ground truth on the safety prompts: unsafe rate {start['unsafe_rate']:.3f} (starting policy) -> "
+            _say(f"ground truth on the safety prompts: unsafe rate {start['unsafe_rate']:.3f} (starting policy) -> "
                   f"{cand['unsafe_rate']:.3f} (candidate); mean helpfulness {start['mean_helpfulness']:.3f} -> "
                   f"{cand['mean_helpfulness']:.3f}" + _over_safe_change(start, cand))
     if result.verdict is None and result.candidate_path is not None:
-        print(f"untested candidate (not returned; no safety test ran): {result.candidate_path}")
+        _say(f"untested candidate (not returned; no safety test ran): {result.candidate_path}")
     if getattr(result, "previous_run", None) is not None:
-        print(f"the earlier run here returned a model; it was moved, whole, to {result.previous_run}")
-    print(f"report: {out / 'report.md'} (and report.json, plots; hcrlhf_run.json lists what the run created)")
+        _say(f"the earlier run here returned a model; it was moved, whole, to {result.previous_run}")
+    _say(f"report: {out / 'report.md'} (and report.json, plots; hcrlhf_run.json lists what the run created)")
 
 
 def _run_config(args):
@@ -488,8 +510,8 @@ def cmd_safety_test(args) -> int:
         record_extra={"candidate": str(args.candidate), "cost_model": str(cost_model_path),
                       "cost_model_provenance": cost_model.provenance, "prompts": str(args.prompts),
                       "prompts_duplicates_dropped": copies})
-    print(result.summary())
-    print(json.dumps({k: v for k, v in record.items() if k != "costs"}))
+    _say(result.summary())
+    _say(json.dumps({k: v for k, v in record.items() if k != "costs"}))
     return EXIT_OK if result.passed else EXIT_NO_SOLUTION
 
 
@@ -538,14 +560,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return cmd_bench(parser, args)
-        if args.command == "demo":
-            return cmd_demo(args)
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command in ("train-reward", "train-cost", "train"):
-            return cmd_run(args, stages=args.stage)
-        if args.command == "safety-test":
-            return cmd_safety_test(args)
+        with _stdout_for_results_only():
+            if args.command == "demo":
+                return cmd_demo(args)
+            if args.command == "run":
+                return cmd_run(args)
+            if args.command in ("train-reward", "train-cost", "train"):
+                return cmd_run(args, stages=args.stage)
+            if args.command == "safety-test":
+                return cmd_safety_test(args)
         parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse refuses it first
     except (ConfigError, UsageError) as error:
         print(f"hcrlhf: error: {error}", file=sys.stderr)

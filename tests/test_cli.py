@@ -19,6 +19,23 @@ def test_version():
     assert result.stdout.strip() == f"hcrlhf {hcrlhf.__version__}"
 
 
+def test_stdout_carries_only_the_results_while_a_command_works(monkeypatch, capsys):
+    """A library that prints to stdout mid-run (DeepSpeed logs its accelerator there when transformers imports it)
+    must not push the verdict off stdout's first line: such output goes to stderr."""
+    from hcrlhf import cli
+
+    def noisy_demo(args):
+        print("[WARNING] [real_accelerator.py] Setting accelerator to CPU.")
+        cli._say("PASS: UCB -1 <= threshold 0")
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_demo", noisy_demo)
+    assert cli.main(["demo"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "PASS: UCB -1 <= threshold 0\n"
+    assert "Setting accelerator to CPU" in err
+
+
 def test_bench_advantages_small_run_prints_the_table():
     result = run_cli("bench", "advantages", "--device", "cpu", "--shapes", "4x16", "--ops", "gae", "rloo_advantages")
     assert result.returncode == 0, result.stderr
