@@ -339,7 +339,7 @@ PRESETS = {
     # 2 CPU cores: the headline shape (2 x 1024 x 151,936) in fp32 and bf16, and a smaller vocabulary
     "full-cpu": ([(2, 1024, 32_000, torch.float32), (2, 1024, 151_936, torch.float32),
                   (2, 1024, 151_936, torch.bfloat16)], [(2, 1024, 32_000, torch.float32)],
-                 [(1024, 896, 32_000)], [torch.float32]),
+                 [(1024, 896, 32_000), (1024, 896, 151_936)], [torch.float32]),
 }
 
 
