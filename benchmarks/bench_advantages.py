@@ -22,7 +22,6 @@ table and writes benchmarks/results/<device>.md (+ CSV), or --out.
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 
 import numpy as np
@@ -53,15 +52,6 @@ def make_inputs(batch: int, length: int, device: torch.device, seed: int = 0) ->
     return {k: v.to(device) for k, v in tensors.items()}
 
 
-def _accepts(fn, name: str) -> bool:
-    """Whether hcrlhf's `fn` takes keyword `name` (the ops gain options over time; a row needing one is skipped)."""
-    return name in inspect.signature(fn).parameters
-
-
-def available(op: str) -> bool:
-    return hasattr(ops, op)
-
-
 def calls(op: str, x: dict[str, torch.Tensor]):
     """{label: (zero-argument callable, extract)}: our impls and the peers of one op. extract(output) gives the
     (B, T) or (B,) advantages that are compared with the float64 reference."""
@@ -82,10 +72,9 @@ def calls(op: str, x: dict[str, torch.Tensor]):
         fmask = mask.float()
         table["peer (Python loop): OpenRLHF get_advantages_and_returns"] = (
             lambda: gae_loop(values, rewards, fmask, GAMMA, LAMBDA), first)
-        if _accepts(ops.gae, "whiten"):
-            for impl in ours:
-                table[f"{impl}, whiten=True"] = (
-                    lambda impl=impl: ops.gae(rewards, values, mask, GAMMA, LAMBDA, impl=impl, whiten=True), first)
+        for impl in ours:
+            table[f"{impl}, whiten=True"] = (
+                lambda impl=impl: ops.gae(rewards, values, mask, GAMMA, LAMBDA, impl=impl, whiten=True), first)
         table["verl compute_gae_advantage_return (whitened)"] = (
             lambda: peers.verl_gae(rewards, values, fmask, GAMMA, LAMBDA), first)
     elif op == "safe_advantages":
@@ -106,7 +95,7 @@ def calls(op: str, x: dict[str, torch.Tensor]):
         fmask = x["mask"].float()
         table["peer (Python): verl compute_rloo_outcome_advantage"] = (
             lambda: peers.verl_rloo(x["reward_scores"], fmask, group_ids), lambda out: out)
-    elif op == "group_advantages" and available("group_advantages"):
+    elif op == "group_advantages":
         zeros = torch.zeros_like(x["cost_scores"])
         outcome = (x["logprobs"], x["logprobs"], x["mask"], x["reward_scores"], zeros)
         for impl in ours:

@@ -26,7 +26,6 @@ import importlib
 import importlib.util
 import os
 import sys
-import types
 
 import torch
 
@@ -57,34 +56,13 @@ def verl_core_algos():
     return importlib.import_module("verl.trainer.ppo.core_algos")
 
 
-def _bare_package(name: str) -> None:
-    """Register package `name` as an empty module over its directory, so its submodules import without its
-    ``__init__`` (OpenRLHF's ``openrlhf/models/__init__.py`` imports flash-attn and the whole actor stack)."""
-    if name in sys.modules:
-        return
-    parent, _, child = name.rpartition(".")
-    parent_module = importlib.import_module(parent)
-    path = os.path.join(os.path.dirname(parent_module.__file__), child)
-    module = types.ModuleType(name)
-    module.__path__ = [path]
-    module.__file__ = os.path.join(path, "__init__.py")
-    module.__package__ = name
-    sys.modules[name] = module
-    setattr(parent_module, child, module)
-
-
 @functools.cache
 def openrlhf_utils():
     """``openrlhf.models.utils`` (log_probs_from_logits, compute_entropy, compute_approx_kl), loaded without
-    ``openrlhf.models.__init__`` (it needs flash-attn). Uses hcrlhf.integrations.openrlhf's loader when present."""
-    try:
-        loader = importlib.import_module("hcrlhf.integrations.openrlhf").load_openrlhf_module
-    except (ImportError, AttributeError):
-        loader = None
-    if loader is not None:
-        return loader("openrlhf.models.utils")
-    _bare_package("openrlhf.models")
-    return importlib.import_module("openrlhf.models.utils")
+    ``openrlhf.models.__init__`` (it needs flash-attn) by hcrlhf.integrations.openrlhf's loader."""
+    from hcrlhf.integrations.openrlhf import load_openrlhf_module
+
+    return load_openrlhf_module("openrlhf.models.utils")
 
 
 @functools.cache
@@ -113,7 +91,7 @@ def assert_unpatched() -> None:
     rows would time hcrlhf)."""
     for name in ("trl", "verl", "openrlhf"):
         integration = sys.modules.get(f"hcrlhf.integrations.{name}")
-        if integration is not None and getattr(integration, "is_applied", lambda: False)():
+        if integration is not None and integration.is_applied():
             raise RuntimeError(f"hcrlhf.integrations has patched {name}: revert it before benchmarking its code")
 
 

@@ -316,12 +316,9 @@ RowMoments row_moments(const T* x, const uint8_t* mask, index_t ms, index_t end,
     return moments;
 }
 
-// x = (x - mean)·scale (+ mean without shift_mean) on valid tokens, 0 on masked ones, with
-// scale = rsqrt(var + eps) (unbiased), rsqrt(max(var, eps)) (population) or 1 (none).
-template <typename T>
-void whiten_rows(T* x, const Matrix<uint8_t>& mask, index_t batch, index_t n, const std::vector<RowMoments>& rows,
-                 const WhitenOptions& w) {
-    RowMoments total;  // Chan et al.'s pairwise combination, row by row
+// The batch's moments from the rows' (Chan et al.'s pairwise combination, row by row).
+inline RowMoments combine_moments(const std::vector<RowMoments>& rows) {
+    RowMoments total;
     for (const RowMoments& row : rows) {
         if (row.count == 0) continue;
         const double count = total.count + row.count;
@@ -330,14 +327,27 @@ void whiten_rows(T* x, const Matrix<uint8_t>& mask, index_t batch, index_t n, co
         total.m2 += row.m2 + delta * delta * (total.count * row.count / count);
         total.count = count;
     }
-    double scale = 1.0;
-    if (w.variance == WhitenVariance::unbiased) {
-        const double var = total.count > 1 ? total.m2 / (total.count - 1) : 0.0;
-        scale = 1.0 / std::sqrt(var + kWhitenEps);
-    } else if (w.variance == WhitenVariance::population) {
-        const double var = total.count > 0 ? total.m2 / total.count : 0.0;
-        scale = 1.0 / std::sqrt(std::max(var, kWhitenEps));
+    return total;
+}
+
+// reference.gae.masked_whiten's scale: rsqrt(var + eps) (unbiased, verl), rsqrt(max(var, eps)) (population,
+// OpenRLHF) or 1 (none).
+inline double whiten_scale(const RowMoments& total, WhitenVariance variance, double eps) {
+    if (variance == WhitenVariance::unbiased) {
+        return 1.0 / std::sqrt((total.count > 1 ? total.m2 / (total.count - 1) : 0.0) + eps);
     }
+    if (variance == WhitenVariance::population) {
+        return 1.0 / std::sqrt(std::max(total.count > 0 ? total.m2 / total.count : 0.0, eps));
+    }
+    return 1.0;
+}
+
+// x = (x - mean)·scale (+ mean without shift_mean) on valid tokens, 0 on masked ones (whiten_scale).
+template <typename T>
+void whiten_rows(T* x, const Matrix<uint8_t>& mask, index_t batch, index_t n, const std::vector<RowMoments>& rows,
+                 const WhitenOptions& w) {
+    const RowMoments total = combine_moments(rows);
+    const double scale = whiten_scale(total, w.variance, kWhitenEps);
     const T mean = static_cast<T>(total.mean);
     const T scale_t = static_cast<T>(scale);
     const T shift = w.shift_mean ? T(0) : mean;
@@ -981,13 +991,18 @@ void sequence_group_kernel(const GroupArgs<T>& a) {
         const T* ref_logprobs = a.ref_logprobs.row(b);
         const uint8_t* mask = a.mask.row(b);
         const index_t ls = a.logprobs.col_stride, rls = a.ref_logprobs.col_stride, ms = a.mask.col_stride;
-        if (a.per_token) {
+        T kl;
+        if (a.per_token) {  // the row's estimates once, summed in row_kl_sum's order (masked entries add 0)
             T* __restrict kl_out = a.kl + b * n;
+            double acc[4] = {0, 0, 0, 0};
             for (index_t t = 0; t < n; ++t) {
                 kl_out[t] = mask[t * ms] ? kl_estimate<E>(logprobs[t * ls], ref_logprobs[t * rls]) : T(0);
+                acc[t < (n & ~index_t(3)) ? t % 4 : 0] += static_cast<double>(kl_out[t]);
             }
+            kl = static_cast<T>((acc[0] + acc[1]) + (acc[2] + acc[3]));
+        } else {
+            kl = static_cast<T>(row_kl_sum<T, E>(logprobs, ls, ref_logprobs, rls, mask, ms, n));
         }
-        const T kl = static_cast<T>(row_kl_sum<T, E>(logprobs, ls, ref_logprobs, rls, mask, ms, n));
         const T reward = a.reward_scores[b];
         const T shaped = a.clip_before_kl ? clamp(reward, -clip, clip) - kl_coef * kl
                                           : clamp(reward - kl_coef * kl, -clip, clip);
@@ -1095,36 +1110,12 @@ void reinforce_pp_kernel(const GroupArgs<T>& a) {
             sum += static_cast<double>(running);
             count += 1;
         }
-        RowMoments row;
-        if (count > 0 && scorable(a, b)) {
-            row.count = count;
-            row.mean = sum / count;
-            double m2 = 0;
-            for (index_t t = 0; t <= end; ++t) {
-                const double centred = mask[t * ms] ? static_cast<double>(returns[t]) - row.mean : 0.0;
-                m2 += centred * centred;
-            }
-            row.m2 = m2;
-        }
-        moments[b] = row;
+        if (scorable(a, b)) moments[b] = row_moments(returns, mask, ms, end, sum, static_cast<index_t>(count));
     }
 
-    RowMoments total;  // Chan et al.'s pairwise combination, row by row
-    for (const RowMoments& row : moments) {
-        if (row.count == 0) continue;
-        const double count = total.count + row.count;
-        const double delta = row.mean - total.mean;
-        total.mean += delta * (row.count / count);
-        total.m2 += row.m2 + delta * delta * (total.count * row.count / count);
-        total.count = count;
-    }
-    // reference.gae.masked_whiten: unbiased rsqrt(var + eps) (verl), population rsqrt(max(var, eps)) (OpenRLHF)
-    double scale;
-    if (a.population) {
-        scale = 1.0 / std::sqrt(std::max(total.count > 0 ? total.m2 / total.count : 0.0, a.eps));
-    } else {
-        scale = 1.0 / std::sqrt((total.count > 1 ? total.m2 / (total.count - 1) : 0.0) + a.eps);
-    }
+    const RowMoments total = combine_moments(moments);
+    const double scale =
+        whiten_scale(total, a.population ? WhitenVariance::population : WhitenVariance::unbiased, a.eps);
     const T mean = static_cast<T>(total.mean);
     const T scale_t = static_cast<T>(scale);
 #pragma omp parallel for schedule(dynamic, chunk) if (a.batch * n >= kParallelMinWork)

@@ -1,9 +1,6 @@
-"""What the verl and OpenRLHF integrations share: swapping a peer's functions for hcrlhf's in every
+"""What the TRL, verl and OpenRLHF integrations share: swapping a peer's functions for hcrlhf's in every
 loaded module of the peer (and in the registries and classes that hold them), reverting, counting
 which calls hcrlhf served, and refusing peer versions the replacements were not written against.
-
-The TRL integration (:mod:`hcrlhf.integrations.trl`) predates this module and keeps its own copy
-of the same design.
 """
 
 from __future__ import annotations

@@ -19,12 +19,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sys
-import threading
-from collections import Counter
 from collections.abc import Iterator
 
 import torch
+
+from hcrlhf.integrations._patching import FLOAT_DTYPES, PeerPatch, engine, supported_version
 
 __all__ = [
     "SUPPORTED_TRL_VERSIONS",
@@ -45,7 +44,6 @@ PATCHED = ("ChunkedLogProbFunction", "selective_log_softmax", "entropy_from_logi
            "selective_log_softmax_and_entropy")
 # ChunkedLogProbFunction outputs that hcrlhf's ops do not compute: a call asking for one goes to TRL.
 _TRL_ONLY_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The label given to rows that ``row_mask`` turns off. Not -100: an index of -100 in a live row is an
 # error for TRL's functions, and stays one (instead of silently scoring 0).
 _NO_IGNORE_INDEX = -(2**31)  # below any int32 index TRL passes
@@ -55,10 +53,6 @@ class UnsupportedTRLVersionError(RuntimeError):
     """The installed TRL is not one whose internals ``apply_to_trl`` knows."""
 
 
-_lock = threading.RLock()
-_applied: dict | None = None  # {"originals": {name: obj}, "replacements": {name: obj}, "impl": str}
-_counts: Counter = Counter()
-_fallback_reasons_logged: set = set()
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -78,28 +72,13 @@ def apply_to_trl(*, impl: str = "auto") -> None:
         ImportError: TRL is not installed (``pip install 'hcrlhf[integrations]'``).
         ValueError: unknown ``impl``.
     """
-    from hcrlhf.ops import IMPLS
-
-    if impl not in IMPLS:
-        raise ValueError(f"apply_to_trl: impl must be one of {IMPLS}, got {impl!r}")
-    global _applied
-    with _lock:
-        originals = _load_trl_originals()
-        if _applied is not None:
-            if _applied["impl"] == impl:
-                _patch_modules(_applied["originals"], _applied["replacements"])  # modules loaded since
-                return
-            _revert_locked()
-        replacements = _make_replacements(originals, impl)
-        _patch_modules(originals, replacements)
-        _applied = {"originals": originals, "replacements": replacements, "impl": impl}
+    _patch.apply(impl, "apply_to_trl")
 
 
 def revert_trl() -> None:
     """Put TRL's own functions back wherever :func:`apply_to_trl` (or a module importing afterwards)
     placed hcrlhf's. A no-op when nothing is applied."""
-    with _lock:
-        _revert_locked()
+    _patch.revert()
 
 
 @contextlib.contextmanager
@@ -115,27 +94,22 @@ def trl_patched(*, impl: str = "auto") -> Iterator[None]:
 
 def is_applied() -> bool:
     """Whether hcrlhf's replacements are in place."""
-    return _applied is not None
+    return _patch.applied is not None
 
 
 def call_counts() -> dict[str, dict[str, int]]:
     """How many calls each patched symbol sent to hcrlhf and how many it handed to TRL's original
     (``{"ChunkedLogProbFunction": {"hcrlhf": 12, "trl": 0}, ...}``), since the last reset."""
-    return {name: {"hcrlhf": _counts[(name, "hcrlhf")], "trl": _counts[(name, "trl")]} for name in PATCHED}
+    return _patch.call_counts()
 
 
 def reset_call_counts() -> None:
-    _counts.clear()
+    _patch.reset_call_counts()
 
 
 # ------------------------------------------------------------------------------------------ patching
 def _supported_version(version: str) -> bool:
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return Version(version).public in SUPPORTED_TRL_VERSIONS  # a local build (+label) of a release counts
-    except (InvalidVersion, TypeError):
-        return False
+    return supported_version(version, SUPPORTED_TRL_VERSIONS)  # a local build (+label) of a release counts
 
 
 def _load_trl_originals() -> dict:
@@ -156,8 +130,6 @@ def _load_trl_originals() -> dict:
     import trl.kernels.chunked_logprob as chunked_logprob
     import trl.trainer.utils as trainer_utils
 
-    if _applied is not None:  # the modules hold hcrlhf's objects now
-        return _applied["originals"]
     return {
         "ChunkedLogProbFunction": chunked_logprob.ChunkedLogProbFunction,
         "selective_log_softmax": trainer_utils.selective_log_softmax,
@@ -175,54 +147,12 @@ def _trl_triton_kernel_predicate(trainer_utils):
     return lambda logits, index=None, row_mask=None: bool(triton and supports(logits, index, row_mask))
 
 
-def _trl_modules():
-    return [module for name, module in list(sys.modules.items())
-            if module is not None and (name == "trl" or name.startswith("trl."))]
-
-
-def _swap(mapping: dict) -> None:
-    """In every loaded trl module, replace each attribute that *is* a key of ``mapping`` by its value."""
-    for module in _trl_modules():
-        try:
-            items = list(vars(module).items())
-        except TypeError:
-            continue
-        for attr, value in items:
-            for old, new in mapping:
-                if value is old:
-                    setattr(module, attr, new)
-                    break
-
-
-def _patch_modules(originals: dict, replacements: dict) -> None:
-    _swap([(originals[name], replacements[name]) for name in PATCHED])
-
-
-def _revert_locked() -> None:
-    global _applied
-    if _applied is None:
-        return
-    _swap([(_applied["replacements"][name], _applied["originals"][name]) for name in PATCHED])
-    _applied = None
-
-
 # ------------------------------------------------------------------------------------------ replacements
-def _count(name: str, route: str, reason: str | None = None) -> None:
-    _counts[(name, route)] += 1
-    if reason is not None and (name, reason) not in _fallback_reasons_logged:
-        _fallback_reasons_logged.add((name, reason))
-        logger.info("hcrlhf.integrations: %s handed to TRL's original (%s)", name, reason)
-
-
-def _engine(impl: str, dtype: torch.dtype) -> str:
-    return "torch" if dtype == torch.float64 else impl  # the ops compute float64 in the torch engine only
-
-
 def _token_path_refusal(logits, index, row_mask, temperature, *, with_entropy: bool = False) -> str | None:
     """Why ``ops.token_logprobs`` cannot serve this TRL call exactly (None: it can)."""
     from hcrlhf.ops._checks import MIN_TEMPERATURE
 
-    if not isinstance(logits, torch.Tensor) or logits.dtype not in _FLOAT_DTYPES:
+    if not isinstance(logits, torch.Tensor) or logits.dtype not in FLOAT_DTYPES:
         return "logits are not a float16/bfloat16/float32/float64 tensor"
     if logits.dim() < 1 or logits.shape[-1] == 0:
         return "logits have no vocabulary dim"
@@ -253,10 +183,10 @@ def _token_logprobs(logits, index, row_mask, temperature, impl, with_entropy, ou
     # TRL masks where row_mask == 0 (any dtype); index values are never "ignored" (TRL has no ignore_index).
     return ops.token_logprobs(logits, index, float(temperature), return_entropy=with_entropy,
                               ignore_index=_NO_IGNORE_INDEX, out_dtype=out_dtype,
-                              row_mask=None if row_mask is None else row_mask != 0, impl=_engine(impl, logits.dtype))
+                              row_mask=None if row_mask is None else row_mask != 0, impl=engine(impl, logits.dtype))
 
 
-def _make_replacements(originals: dict, impl: str) -> dict:
+def _make_replacements(originals: dict, impl: str, count) -> dict:
     trl_selective = originals["selective_log_softmax"]
     trl_entropy = originals["entropy_from_logits"]
     trl_both = originals["selective_log_softmax_and_entropy"]
@@ -278,18 +208,18 @@ def _make_replacements(originals: dict, impl: str) -> dict:
             raise ValueError("temperature must be positive")
         reason = _token_path_refusal(logits, index, row_mask, temperature)
         if reason is not None:
-            _count("selective_log_softmax", "trl", reason)
+            count("selective_log_softmax", "trl", reason)
             return trl_selective(logits, index, temperature, row_mask)
-        _count("selective_log_softmax", "hcrlhf")
+        count("selective_log_softmax", "hcrlhf")
         return _token_logprobs(logits, index, row_mask, temperature, impl, with_entropy=False,
                                out_dtype=out_dtype(logits, index, row_mask))
 
     def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
         reason = _token_path_refusal(logits, None, None, 1.0)
         if reason is not None:
-            _count("entropy_from_logits", "trl", reason)
+            count("entropy_from_logits", "trl", reason)
             return trl_entropy(logits, chunk_size)
-        _count("entropy_from_logits", "hcrlhf")
+        count("entropy_from_logits", "hcrlhf")
         # One streaming pass over V per row: ``chunk_size`` (TRL's rows per step) has nothing to bound.
         return _token_logprobs(logits, None, None, 1.0, impl, with_entropy=True, out_dtype=out_dtype(logits))
 
@@ -304,9 +234,9 @@ def _make_replacements(originals: dict, impl: str) -> dict:
             raise ValueError("temperature must be positive")
         reason = _token_path_refusal(logits, index, row_mask, temperature, with_entropy=True)
         if reason is not None:
-            _count("selective_log_softmax_and_entropy", "trl", reason)
+            count("selective_log_softmax_and_entropy", "trl", reason)
             return trl_both(logits, index, entropy_requires_grad, temperature, row_mask)
-        _count("selective_log_softmax_and_entropy", "hcrlhf")
+        count("selective_log_softmax_and_entropy", "hcrlhf")
         logp, entropy = _token_logprobs(logits, index, row_mask, temperature, impl, with_entropy=True,
                                         out_dtype=out_dtype(logits, index, row_mask))
         return logp, entropy if entropy_requires_grad else entropy.detach()
@@ -335,10 +265,10 @@ def _make_replacements(originals: dict, impl: str) -> dict:
             reason = _chunked_refusal(hidden, weight, bias, targets, temperature, final_logit_softcapping,
                                       logit_scale, outputs)
             if reason is not None:
-                _count(name, "trl", reason)
+                count(name, "trl", reason)
                 return trl_chunked.apply(hidden, weight, bias, targets, temperature, chunk_size,
                                          final_logit_softcapping, logit_scale, outputs)
-            _count(name, "hcrlhf")
+            count(name, "hcrlhf")
             return _chunked_logprobs(hidden, weight, bias, targets, temperature / logit_scale,
                                      "entropy" in outputs, impl)
 
@@ -362,7 +292,7 @@ def _chunked_refusal(hidden, weight, bias, targets, temperature, softcap, logit_
     tensors = (hidden, weight, targets) + (() if bias is None else (bias,))
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         return "an argument is not a tensor"
-    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1 or hidden.dtype not in _FLOAT_DTYPES:
+    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1 or hidden.dtype not in FLOAT_DTYPES:
         return "hidden / weight / targets are not (N, H) / (V, H) / (N,) with float hidden states"
     if targets.dtype not in (torch.int32, torch.int64):
         return "targets are not int32/int64"
@@ -393,6 +323,10 @@ def _chunked_logprobs(hidden, weight, bias, targets, temperature, with_entropy, 
     no_autocast = torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext()
     with no_autocast:
         result = ops.linear_logprobs(hidden, weight, targets, bias=bias, temperature=float(temperature),
-                                     return_entropy=with_entropy, impl=_engine(impl, dtype))
+                                     return_entropy=with_entropy, impl=engine(impl, dtype))
     logp, entropy = result if with_entropy else (result, None)
     return logp.float(), None if entropy is None else entropy.float(), None, None, None
+
+
+_patch = PeerPatch(peer="trl", packages=("trl",), patched=PATCHED, load=_load_trl_originals, make=_make_replacements,
+                   containers=list, logger=logger)

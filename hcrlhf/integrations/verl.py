@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import numbers
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -147,7 +148,7 @@ def _load_originals() -> dict:
     # Not replaced; read for verl's conventions.
     originals["_masked_whiten"] = verl_F.masked_whiten
     originals["_flash_ce"] = lambda: bool(verl_F.FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE) and \
-        __import__("os").environ.get("VERL_DISABLE_FLASH_ATTN_CE", "0") != "1"
+        os.environ.get("VERL_DISABLE_FLASH_ATTN_CE", "0") != "1"
     originals["_npu_ce"] = lambda: bool(verl_F.NPU_CROSS_ENTROPY_LOSS_AVAILABLE)
     return originals
 
@@ -414,7 +415,7 @@ def _group_advantage_scalars(scores, groups, estimator, epsilon, impl):
 
 
 def _rloo_scalars(scores, groups, impl):
-    """(B,) leave-one-out advantages of the sequence scores (0 for a prompt with one response)."""
+    """(B,) leave-one-out advantages of the sequence scores (a prompt with one response keeps its score: baseline 0)."""
     from hcrlhf import ops
 
     batch = scores.shape[0]

@@ -142,7 +142,6 @@ def group_advantages(logprobs, ref_logprobs, mask, reward_scores, cost_scores, g
     flags = dict(KL_ESTIMATOR=KL_ESTIMATOR_CODES[kl_estimator], MULTIPLIER_IS_TENSOR=multiplier_is_tensor,
                  CLIP_BEFORE_KL=bool(clip_before_kl))
     block_t = block_t_for(length)
-    valid = mask != 0
     scorable = None
     if mask_nan_rewards:
         scorable = ~(torch.isnan(reward_scores.float()) | torch.isnan(cost_scores.float()))
@@ -165,7 +164,7 @@ def group_advantages(logprobs, ref_logprobs, mask, reward_scores, cost_scores, g
             scale = torch.rsqrt((m2 / n.clamp(min=1.0)).clamp(min=eps))
         else:  # verl: rsqrt(var + eps), var unbiased (0 below two tokens)
             scale = torch.rsqrt(torch.where(n > 1, m2 / (n - 1).clamp(min=1.0), 0.0) + eps)
-        counted = valid if scorable is None else valid & scorable[:, None]
+        counted = mask != 0 if scorable is None else (mask != 0) & scorable[:, None]
         advantages.copy_(torch.where(counted, (returns - mean) * scale, 0.0))
         return advantages, returns, kl
 
@@ -179,6 +178,7 @@ def group_advantages(logprobs, ref_logprobs, mask, reward_scores, cost_scores, g
         )
     advantages = group_baselines(returns, scorable, group_ids, estimator, eps)
     if per_token:
+        valid = mask != 0
         return torch.where(valid, advantages[:, None], 0.0), torch.where(valid, returns[:, None], 0.0), kl
     return advantages, returns, kl_sum
 

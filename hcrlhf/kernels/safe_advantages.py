@@ -110,8 +110,8 @@ def _safe_advantages_kernel(
         else:
             costs = tl.where(is_end, cost_score[:, None], 0.0)
         if not CLIP_BEFORE_KL:
-            rewards = tl.minimum(tl.maximum(rewards, -score_clip), score_clip)
-            costs = tl.minimum(tl.maximum(costs, -score_clip), score_clip)
+            rewards = _clamp_keep_nan(rewards, -score_clip, score_clip)
+            costs = _clamp_keep_nan(costs, -score_clip, score_clip)
 
         r_adv, r_ret, r_running, r_next = gae_chunk(
             rewards, rv, valid, r_running, r_next, gamma, gamma_gae_lambda, BLOCK_T)

@@ -19,12 +19,11 @@ __all__ = ["SafeAdvantages", "safe_advantages"]
 
 
 def check_common(op, logprobs, ref_logprobs, mask, reward_scores, cost_scores, kl_coef,
-                 lagrange_multiplier, kl_estimator, score_clip, *, clip_before_kl=False,
-                 integer_scores=False):
+                 lagrange_multiplier, kl_estimator, score_clip, *, clip_before_kl=False):
     """Checks shared by safe_advantages and rloo_advantages; returns (shape, device, λ).
 
-    ``clip_before_kl`` must be a bool. ``integer_scores`` lets the (B,) scores also be integer
-    tensors (not bool), for ops that cast them to the compute dtype themselves.
+    ``clip_before_kl`` must be a bool. (Ops that accept integer scores cast them first:
+    ``hcrlhf.ops.group_advantages.float_scores``.)
     """
     _checks.check_tensor(op, "logprobs", logprobs, ndim=2)
     shape = tuple(logprobs.shape)
@@ -32,9 +31,7 @@ def check_common(op, logprobs, ref_logprobs, mask, reward_scores, cost_scores, k
     _checks.check_same_shape(op, shape, ref_logprobs=ref_logprobs)
     _checks.check_mask(op, mask, shape)
     for name, scores in (("reward_scores", reward_scores), ("cost_scores", cost_scores)):
-        integer = (integer_scores and isinstance(scores, torch.Tensor) and scores.dtype != torch.bool
-                   and not scores.dtype.is_floating_point and not scores.dtype.is_complex)
-        _checks.check_tensor(op, name, scores, ndim=1, floating=not integer)
+        _checks.check_tensor(op, name, scores, ndim=1)
         _checks.check_same_shape(op, shape[:1], **{name: scores})
     if not isinstance(clip_before_kl, bool):
         raise TypeError(f"{op}: clip_before_kl must be a bool, got {type(clip_before_kl).__name__}")

@@ -174,17 +174,19 @@ def _torch_forward_rows(logits: torch.Tensor, labels: torch.Tensor | None, inv_t
 
     Same numerics as the kernels: the row max is subtracted in the logits' units before scaling by
     ``inv_temp``, and a row with a NaN / +inf logit or only -inf logits gets ``log_sum = NaN``.
-    Dead rows are computed on zeros instead of their logits (so whatever they hold stays out).
+    Every output of a dead row is zeroed per row afterwards, so whatever its logits hold stays in that row
+    (no (R, V) pass to blank them first).
     """
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     live = _live_rows(labels, row_mask, ignore_index, logits.shape[0], logits.device)
-    x = torch.where(live[:, None], logits.to(dtype), 0.0)
+    x = logits.to(dtype)
     row_max = x.amax(-1)  # NaN propagates
     undefined = ~torch.isfinite(row_max)
     row_max = torch.where(undefined, 0.0, row_max)
     z = (x - row_max[:, None]).mul_(inv_temp)
     log_sum = torch.where(undefined, torch.nan, z.exp().sum(-1).log_())
-    log_sum = torch.where(live, log_sum, 0.0)  # a dead row's stats (0, 0) are never used
+    # a dead row's stats are (0, 0) and never used
+    row_max, log_sum = torch.where(live, row_max, 0.0), torch.where(live, log_sum, 0.0)
     logp = entropy = None
     if labels is not None:
         safe = torch.where(live, labels, 0).long()
@@ -200,7 +202,7 @@ def _torch_backward_rows(logits, labels, stats, entropy, grad_logp, grad_entropy
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     live = _live_rows(labels, row_mask, ignore_index, logits.shape[0], logits.device)
     stats = stats.to(dtype)
-    x = torch.where(live[:, None], logits.to(dtype), 0.0)
+    x = logits.to(dtype)  # a dead row's NaN / inf stays in its row: its gradient is zeroed below
     log_p = ((x - stats[:, :1]) * inv_temp - stats[:, 1:]).clamp_(min=_MIN_EXP_ARG)
     p = log_p.exp()
     g_lp = torch.zeros_like(stats[:, 0]) if grad_logp is None else torch.where(live, grad_logp.to(dtype), 0.0)
