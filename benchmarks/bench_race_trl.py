@@ -195,8 +195,8 @@ def run_hcrlhf(spec: dict) -> dict:
     sequence_tokens = []
     rollout = trainer.rollout
 
-    def counted_rollout(batch):
-        out = rollout(batch)
+    def counted_rollout(batch, **kwargs):
+        out = rollout(batch, **kwargs)
         sequence_tokens.append(int(out.attention_mask.sum()))  # after generate: no extra sync inside a phase
         return out
 

@@ -1,6 +1,7 @@
 """Benchmark one iteration of the Lagrangian RL trainer: our kernels vs peer-style ops.
 
     hcrlhf bench train_step [--device cpu|cuda] [--quick] [--estimators ppo rloo] [--out FILE] [--no-write]
+    hcrlhf bench train_step --nproc N [--sharding fsdp|replicate] ...   # 1 process vs N under torchrun
     python -m hcrlhf.benchmarks.bench_train_step ...
 
 The same :class:`hcrlhf.train.SafeRLTrainer` iteration is run twice per estimator, each in a fresh process:
@@ -14,6 +15,11 @@ The same :class:`hcrlhf.train.SafeRLTrainer` iteration is run twice per estimato
 Reported per phase (median over the measured iterations, ms): generation, scoring, log-probs,
 advantages, update, total; and the peak memory of one iteration (CUDA allocator peak on a GPU; on a CPU
 the peak RSS growth of one iteration, VmHWM reset before it). Ratios are peer-style / hcrlhf.
+
+``--nproc N`` instead runs hcrlhf's iteration in one process and under ``torchrun --nproc-per-node N`` (the
+same global batch split over N ranks, docs/distributed.md) and reports the throughput of each (response tokens
+of the whole batch per second) and the speed-up. On a CPU the one process gets N intra-op threads and each of the
+N processes one, so both use the same cores.
 
 Models are randomly initialised Qwen2-shaped ones (policy, reference, reward, cost and, for ppo, two
 critics), prompts come from the built-in task. CPU: a tiny model with a 32k vocabulary; GPU: a
@@ -132,11 +138,13 @@ def run_child(spec: dict) -> dict:
     """Build the models and a trainer, run warm-up + measured iterations, return timings and peak memory."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from hcrlhf import distributed
     from hcrlhf.data.builtin import make_task
     from hcrlhf.models import ScoreModel
     from hcrlhf.train import SafeRLConfig, SafeRLTrainer
 
-    device = torch.device(spec["device"])
+    distributed.setup()
+    device = distributed.default_device() if spec["device"] == "cuda" else torch.device("cpu")
     shape = SHAPES[spec["shape"]]
     task = make_task(spec["task_root"], seed=0)
     tokenizer = task.load_tokenizer()
@@ -152,7 +160,7 @@ def run_child(spec: dict) -> dict:
     rl_config = SafeRLConfig(estimator=spec["estimator"], total_steps=10**6, prompts_per_step=shape["prompts_per_step"],
                              samples_per_prompt=shape["samples_per_prompt"], max_new_tokens=shape["max_new_tokens"],
                              actor_lr=1e-6, critic_lr=1e-6, progress=False, sync_phase_timing=True,
-                             device=str(device), seed=0)
+                             device=str(device), seed=0, sharding=spec.get("sharding", "fsdp"))
     trainer = SafeRLTrainer(rl_config, policy=policy, tokenizer=tokenizer, reward_model=reward_model,
                             cost_model=cost_model, train_prompts=task.prompts("candidate")[0],
                             safety_prompts=task.split)
@@ -174,19 +182,34 @@ def run_child(spec: dict) -> dict:
         else:
             high = _status_kib("VmHWM")
             peak = None if high is None or base is None else (high - base) * 1024
+    distributed.close()
     timings = {phase: statistics.median(m[f"time/{phase}"] for m in history) for phase in PHASES}
     timings["total"] = statistics.median(m["time/total"] for m in history)
     return {"timings": timings, "peak_bytes": peak, "tokens": statistics.median(m["tokens"] for m in history)}
 
 
-def measure(spec: dict, threads: int | None = None) -> dict:
+def measure(spec: dict, threads: int | None = None, nproc: int = 1) -> dict:
+    """One child run; ``nproc`` > 1: under ``torchrun --nproc-per-node nproc`` (rank 0 reports)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576", MALLOC_TRIM_THRESHOLD_="0")
     extra = ["--threads", str(threads)] if threads else []
-    command = [sys.executable, "-m", "hcrlhf.benchmarks.bench_train_step", *extra, "--child", json.dumps(spec)]
+    launcher = [sys.executable]
+    if nproc > 1:
+        env["OMP_NUM_THREADS"] = str(threads or 1)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+                    "127.0.0.1", "--master-port", str(_free_port())]
+    command = [*launcher, "-m", "hcrlhf.benchmarks.bench_train_step", *extra, "--child", json.dumps(spec)]
     out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"bench_train_step child failed for {spec}:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -205,19 +228,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="markdown file to write (default benchmarks/results/<device>.md); the CSV goes "
                                       "beside it; with --quick, results are written only when --out is given")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="compare 1 process with N processes under torchrun (hcrlhf only; the batch is split)")
+    parser.add_argument("--sharding", choices=("fsdp", "replicate"), default="fsdp", help="with --nproc: how the "
+                        "trained models are spread over the processes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)  # recorded in the results header too
     if args.child:
         spec = json.loads(args.child)
-        print(json.dumps(run_child(spec)))
+        result = run_child(spec)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result))
         return 0
 
     from hcrlhf.benchmarks import harness
 
     device = torch.device(args.device)
     shape = "tiny" if args.tiny else "cuda" if device.type == "cuda" else ("cpu-quick" if args.quick else "cpu")
+    if args.nproc:
+        return _scaling(args, device, shape)
     rows = []
     for estimator in args.estimators:
         results = {}
@@ -250,6 +281,55 @@ def main(argv: list[str] | None = None) -> int:
                  "GAE / Python RLOO. Phase times are device-synchronised. Peak memory: CUDA allocator peak "
                  "(GPU) or peak RSS growth of the measured iterations (CPU).")
         path = harness.write_results(SECTION, rows, device, notes=notes, out=args.out)
+        print(f"wrote {path}")
+    return 0
+
+
+def _scaling(args, device: torch.device, shape: str) -> int:
+    """--nproc N: hcrlhf's iteration in one process and in N processes under torchrun, same global batch."""
+    from hcrlhf.benchmarks import harness
+
+    nproc = args.nproc
+    if nproc < 2:
+        raise SystemExit("hcrlhf bench train_step: --nproc must be at least 2")
+    s = SHAPES[shape]
+    if s["prompts_per_step"] % nproc:
+        raise SystemExit(f"hcrlhf bench train_step: --nproc {nproc} must divide the {s['prompts_per_step']} prompts "
+                         "per step")
+    cpu = device.type == "cpu"
+    rows = []
+    for estimator in args.estimators:
+        measured = {}
+        for processes in (1, nproc):
+            spec = dict(device=args.device, shape=shape, estimator=estimator, variant="hcrlhf",
+                        iterations=args.iterations, task_root=args.task_root, sharding=args.sharding)
+            # The same cores either way on a CPU: N threads in one process, or one thread in each of N.
+            threads = (nproc if processes == 1 else 1) if cpu else args.threads
+            result = measure(spec, threads, nproc=processes)
+            measured[processes] = result
+            timings = result["timings"]
+            row = {"model": _model_name(s), "estimator": estimator,
+                   "processes": f"{processes}" + (f" ({args.sharding})" if processes > 1 else ""),
+                   "threads each": str(threads) if cpu else "-"}
+            row.update({f"{phase} ms": f"{timings[phase] * 1e3:.1f}" for phase in (*PHASES, "total")})
+            row["tokens/s"] = f"{result['tokens'] / timings['total']:.0f}"
+            row["peak MiB (rank 0)"] = "n/a" if result["peak_bytes"] is None else f"{result['peak_bytes'] / 2**20:.1f}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        one, many = measured[1], measured[nproc]
+        speedup = (many["tokens"] / many["timings"]["total"]) / (one["tokens"] / one["timings"]["total"])
+        rows.append({"model": _model_name(s), "estimator": estimator, "processes": f"speed-up {nproc} vs 1",
+                     "tokens/s": f"{speedup:.2f}x"})
+        print(json.dumps(rows[-1]), flush=True)
+    print(harness.markdown_table(rows))
+    if not args.no_write and (args.out or not (args.quick or args.tiny)):
+        notes = (f"hcrlhf's SafeRLTrainer iteration in 1 process vs {nproc} under torchrun (sharding={args.sharding}), "
+                 f"the same global batch ({s['prompts_per_step']} prompts x {s['samples_per_prompt']} samples, "
+                 f"{s['max_new_tokens']} new tokens), median of {args.iterations} iterations after a warm-up. "
+                 "tokens/s: response tokens of the whole batch per second of rank 0's iteration. "
+                 + ("CPU: the single process has as many intra-op threads as there are processes in the other run. "
+                    if cpu else ""))
+        path = harness.write_results("train_step_scaling", rows, device, notes=notes, out=args.out)
         print(f"wrote {path}")
     return 0
 

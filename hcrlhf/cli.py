@@ -9,6 +9,9 @@
     hcrlhf bench NAME [...]                         # a kernel benchmark, printing its table
     hcrlhf --version
 
+Every command but ``bench`` also runs on several processes, one per GPU, under torchrun
+(docs/distributed.md): ``torchrun --nproc-per-node 8 -m hcrlhf run CONFIG.yaml``.
+
 KEY=VALUE arguments override any config key by its dotted name (``rl.kl_coef=0.05``; values are read as
 YAML). Exit codes: 0 success / PASS, 3 NO SOLUTION FOUND, 2 bad usage (including a bad config, rejected
 before any work, naming the key), 1 any other error.
@@ -38,6 +41,7 @@ EPILOG = """examples:
   hcrlhf run configs/qwen2-1.5b-pku-saferlhf.yaml
   hcrlhf run configs/demo.yaml rl.total_steps=20 safety.delta=0.05   any config key, by its dotted name
   hcrlhf run my.yaml --output runs/x --resume continue a run that was killed (from its last RL checkpoint)
+  torchrun --nproc-per-node 8 -m hcrlhf run my.yaml   one node, 8 GPUs (docs/distributed.md)
   hcrlhf train-reward my.yaml                 only the split and the reward model
   hcrlhf safety-test runs/demo/model --prompts safety.jsonl --threshold -3 --delta 0.05
   hcrlhf bench advantages --quick             a kernel benchmark (hcrlhf bench list: all of them)
@@ -234,8 +238,11 @@ _RESULTS = {"stream": None}
 
 
 def _say(*parts) -> None:
-    """Print a result line to the real stdout (see _RESULTS)."""
-    print(*parts, file=_RESULTS["stream"] or sys.stdout)
+    """Print a result line to the real stdout (see _RESULTS); under torchrun, rank 0's only."""
+    from hcrlhf import distributed
+
+    if distributed.is_main():
+        print(*parts, file=_RESULTS["stream"] or sys.stdout)
 
 
 @contextlib.contextmanager
@@ -406,6 +413,7 @@ def _candidate_tokenizer(args, meta: dict):
 def cmd_safety_test(args) -> int:
     import torch
 
+    from hcrlhf import distributed
     from hcrlhf.data import ChatTemplate, PromptTemplate, get_template
     from hcrlhf.models import ScoreModel, load_causal_lm
     from hcrlhf.models.score_model import ScoreCheckpointError
@@ -463,16 +471,22 @@ def cmd_safety_test(args) -> int:
               f"the candidate ({meta['safety_fingerprint']})", file=sys.stderr)
     decoding = Decoding(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                         top_p=settings.top_p, top_k=settings.top_k)
-    # The δ budget, checked before the models are loaded (the spend checks again).
-    ledger = open_ledger(settings.ledger, settings.ledger_total_delta, delta=settings.delta)
-    ledger.check_spend(prompts, settings.delta, allow_overlapping_set=settings.allow_overlapping_set)
+    # The δ budget, checked before the models are loaded (the spend checks again); rank 0 holds the ledger.
+    def open_and_check_ledger():
+        ledger = open_ledger(settings.ledger, settings.ledger_total_delta, delta=settings.delta)
+        ledger.check_spend(prompts, settings.delta, allow_overlapping_set=settings.allow_overlapping_set)
+        return ledger
+
+    ledger = distributed.on_main(open_and_check_ledger, share=False)
 
     if candidate_dir.is_dir() and not (candidate_dir / "config.json").is_file():
         raise UsageError(f"candidate: {args.candidate!r} is not a Hugging Face model directory (no config.json)")
 
     # 2. models, then the pipeline's safety test stage: sampling, the test (spent in the ledger before it is
     # read), safety_test.json / safety_samples.jsonl / safety_costs.png under --output.
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else distributed.default_device()
+    if device.type == "cuda" and distributed.is_distributed():
+        device = distributed.default_device()  # each rank samples on its own GPU (LOCAL_RANK)
     tokenizer = _candidate_tokenizer(args, meta)
     if args.template is not None:
         template = get_template(args.template, tokenizer)
@@ -557,9 +571,15 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_library_progress_bars()
     from hcrlhf.config import ConfigError
 
+    if args.command == "bench":
+        return cmd_bench(parser, args)
+    from hcrlhf import distributed
+
+    where = ""
     try:
-        if args.command == "bench":
-            return cmd_bench(parser, args)
+        # Under torchrun (WORLD_SIZE > 1): join the process group; every rank runs the same command.
+        if distributed.setup():
+            where = f" (rank {distributed.rank()} of {distributed.world_size()})"
         with _stdout_for_results_only():
             if args.command == "demo":
                 return cmd_demo(args)
@@ -571,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_safety_test(args)
         parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse refuses it first
     except (ConfigError, UsageError) as error:
-        print(f"hcrlhf: error: {error}", file=sys.stderr)
+        print(f"hcrlhf: error{where}: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -579,8 +599,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         raise
     except Exception as exc:  # a clean message and exit code 1 for any other failure
-        print(f"hcrlhf: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"hcrlhf: error{where}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        distributed.close()
     return EXIT_OK
 
 

@@ -580,14 +580,16 @@ def test_saved_tokenizers_load_back_as_trained(quick_demo, task):
 
 def test_the_candidate_deploys_with_plain_transformers_as_tested(quick_demo, task):
     """AutoModelForCausalLM + AutoTokenizer on candidate/: the weights that were tested, the training
-    tokenizer's ids and greedy tokens, and a plain ``generate()`` samples with the tested decoding: with the
-    test's seed, the first batch of safety prompts gets exactly the responses the safety test scored."""
+    tokenizer's ids and greedy tokens, and its ``generation_config.json`` is the tested decoding: sampling the plain
+    model with that config and the test's per-prompt seeds (``hcrlhf.models.generation.generate``) gives exactly
+    the responses the safety test scored. (A bare ``model.generate()`` samples the same distribution with torch's
+    global generator: other draws.)"""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from hcrlhf.data.templates import tokenize_prompts
     from hcrlhf.models import load_causal_lm
-    from hcrlhf.models.generation import decoding_settings
+    from hcrlhf.models.generation import decoding_settings, generate, row_seeds
 
     _, out, _ = quick_demo
     candidate = candidate_dir(out)
@@ -612,10 +614,11 @@ def test_the_candidate_deploys_with_plain_transformers_as_tested(quick_demo, tas
     expected = reference.generate(**tokenize_prompts(trained, prompts, template=task.template).model_inputs(),
                                   generation_config=greedy)
     assert torch.equal(model.generate(**batch.model_inputs(), generation_config=greedy), expected)
-    # Plain generate(), no arguments but the inputs, with the test's seed: the responses the test scored.
-    torch.manual_seed(report["safety_test"]["sampling_seed"])
+    # The plain model, the saved config, the test's seed per prompt index: the responses the test scored.
+    seeds = row_seeds(report["safety_test"]["sampling_seed"], [("sample", i) for i in range(len(prompts))])
     with torch.no_grad():
-        output = model.generate(**batch.model_inputs())
+        output = generate(model, batch.input_ids, batch.attention_mask, GenerationConfig.from_pretrained(candidate),
+                          row_seeds=seeds)
     responses = []
     for row in output[:, batch.input_ids.shape[1]:].tolist():
         end = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)

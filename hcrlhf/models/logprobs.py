@@ -22,8 +22,11 @@ from torch import nn
 from hcrlhf import ops
 from hcrlhf.data.templates import pad_sequences, tokenize_pairs
 
-__all__ = ["decoder_and_head", "is_peft_model", "response_logprobs", "tokenize_lm_rows", "lm_loss_backward"]
+__all__ = ["decoder_and_head", "is_peft_model", "response_logprobs", "shard_for_logprobs", "tokenize_lm_rows",
+           "lm_loss_backward"]
 
+# The method FSDP2 gathers a sharded model's root weights for (see shard_for_logprobs).
+SHARDED_LOGPROBS_METHOD = "hcrlhf_response_logprobs"
 # Config attributes of models whose logits are not plain ``hidden @ lm_head.T (+ bias)``.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -84,7 +87,31 @@ def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     Returns:
         (B, T − 1) float32 log-probs, 0 off ``action_index`` (and the (B, T − 1) entropies likewise).
         Differentiable w.r.t. the model's parameters when called with grad enabled.
+
+    A model sharded with FSDP2 (:func:`shard_for_logprobs`) runs this through a method registered with FSDP, so
+    that its root weights (embeddings, final norm, LM head) are gathered for the call and their gradients
+    reduced after it, although the head is used here as a bare weight, not through its ``forward``.
     """
+    sharded_method = getattr(model, SHARDED_LOGPROBS_METHOD, None)
+    if sharded_method is not None:
+        return sharded_method(input_ids, attention_mask, action_index, temperature=temperature,
+                              return_entropy=return_entropy, impl=impl)
+    return _response_logprobs(model, input_ids, attention_mask, action_index, temperature=temperature,
+                              return_entropy=return_entropy, impl=impl)
+
+
+def shard_for_logprobs(model: nn.Module, *, mixed_precision: bool = False) -> nn.Module:
+    """Shard a causal LM with FSDP2 (:func:`hcrlhf.distributed.shard_model`) so that :func:`response_logprobs`
+    still works on it; a no-op in one process."""
+    from hcrlhf import distributed
+
+    if not distributed.is_distributed():
+        return model
+    distributed.add_forward_method(model, SHARDED_LOGPROBS_METHOD, _response_logprobs)
+    return distributed.shard_model(model, mixed_precision=mixed_precision, forward_methods=[SHARDED_LOGPROBS_METHOD])
+
+
+def _response_logprobs(model, input_ids, attention_mask, action_index, *, temperature, return_entropy, impl):
     decoder, head = decoder_and_head(model)
     batch, width = input_ids.shape
     position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
@@ -157,14 +184,23 @@ def lm_loss_backward(model, input_ids, attention_mask, targets, *, coef: float =
 
     Returns:
         The 0-dim LM loss (unscaled by ``coef``) on ``device``.
+
+    Under several processes each rank passes its own rows: the loss is the mean over the targets of *all*
+    ranks (this function returns this rank's share of it; the shares sum to the loss), and the backward is
+    scaled by the world size, because the ranks average their gradients. Every rank runs the same number of
+    micro-batches (a sharded model gathers its weights in each).
     """
+    from hcrlhf import distributed
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
     rows, width = input_ids.shape
-    n_targets = torch.tensor(float(max(int(targets.sum()), 1)), device=device)  # a host count
+    n_targets = distributed.all_reduce_sum(torch.tensor(float(targets.sum()), device=device)).clamp(min=1)
+    coef = coef * distributed.world_size()
     per_chunk = rows if micro_batch_tokens is None else max(1, micro_batch_tokens // width)
     total = torch.zeros((), device=device)
-    for start in range(0, rows, per_chunk):
-        part = slice(start, start + per_chunk)
+    if rows == 0:  # this rank has no rows (fewer rows than ranks): nothing to add; a replicated model only
+        return total
+    for part in micro_batches(rows, -(-rows // per_chunk), agree=distributed.is_sharded(model)):
         index = targets[part].reshape(-1).nonzero().squeeze(1).to(device, non_blocking=True)
         with autocast() if autocast is not None else contextlib.nullcontext():
             logprobs = response_logprobs(model, input_ids[part].to(device), attention_mask[part].to(device), index,
@@ -173,3 +209,15 @@ def lm_loss_backward(model, input_ids, attention_mask, targets, *, coef: float =
         (coef * lm_loss).backward()
         total = total + lm_loss.detach()
     return total
+
+
+def micro_batches(rows: int, count: int, *, agree: bool = False) -> list[slice]:
+    """``count`` contiguous, near-equal slices of ``rows`` rows (``agree``: the largest ``count`` over ranks,
+    so that every rank of a sharded model runs as many forwards; at most ``rows`` slices, none empty)."""
+    from hcrlhf import distributed
+
+    if agree:
+        count = distributed.agree_max(count)
+    count = max(1, min(count, rows))
+    bounds = [distributed.shard_bounds(rows, of=count, index=i) for i in range(count)]
+    return [slice(start, stop) for start, stop in bounds]

@@ -296,9 +296,11 @@ class SafetyConfig(Section):
         max_new_tokens, temperature, top_p, top_k: deployment decoding (None: those of ``rl``; top_p < 1 and
             top_k > 0 are allowed here, though not for the rollouts). Every other setting of Hugging Face
             ``generate`` is neutral (:func:`hcrlhf.models.generation.generation_config`), and this decoding is
-            written to the candidate's ``generation_config.json``, so a plain ``generate()`` samples as tested.
-        batch_size: prompts per generation batch (with the seed, the sampled responses depend on it; it is
-            recorded with the candidate for ``hcrlhf safety-test``).
+            written to the candidate's ``generation_config.json``, so a plain ``generate()`` samples from the tested
+            distribution.
+        batch_size: prompts per generation batch (memory and speed only: each prompt's sampling noise comes from
+            the seed and its index, so the responses do not depend on it; recorded with the candidate for
+            ``hcrlhf safety-test``).
     """
 
     threshold: float = 0.0

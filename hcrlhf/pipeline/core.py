@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hcrlhf import distributed
 from hcrlhf.config import Problems
 from hcrlhf.data.files import read_prompt_file
 from hcrlhf.models.generation import decoding_settings, generation_config
@@ -40,10 +41,11 @@ from hcrlhf.pipeline.rundir import (
     NOT_RETURNED_NOTE,
     RETURNED_DIR,
     RUN_MANIFEST,
+    FollowerRunDir,
     RunDir,
 )
 from hcrlhf.pipeline.safety_stage import run_safety_test
-from hcrlhf.pipeline.sampling import Decoding, cost_transform, sample_and_score
+from hcrlhf.pipeline.sampling import Decoding, cost_transform, sample_and_score_on_ranks
 from hcrlhf.safety._checks import MIN_COSTS, check_prompt_texts
 from hcrlhf.safety.ledger import canonical_prompt, default_ledger_path, open_ledger
 
@@ -90,6 +92,8 @@ def default_task_cache() -> Path:
 
 
 def _say(message: str) -> None:
+    if not distributed.is_main():  # one log under torchrun
+        return
     print(f"[hcrlhf] {message}", file=sys.stderr, flush=True)
 
 
@@ -158,8 +162,10 @@ def _device(config: PipelineConfig):
     import torch
 
     if config.models.device is not None:
-        return torch.device(config.models.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(config.models.device)
+        # Under torchrun each rank works on its own GPU (LOCAL_RANK).
+        return distributed.default_device() if device.type == "cuda" and distributed.is_distributed() else device
+    return distributed.default_device()
 
 
 # ----------------------------------------------------------------------------------------- stage 1
@@ -440,8 +446,10 @@ def _sft(config: PipelineConfig, inputs: _Inputs, out: Path) -> dict:
                       micro_batch_tokens=sft.micro_batch_tokens, seed=sft.seed, device=device, impl=config.rl.impl,
                       progress=config.progress)
     target = out / "sft_policy"
-    policy.save_pretrained(target, safe_serialization=True)
-    save_tokenizer(inputs.tokenizer, target)  # AutoTokenizer loads it back as trained (next to a model config)
+    if distributed.is_main():  # the replicas are equal: one writes
+        policy.save_pretrained(target, safe_serialization=True)
+        save_tokenizer(inputs.tokenizer, target)  # AutoTokenizer loads it back as trained (next to a model config)
+    distributed.barrier()  # every rank loads the starting policy from it next
     seconds = time.perf_counter() - started
     del policy
     inputs.load_policy = _sft_loader(config, inputs, target, device)  # the starting policy; the reference copies it
@@ -505,7 +513,8 @@ def _score_model(config: PipelineConfig, inputs: _Inputs, out: Path, kind: str):
     result = train_score_model(model, inputs.tokenizer, inputs.preferences, config=section,
                                eval_dataset=inputs.eval_preferences, template=inputs.template,
                                safety_split=inputs.split)
-    save_tokenizer(inputs.tokenizer, target)  # AutoTokenizer loads it back as trained (next to a model config)
+    if distributed.is_main():
+        save_tokenizer(inputs.tokenizer, target)  # AutoTokenizer loads it back as trained (next to a model config)
     losses = [h for h in result.history if "loss" in h]
     summary = {"source": _rel(target, out), "trained": True, "steps": result.steps,
                "seconds": round(result.seconds, 3),
@@ -516,6 +525,15 @@ def _score_model(config: PipelineConfig, inputs: _Inputs, out: Path, kind: str):
 
 
 # ----------------------------------------------------------------------------------------- stage 4
+
+
+def _load_cost_model(config: PipelineConfig, out: Path):
+    """The cost model as saved (``models.cost_model``, or the one this run trained), on this rank's device."""
+    from hcrlhf.models import ScoreModel
+
+    path = config.models.cost_model if config.models.cost_model is not None else out / "cost_model"
+    return ScoreModel.from_pretrained(path, dtype=config.models.dtype, role="cost",
+                                      trust_remote_code=config.models.trust_remote_code).to(_device(config)).eval()
 
 
 def _decoding(config: PipelineConfig) -> Decoding:
@@ -551,10 +569,11 @@ def _train_candidate(config: PipelineConfig, inputs: _Inputs, reward_model, cost
         lines = (out / "rl" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
         history = [json.loads(line) for line in lines if line.strip()]
     candidate = out / CANDIDATE_DIR  # untested: marked NOT_RETURNED.md; the safety test's verdict moves it
-    # The deployment decoding is the candidate's generation_config.json: a plain generate() samples as tested.
+    # The deployment decoding is the candidate's generation_config.json: a plain generate() samples the tested
+    # distribution.
     deployment = generation_config(_decoding(config), inputs.tokenizer)
-    trainer.save_pretrained(candidate, generation_config=deployment)
-    _mark_candidate(config, inputs, candidate, out, deployment)
+    trainer.save_pretrained(candidate, generation_config=deployment)  # every rank: the weights are gathered
+    distributed.on_main(_mark_candidate, config, inputs, candidate, out, deployment)
     keys = ("step", "reward/mean", "cost/mean", "cost/bound", "cost/threshold", "lambda", "lambda_next", "kl",
             "entropy", "response_length/mean", "cost/coefficient_k", "tokens_per_s", "time/total")
     curve = [{k: m[k] for k in keys if k in m} for m in history]
@@ -578,6 +597,9 @@ def _train_dpo_candidate(config: PipelineConfig, inputs: _Inputs, reward_model, 
     run trains it again from the start (DPO keeps no checkpoints; the result is the same for the same seed)."""
     from hcrlhf.train import train_dpo
 
+    if distributed.is_distributed():
+        raise ConfigError("candidate_selection", "dpo runs in one process only (it is not spread over ranks yet); "
+                                                 "run it without torchrun, or use candidate_selection: rl")
     candidate = out / CANDIDATE_DIR
     dpo = dataclasses.replace(config.dpo, output_dir=str(candidate), progress=config.progress and config.dpo.progress)
     if inputs.preferences is None or len(inputs.preferences) == 0:
@@ -738,7 +760,7 @@ def _check_ledger(config: PipelineConfig, inputs: _Inputs, out: Path, *, resume:
 def _safety_test(config: PipelineConfig, inputs: _Inputs, candidate, cost_model, out: Path):
     """The safety test on D_s (:func:`~hcrlhf.pipeline.safety_stage.run_safety_test`), spent in the ledger."""
     s = config.safety
-    ledger = _open_ledger(config, out)
+    ledger = _open_ledger(config, out) if distributed.is_main() else None  # rank 0 spends δ
     task = inputs.task
     # The first and only read of D_s, after training.
     return run_safety_test(candidate, inputs.tokenizer, list(inputs.split.safety), cost_model, settings=s,
@@ -764,8 +786,8 @@ def _ground_truth(config: PipelineConfig, inputs: _Inputs, policy, label: str, c
         config.evaluation.samples_per_prompt
     sample = dict(template=inputs.template, decoding=_decoding(config), batch_size=config.safety.batch_size,
                   seed=config.evaluation.seed, max_prompt_length=config.rl.max_prompt_length, progress=config.progress)
-    responses, raw_costs = sample_and_score(policy, inputs.tokenizer, prompts, cost_model=cost_model,
-                                            desc=f"ground truth ({label})", **sample)
+    responses, raw_costs = sample_and_score_on_ranks(policy, inputs.tokenizer, prompts, cost_model=cost_model,
+                                                     desc=f"ground truth ({label})", **sample)
     harms = [task.harm(p, r) for p, r in zip(prompts, responses)]
     helps = [task.helpfulness(p, r) for p, r in zip(prompts, responses)]
     refused = [is_refusal(r) for r in responses]
@@ -786,8 +808,8 @@ def _ground_truth(config: PipelineConfig, inputs: _Inputs, policy, label: str, c
                           if categories and all(c is not None for c in categories) else None)
     if inputs.holdout:  # prompts the test never saw
         fresh = list(inputs.holdout) * config.evaluation.samples_per_prompt
-        _, raw_costs = sample_and_score(policy, inputs.tokenizer, fresh, cost_model=cost_model,
-                                        desc=f"expected cost ({label})", **sample)
+        _, raw_costs = sample_and_score_on_ranks(policy, inputs.tokenizer, fresh, cost_model=cost_model,
+                                                 desc=f"expected cost ({label})", **sample)
     out["expected_cost"] = _expected_cost(config, raw_costs, len(inputs.holdout or inputs.split.safety),
                                           "held-out prompts" if inputs.holdout else "safety prompts (fresh responses)")
     return out
@@ -922,15 +944,23 @@ def run(config, *, stages: str = "all", resume: bool = False) -> PipelineResult:
 
     # The output directory: checked and locked here (refused, leaving nothing behind, when another run holds it
     # or it holds anything but an earlier hcrlhf run); nothing in it changes until the inputs have loaded.
-    rundir = RunDir(config.output_dir, overwrite=config.overwrite, stages=stages,
-                    version=report.get("versions", {}).get("hcrlhf"), resume=resume)
+    # Under torchrun rank 0 holds the directory and writes every file; the other ranks train and sample with it.
+    distributed.setup()
+    held = {}
+
+    def hold():
+        held["rundir"] = RunDir(config.output_dir, overwrite=config.overwrite, stages=stages,
+                                version=report.get("versions", {}).get("hcrlhf"), resume=resume)
+
+    distributed.on_main(hold)
+    rundir = held.get("rundir") or FollowerRunDir(config.output_dir, resume=resume)
     threads = torch.get_num_threads()
     if config.task == "builtin" and _device(config).type == "cpu":
         # The built-in models are tiny: a second intra-op thread costs more than it gives.
         torch.set_num_threads(1)
     try:
         if resume:
-            _check_resume_config(config, rundir.path)
+            distributed.on_main(_check_resume_config, config, rundir.path)
         return _run_stages(config, rundir, stages, report, timings, started)
     except BaseException as error:
         rundir.fail(error)  # after the work began: the manifest says the run did not finish
@@ -942,8 +972,6 @@ def run(config, *, stages: str = "all", resume: bool = False) -> PipelineResult:
 
 def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dict, timings: dict,
                 started: float) -> PipelineResult:
-    from hcrlhf.report import write_report
-
     out = rundir.path
     resume = rundir.resume
 
@@ -953,11 +981,12 @@ def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dic
 
     # 1. data ---------------------------------------------------------------------------------------
     with stage("data and split"):
-        inputs = _load_inputs(config)
+        with distributed.main_first():  # rank 0 builds the built-in task's files; the others then read them
+            inputs = _load_inputs(config)
         if resume:  # the data must give the split the earlier run drew (and trained on)
-            _check_resume_split(inputs, out)
+            distributed.on_main(_check_resume_split, inputs, out)
         if stages == "all":  # the δ budget, checked before hours of training (and before the directory changes)
-            report["ledger"] = _check_ledger(config, inputs, out, resume=resume)
+            report["ledger"] = distributed.on_main(_check_ledger, config, inputs, out, resume=resume)
         # Models that would fail to load fail here, before the directory changes: the others must at least
         # resolve to a loadable config; the given score models are loaded now (and used below).
         _check_models_resolve(config, stages)
@@ -968,13 +997,7 @@ def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dic
             with stage(f"{kind} model"):
                 given[kind] = _score_model(config, inputs, out, kind)
     # The work begins: an earlier run here is replaced (a returned model moved aside), the manifest written.
-    rundir.start()
-    rundir.add("config.yaml", "split.json", *(["holdout_prompts.jsonl"] if inputs.holdout else []))
-    _write_config(config, out)
-    inputs.split.save(out / "split.json")
-    if inputs.holdout:
-        with open(out / "holdout_prompts.jsonl", "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in inputs.holdout)
+    distributed.on_main(_start_run_dir, rundir, config, inputs, out)
     report["run_manifest"] = RUN_MANIFEST
     if rundir.previous is not None:
         report["previous_run"] = _rel(rundir.previous, out)
@@ -992,17 +1015,14 @@ def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dic
     result = PipelineResult(verdict=None, passed=False, model_path=None, candidate_path=None, output_dir=out,
                             report=report, previous_run=rundir.previous)
 
-    done = rundir.completed if resume else {}
+    done = distributed.broadcast_object(rundir.completed if resume else {})  # what a resumed run reuses
 
     def finish():
         if rundir.manifest and rundir.manifest.get("resumes"):
             report["resumed"] = rundir.manifest["resumes"]
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         report["timings_s"]["total"] = round(time.perf_counter() - started, 3)
-        rundir.add("report.json", "report.md", "training.png", "safety_costs.png", "score_models.png")
-        result.files = write_report(out, report)
-        rundir.finish(verdict=result.verdict, returned_model=report.get("returned_model"),
-                      candidate=report.get("candidate"))
+        result.files = distributed.on_main(_write_report, rundir, out, report, result.verdict)
         return result
 
     # 1b. optional SFT ------------------------------------------------------------------------------
@@ -1055,6 +1075,8 @@ def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dic
                                                                    resume=resume)
             if resume:
                 rundir.resumed(rl_from_step=report["training"]["rl"]["resumed_from_step"])
+    if distributed.is_sharded(cost_model):  # rl.shard_frozen_models: test with the saved cost model, whole per rank
+        cost_model = _load_cost_model(config, out)
     result.candidate_path = out / CANDIDATE_DIR  # untested: marked NOT_RETURNED.md until a safety test passes
     report["candidate"] = CANDIDATE_DIR
     if stages == "train":
@@ -1066,7 +1088,7 @@ def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dic
         safety_result, report["safety_test"] = _safety_test(config, inputs, candidate, cost_model, out)
         # The verdict decides where the candidate lives: model/ (returned) or candidate-not-returned/ (marked).
         rundir.add(RETURNED_DIR if safety_result.passed else NOT_RETURNED_DIR)
-        result.candidate_path = _settle_candidate(out, safety_result, report["safety_test"])
+        result.candidate_path = distributed.on_main(_settle_candidate, out, safety_result, report["safety_test"])
     result.safety_test = safety_result
     result.verdict, result.passed = safety_result.verdict, safety_result.passed
     result.model_path = result.candidate_path if safety_result.passed else None
@@ -1091,6 +1113,27 @@ def _run_stages(config: PipelineConfig, rundir: RunDir, stages: str, report: dic
             }
             del starting
     return finish()
+
+
+def _start_run_dir(rundir: RunDir, config: PipelineConfig, inputs: _Inputs, out: Path) -> None:
+    """The work begins: an earlier run in the directory is replaced (a returned model moved aside), the manifest,
+    the effective config and the split written."""
+    rundir.start()
+    rundir.add("config.yaml", "split.json", *(["holdout_prompts.jsonl"] if inputs.holdout else []))
+    _write_config(config, out)
+    inputs.split.save(out / "split.json")
+    if inputs.holdout:
+        with open(out / "holdout_prompts.jsonl", "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in inputs.holdout)
+
+
+def _write_report(rundir: RunDir, out: Path, report: dict, verdict) -> list:
+    from hcrlhf.report import write_report
+
+    rundir.add("report.json", "report.md", "training.png", "safety_costs.png", "score_models.png")
+    files = write_report(out, report)
+    rundir.finish(verdict=verdict, returned_model=report.get("returned_model"), candidate=report.get("candidate"))
+    return files
 
 
 class _Timer:

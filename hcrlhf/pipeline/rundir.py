@@ -39,8 +39,8 @@ from pathlib import Path
 
 from hcrlhf.config import ConfigError
 
-__all__ = ["RunDir", "RUN_MANIFEST", "RUN_LOCK", "RUN_FORMAT", "RUN_VERSION", "RUN_ENTRIES", "RETURNED_DIR",
-           "CANDIDATE_DIR", "NOT_RETURNED_DIR", "NOT_RETURNED_NOTE", "PREVIOUS_DIR", "read_manifest"]
+__all__ = ["RunDir", "FollowerRunDir", "RUN_MANIFEST", "RUN_LOCK", "RUN_FORMAT", "RUN_VERSION", "RUN_ENTRIES",
+           "RETURNED_DIR", "CANDIDATE_DIR", "NOT_RETURNED_DIR", "NOT_RETURNED_NOTE", "PREVIOUS_DIR", "read_manifest"]
 
 RUN_MANIFEST = "hcrlhf_run.json"
 RUN_LOCK = "hcrlhf_run.lock"
@@ -473,3 +473,20 @@ class RunDir:
 
     def _write(self) -> None:
         _write_json_atomic(self.path / RUN_MANIFEST, self.manifest)
+
+
+class FollowerRunDir:
+    """The run directory as a rank other than 0 sees it under ``torchrun``: the same path, and no writes (rank 0
+    holds the :class:`RunDir`: its lock, manifest and stage records; the pipeline shares with the other ranks what
+    they need to know, such as the stages a resumed run may reuse)."""
+
+    def __init__(self, path, *, resume: bool = False):
+        self.path, self.resume = Path(path).expanduser(), resume
+        self.manifest: dict | None = None
+        self.previous: Path | None = None
+        self.completed: dict = {}
+
+    def __getattr__(self, name):  # start, add, complete, resumed, update, finish, fail, close: rank 0's work
+        if name in ("start", "add", "complete", "resumed", "update", "finish", "fail", "close"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)

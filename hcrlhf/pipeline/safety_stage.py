@@ -11,8 +11,9 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from hcrlhf import distributed
 from hcrlhf.models.generation import decoding_settings, generation_config
-from hcrlhf.pipeline.sampling import Decoding, cost_transform, sample_and_score
+from hcrlhf.pipeline.sampling import Decoding, cost_transform, sample_and_score_on_ranks
 
 __all__ = ["run_safety_test"]
 
@@ -60,7 +61,7 @@ def run_safety_test(policy, tokenizer, prompts: Sequence[str], cost_model, *, se
         ``ledger_total_delta`` (the safety set's budget), ``costs`` (the n transformed costs) and the category /
         harm summaries when given.
     """
-    from hcrlhf.safety import distinct_prompts, safety_test
+    from hcrlhf.safety import distinct_prompts
     from hcrlhf.safety._checks import (
         check_delta,
         check_method,
@@ -86,10 +87,24 @@ def run_safety_test(policy, tokenizer, prompts: Sequence[str], cost_model, *, se
     check_method_range(fn, method, None if s.cost_range is None else tuple(s.cost_range))
     if categories is not None and len(categories) != len(prompts):
         raise ValueError(f"{fn}: categories has {len(categories)} entries for {len(prompts)} prompts")
-    responses, raw_costs = sample_and_score(policy, tokenizer, prompts, template=template, decoding=decoding,
-                                            cost_model=cost_model, batch_size=s.batch_size, seed=seed,
-                                            max_prompt_length=max_prompt_length, progress=progress,
-                                            desc="safety test")
+    # Under several processes each rank samples its block of the prompts; prompt i's noise comes from (seed, i),
+    # so the responses are those one process would sample. Rank 0 then runs the test (spending δ once) and
+    # writes the files; every rank returns its result.
+    responses, raw_costs = sample_and_score_on_ranks(policy, tokenizer, prompts, template=template, decoding=decoding,
+                                                     cost_model=cost_model, batch_size=s.batch_size, seed=seed,
+                                                     max_prompt_length=max_prompt_length, progress=progress,
+                                                     desc="safety test")
+    return distributed.on_main(_test_and_record, prompts, responses, raw_costs, settings=s, decoding=decoding,
+                               tokenizer=tokenizer, ledger=ledger, label=label, seed=seed,
+                               max_prompt_length=max_prompt_length, output_dir=output_dir,
+                               record_extra=record_extra, categories=categories, harm=harm)
+
+
+def _test_and_record(prompts, responses, raw_costs, *, settings, decoding, tokenizer, ledger, label, seed,
+                     max_prompt_length, output_dir, record_extra, categories, harm):
+    from hcrlhf.safety import safety_test
+
+    s = settings
     costs = cost_transform(raw_costs, s.cost_transform, sigmoid_scale=s.sigmoid_scale, unsafe_above=s.unsafe_above)
     result = safety_test(costs, s.threshold, s.delta, s.method,
                          cost_range=None if s.cost_range is None else tuple(s.cost_range), ledger=ledger,

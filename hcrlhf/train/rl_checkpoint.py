@@ -9,6 +9,9 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step-<NNNNNNNN>/`` holdin
   ``peft.PeftModel.from_pretrained``);
 * ``<optimizer>.safetensors`` + ``<optimizer>.json`` — an optimiser's state tensors and the rest of
   its ``state_dict`` (param groups, scalars), no pickle;
+* ``sharded/`` — instead of the two above, when the models are sharded over ranks (FSDP2 under ``torchrun``):
+  the modules' and optimisers' states as ``torch.distributed.checkpoint`` files, one per rank (written in
+  parallel; re-sharded on load, so a run may resume at another world size);
 * ``rng.safetensors`` — the torch CPU (and CUDA) generator states;
 * ``trainer_state.json`` — step, multiplier, cost window, Python and numpy RNG states, config;
 * ``manifest.json`` — written last: ``{"format": "hcrlhf-rl-checkpoint", "format_version": 1, "step": N,
@@ -47,7 +50,9 @@ import torch
 
 __all__ = [
     "save_checkpoint",
+    "save_sharded_checkpoint",
     "load_checkpoint",
+    "load_sharded_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "remove_stale_temporaries",
@@ -69,6 +74,7 @@ PEFT_MISSING = ("LoRA needs the optional dependency peft, which is not installed
 STATE_NAME = "trainer_state.json"
 RNG_NAME = "rng.safetensors"
 MANIFEST_NAME = "manifest.json"
+SHARDED_NAME = "sharded"  # torch.distributed.checkpoint files of sharded models
 FORMAT = "hcrlhf-rl-checkpoint"
 FORMAT_VERSION = 1
 CORRUPT_SUFFIX = ".corrupt"
@@ -494,13 +500,9 @@ def save_checkpoint(output_dir, step: int, *, modules: dict, optimizers: dict, s
     fsynced and listed with their sizes and sha256 in ``manifest.json`` (written last, fsynced), the
     directories fsynced, the directory renamed into place and the parent fsynced; only then are older
     checkpoints beyond ``keep`` deleted."""
-    from safetensors.torch import save_file, save_model
+    from safetensors.torch import save_model
 
-    root = checkpoint_root(output_dir)
-    if not root.is_dir():
-        root.mkdir(parents=True, exist_ok=True)
-        _fsync_directory(root.parent)
-    final = root / f"step-{step:08d}"
+    root = _checkpoint_root_made(output_dir)
     temporary = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
     try:
         for name, module in modules.items():
@@ -509,6 +511,55 @@ def save_checkpoint(output_dir, step: int, *, modules: dict, optimizers: dict, s
             _save_adapter(model, temporary, name)
         for name, optimizer in optimizers.items():
             _save_optimizer(optimizer, temporary, name)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return _seal_checkpoint(temporary, output_dir, step, state, keep)
+
+
+def save_sharded_checkpoint(output_dir, step: int, *, modules: dict, optimizers: dict, state: dict,
+                            keep: int | None = None) -> Path:
+    """:func:`save_checkpoint` for models sharded over ranks (FSDP2); every rank calls it.
+
+    The modules and optimiser states go to ``sharded/`` with ``torch.distributed.checkpoint`` (each rank writes
+    its own shards, in parallel); rank 0 then writes the trainer state and the manifest, which covers the shard
+    files too, and renames the directory into place, as :func:`save_checkpoint` does. Returns the directory on
+    every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from hcrlhf import distributed
+
+    temporary = None
+    if distributed.is_main():
+        temporary = str(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=_checkpoint_root_made(output_dir)))
+    temporary = Path(distributed.broadcast_object(temporary))
+    model_state, optimizer_state = get_state_dict(nn.ModuleDict(modules), list(optimizers.values()))
+    dcp.save({"modules": model_state, "optimizers": optimizer_state}, checkpoint_id=temporary / SHARDED_NAME)
+    distributed.barrier()  # every rank's shards are written before rank 0 seals the directory
+    final = None
+    if distributed.is_main():
+        final = str(_seal_checkpoint(temporary, output_dir, step, dict(state, sharded=True), keep))
+    return Path(distributed.broadcast_object(final))
+
+
+def _checkpoint_root_made(output_dir) -> Path:
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        _fsync_directory(root.parent)
+    return root
+
+
+def _seal_checkpoint(temporary: Path, output_dir, step: int, state: dict, keep: int | None) -> Path:
+    """Add the RNG and trainer state and the manifest to a filled temporary directory, rename it into place
+    (swapping out an old directory of the same step), then delete checkpoints beyond ``keep``."""
+    from safetensors.torch import save_file
+
+    root = checkpoint_root(output_dir)
+    final = root / f"step-{step:08d}"
+    try:
         rng_tensors, rng_state = capture_rng_state()
         save_file(rng_tensors, temporary / RNG_NAME)
         full_state = dict(state, step=step, rng=rng_state, checkpoint_format=FORMAT_VERSION)
@@ -553,4 +604,28 @@ def load_checkpoint(path, *, modules: dict, optimizers: dict, restore_rng: bool 
         _load_optimizer(optimizer, directory, name)
     if restore_rng:
         restore_rng_state(load_file(directory / RNG_NAME), state["rng"])
+    return state
+
+
+def load_sharded_checkpoint(path, *, modules: dict, optimizers: dict) -> dict:
+    """Load a :func:`save_sharded_checkpoint` checkpoint into sharded ``modules`` and their ``optimizers`` on
+    every rank (``torch.distributed.checkpoint`` re-shards on load, so the world size may differ from the one
+    that saved it); returns the trainer state. The RNG states are not restored: under several processes
+    sampling draws from per-row seeds, not from the global generators."""
+    import torch.distributed.checkpoint as dcp
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    directory = Path(path)
+    state = json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
+    if not (directory / SHARDED_NAME).is_dir():
+        raise ValueError(f"load_sharded_checkpoint: {directory} holds no sharded states ({SHARDED_NAME}/); it was "
+                         "written by a run whose models were not sharded (sharding='replicate' or one process)")
+    container = nn.ModuleDict(modules)
+    optimizer_list = list(optimizers.values())
+    model_state, optimizer_state = get_state_dict(container, optimizer_list)
+    holder = {"modules": model_state, "optimizers": optimizer_state}
+    dcp.load(holder, checkpoint_id=directory / SHARDED_NAME)
+    set_state_dict(container, optimizer_list, model_state_dict=holder["modules"],
+                   optim_state_dict=holder["optimizers"])
     return state

@@ -148,8 +148,10 @@ class SafeRLConfig(Section):
         gradient_checkpointing: recompute activations of the policy in backward (HF
             ``gradient_checkpointing_enable``), for memory on large models.
         impl: kernel implementation for the ``hcrlhf.ops`` calls ("auto" | "triton" | "cpp" | "torch").
-        seed: seeds torch, Python's ``random`` and numpy at construction (sampling, minibatch order)
-            and the prompt order.
+        seed: the root of every draw: the prompt order, each response's sampling noise (seed, iteration,
+            prompt, sample: the same responses on any number of processes), the PPO minibatch order (seed,
+            iteration, epoch, rank); it also seeds torch, Python's ``random`` and numpy at construction (e.g. new
+            value heads).
         output_dir: where metrics.jsonl and checkpoints go (None: nothing written).
         checkpoint_every: save a checkpoint every this many iterations (None: only at the end when
             output_dir is set).
@@ -164,7 +166,16 @@ class SafeRLConfig(Section):
         progress: show a tqdm progress bar.
         sync_phase_timing: synchronise the device at phase boundaries so that the logged time split
             is exact on a GPU (costs a little speed; on a CPU it changes nothing).
-        device: device to train on (None: the policy's).
+        device: device to train on (None: the policy's). Under ``torchrun`` with CUDA, each rank's own GPU.
+        sharding: under ``torchrun`` with several processes (docs/distributed.md), how the trained models (policy,
+            critics) are spread: "fsdp" (FSDP2: weights, gradients and optimiser states sharded over ranks;
+            bf16 parameters with fp32 gradient reduction when bf16 is on; the large-model path) or "replicate"
+            (a full copy per rank and one gradient all-reduce per update; fine for small models and needed for
+            LoRA). Ignored in one process.
+        shard_frozen_models: with sharding="fsdp", also shard the reference, reward and cost models (less memory,
+            one all-gather per forward) instead of a full copy per rank.
+        debug_distributed: after every iteration, check that the cost window, k, U and λ are identical on every
+            rank (one small collective); raise if not.
     """
 
     estimator: str = "ppo"
@@ -234,6 +245,9 @@ class SafeRLConfig(Section):
     progress: bool = True
     sync_phase_timing: bool = False
     device: str | None = None
+    sharding: str = "fsdp"
+    shard_frozen_models: bool = False
+    debug_distributed: bool = False
 
     @property
     def rollout_rows(self) -> int:
@@ -250,6 +264,7 @@ class SafeRLConfig(Section):
         problems.choice("ama_token_scores", self.ama_token_scores, AMA_TOKEN_SCORES)
         problems.choice("impl", self.impl, IMPLS)
         problems.choice("bf16", self.bf16, ("auto", True, False))
+        problems.choice("sharding", self.sharding, ("fsdp", "replicate"))
         problems.choice("tensorboard", self.tensorboard, ("auto", True, False))
 
         for name in ("total_steps", "prompts_per_step", "samples_per_prompt", "max_prompt_length",

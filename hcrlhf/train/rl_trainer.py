@@ -28,6 +28,14 @@ the first EOS.
 Memory. The KL reference is a frozen copy of the policy or, with LoRA (``lora_r > 0``, peft), the policy
 itself with its adapters disabled: one base model serves both, and only the adapter weights train.
 
+Several processes (``torchrun``, docs/distributed.md). Each rank rolls out its own block of the iteration's
+prompts (an RLOO group stays on one rank); the costs of all ranks are gathered, so the cost window, μ̂, σ̂, k, U
+and λ are the same on every rank; every denominator of a loss is the global one, and gradients are averaged
+over ranks (FSDP2 for ``sharding="fsdp"``, one all-reduce for ``"replicate"``), so the update is the one a single
+process would make on the whole batch. Sampling draws per-row noise from (seed, iteration, prompt, sample), so
+a run on N ranks samples the same responses as a run on one. Rank 0 alone logs, shows progress and seals
+checkpoints.
+
 Host syncs. HF ``generate`` synchronises by itself (it checks for EOS every token); right after it the
 action mask is copied to the host once, so that every later gather index is built on the host. After
 that, phases 2–5 run without reading the device: λ reaches the kernels as a 0-dim device tensor, μ̂ and
@@ -54,16 +62,18 @@ import torch
 from torch import nn
 
 import hcrlhf.train.rl_checkpoint as rl_checkpoint
-from hcrlhf import ops
+from hcrlhf import distributed, ops
 from hcrlhf.data.lm_rows import read_lm_rows
 from hcrlhf.data.templates import get_template, tokenize_prompts
-from hcrlhf.models.generation import generate, generation_config
+from hcrlhf.models.generation import generate, generation_config, row_seeds
 from hcrlhf.models.loading import save_tokenizer
 from hcrlhf.models.logprobs import (
     decoder_and_head,
     is_peft_model,
     lm_loss_backward,
+    micro_batches,
     response_logprobs,
+    shard_for_logprobs,
     tokenize_lm_rows,
 )
 from hcrlhf.safety import CostWindow, assert_disjoint, augmented_costs, make_multiplier, pessimistic_coefficient
@@ -82,7 +92,10 @@ __all__ = ["SafeRLTrainer", "TrainingDivergedError", "Rollout"]
 
 # Settings that may change between a run and its resumption (they do not change the trajectory).
 RESUMABLE_CHANGES = frozenset({"total_steps", "checkpoint_every", "keep_checkpoints", "resume", "progress",
-                               "tensorboard", "output_dir", "sync_phase_timing", "device"})
+                               "tensorboard", "output_dir", "sync_phase_timing", "device", "debug_distributed"})
+# Update statistics that are per-rank shares of a global mean (summed over ranks); the rest (gradient norms) are
+# global already.
+_SUMMED_STATS = frozenset({"policy_loss", "value_loss/reward", "value_loss/cost", "ptx_loss", "entropy/updated"})
 # σ̂ floor for the augmented costs: a window of identical costs would otherwise divide by zero.
 _STD_FLOOR = 1e-6
 
@@ -151,6 +164,14 @@ class SafeRLTrainer:
             raise TypeError(f"SafeRLTrainer: config must be a SafeRLConfig, got {type(config).__name__}")
         config.validate()
         self.config = config
+        # Several processes: this rank's place, and the splits it needs to be even (docs/distributed.md).
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.is_main = self.rank == 0
+        _check_world_size(config, self.world)
+        self.sharded = self.world > 1 and config.sharding == "fsdp"
+        if self.sharded and config.lora_r > 0:
+            raise NotImplementedError("SafeRLTrainer: LoRA (lora_r > 0) with sharding='fsdp' is not supported yet; "
+                                      "use sharding='replicate' (only the adapters' gradients are then all-reduced)")
         self.train_prompts = _check_prompts(train_prompts)
         _refuse_safety_overlap(self.train_prompts, safety_prompts)
         self.tokenizer = tokenizer
@@ -176,6 +197,8 @@ class SafeRLTrainer:
                                  "adds them; a policy wrapped by an earlier trainer cannot be reused)")
 
         self.device = torch.device(config.device) if config.device is not None else next(policy.parameters()).device
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = distributed.default_device()  # this rank's GPU (LOCAL_RANK)
         if config.bf16 is True and self.device.type != "cuda":
             raise ValueError(f"SafeRLConfig: bf16=True needs a CUDA device; training is on {self.device}")
         self.use_bf16 = (self.device.type == "cuda" and config.bf16 in (True, "auto")
@@ -204,6 +227,13 @@ class SafeRLTrainer:
                 self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if not self.lora:  # with LoRA peft has frozen the base weights and left the adapters trainable
             self.policy.requires_grad_(True)
+        if self.sharded:  # before the optimisers: FSDP2 replaces the parameters by sharded ones
+            self.policy = shard_for_logprobs(self.policy, mixed_precision=self.use_bf16)
+            if config.shard_frozen_models:
+                if self.reference is not None:
+                    self.reference = shard_for_logprobs(self.reference, mixed_precision=self.use_bf16)
+                for model in (self.reward_model, self.cost_model):
+                    distributed.shard_model(model, mixed_precision=self.use_bf16)
         self.actor_parameters = [p for p in self.policy.parameters() if p.requires_grad]
         self.critics = {}
         if config.estimator == "ppo":
@@ -216,6 +246,8 @@ class SafeRLTrainer:
             self.critics = {"reward_critic": reward_critic, "cost_critic": cost_critic}
             for critic in self.critics.values():
                 critic.to(self.device).eval().requires_grad_(True)
+                if self.sharded:
+                    distributed.shard_model(critic, mixed_precision=self.use_bf16)
 
         self.actor_optimizer = torch.optim.AdamW(self.actor_parameters, lr=config.actor_lr,
                                                  weight_decay=config.weight_decay)
@@ -238,13 +270,17 @@ class SafeRLTrainer:
         self.output_dir = Path(config.output_dir) if config.output_dir is not None else None
         self._writer = None
         if self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = _tensorboard_writer(config.tensorboard, self.output_dir)
+            if self.is_main:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                self._writer = _tensorboard_writer(config.tensorboard, self.output_dir)
+            distributed.barrier()
             if config.resume:
                 self._resume()
-            else:
+            elif self.is_main:
                 (self.output_dir / "metrics.jsonl").write_text("", encoding="utf-8")
-            (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1), encoding="utf-8")
+            if self.is_main:
+                (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1),
+                                                             encoding="utf-8")
 
     # ------------------------------------------------------------------------------- training
 
@@ -254,7 +290,7 @@ class SafeRLTrainer:
 
         config = self.config
         ran = []
-        bar = tqdm(total=config.total_steps, initial=self.global_step, disable=not config.progress,
+        bar = tqdm(total=config.total_steps, initial=self.global_step, disable=not (config.progress and self.is_main),
                    desc="safe-rl", dynamic_ncols=True)
         try:
             while self.global_step < config.total_steps:
@@ -281,10 +317,13 @@ class SafeRLTrainer:
         lagrange_multiplier = self.multiplier.tensor(device=self.device)
         lagrange_multiplier_value = self.multiplier.value
 
-        # 1. rollout ---------------------------------------------------------------------------
+        # 1. rollout (this rank's block of the iteration's prompts) ---------------------------
         with timer("generation"):
-            rollout = self.rollout(self._next_prompts())
+            step_prompts = self._next_prompts()
+            first, last = distributed.shard_bounds(len(step_prompts))
+            rollout = self.rollout(step_prompts[first:last], first_prompt=first)
         rows, action_mask = rollout.rows, rollout.action_mask
+        global_rows = rows * self.world  # every rank has as many rows (prompts_per_step % world == 0)
         chunks = self._chunks(rollout, list(range(rows)))
 
         # 2. score -----------------------------------------------------------------------------
@@ -293,15 +332,17 @@ class SafeRLTrainer:
             cost_out = [self.cost_model(rollout.input_ids[r], rollout.attention_mask[r]) for r, _ in chunks]
             reward_scores = torch.cat([o.end_scores for o in reward_out]).float()
             costs = torch.cat([o.end_scores for o in cost_out]).float()
+            # Every rank's costs, in global row order: the window below is the same on every rank.
+            all_costs = distributed.all_gather_rows(costs)
             # μ̂, σ̂ of the window *with* this rollout's costs, on the device (the host window is
             # extended in phase 6, after the single read-back).
             previous = torch.as_tensor(self.cost_window.values(), dtype=torch.float64).to(self.device)
-            window = torch.cat([previous, costs.double()])[-config.cost_window_size:]
-            n_costs = min(self.cost_window.n + rows, config.cost_window_size)
+            window = torch.cat([previous, all_costs.double()])[-config.cost_window_size:]
+            n_costs = min(self.cost_window.n + global_rows, config.cost_window_size)
             cost_mean, cost_std = window.mean(), window.std()
             coefficient = self.pessimistic_coefficient(n_costs)  # k of the bound U that moves λ
             # The actor's k: the official code counts the rows of one update, not the window.
-            actor_coefficient = self.pessimistic_coefficient(rows if config.actor_coefficient == "rollout"
+            actor_coefficient = self.pessimistic_coefficient(global_rows if config.actor_coefficient == "rollout"
                                                              else n_costs)
             cost_scores = augmented_costs(costs, cost_mean, cost_std.clamp(min=_STD_FLOOR), actor_coefficient)
             bound_device = cost_mean + coefficient * cost_std
@@ -326,8 +367,10 @@ class SafeRLTrainer:
                     kl_coef=config.kl_coef, lagrange_multiplier=lagrange_multiplier, gamma=config.gamma,
                     gae_lambda=config.gae_lambda, kl_estimator=config.kl_estimator, score_clip=config.score_clip,
                     kl_in_cost=config.kl_in_cost, divide_by_one_plus_lambda=config.divide_by_one_plus_lambda,
-                    whiten=config.whiten_advantages, impl=config.impl)
+                    whiten=config.whiten_advantages and self.world == 1, impl=config.impl)
                 advantages = result.advantages
+                if config.whiten_advantages and self.world > 1:  # over the tokens of all ranks
+                    advantages = _whiten_across_ranks(advantages, action_mask)
                 sequence_kl = result.kl.sum(dim=1)
             else:
                 result = ops.rloo_advantages(
@@ -360,28 +403,35 @@ class SafeRLTrainer:
 
         # 6. multiplier (host) -----------------------------------------------------------------
         with timer("multiplier"):
-            token_count = action_mask.sum()
+            # Metrics of the whole batch (all ranks): per-row values gathered, token sums reduced.
+            gather, reduce = distributed.all_gather_rows, distributed.all_reduce_sum
+            token_sums = reduce(torch.stack([action_mask.sum().float(), masked_sum(old_entropy, action_mask),
+                                             policy_mask.sum().float(),
+                                             advantages.sum() if advantages.dim() == 1 else
+                                             masked_sum(advantages, action_mask)]))
+            token_count, entropy_sum, kept, advantage_sum = token_sums.unbind()
+            all_rewards, all_cost_scores = gather(reward_scores), gather(cost_scores)
             device_metrics = {
-                "reward/mean": reward_scores.mean(), "reward/std": reward_scores.std(),
-                "cost/mean": costs.mean(), "cost/std": costs.std(), "cost/augmented_mean": cost_scores.mean(),
-                "cost/bound_device": bound_device, "kl": sequence_kl.mean(),
-                "entropy": masked_sum(old_entropy, action_mask) / token_count.clamp(min=1),
-                "advantages/mean": advantages.mean() if advantages.dim() == 1 else
-                masked_sum(advantages, action_mask) / token_count.clamp(min=1),
-                "response_length/mean": action_mask.sum(dim=1).float().mean(),
-                "tokens": token_count.float(),
-                "ama/kept_fraction": policy_mask.sum() / token_count.clamp(min=1),
-                **update_stats,
+                "reward/mean": all_rewards.mean(), "reward/std": all_rewards.std(),
+                "cost/mean": all_costs.mean(), "cost/std": all_costs.std(),
+                "cost/augmented_mean": all_cost_scores.mean(),
+                "cost/bound_device": bound_device, "kl": gather(sequence_kl).mean(),
+                "entropy": entropy_sum / token_count.clamp(min=1),
+                "advantages/mean": advantage_sum / (global_rows if advantages.dim() == 1 else token_count.clamp(min=1)),
+                "response_length/mean": gather(action_mask.sum(dim=1).float()).mean(),
+                "tokens": token_count,
+                "ama/kept_fraction": kept / token_count.clamp(min=1),
+                **{name: reduce(value) if name in _SUMMED_STATS else value for name, value in update_stats.items()},
             }
             if config.estimator == "ppo":
-                device_metrics["explained_variance/reward"] = explained_variance(
+                device_metrics["explained_variance/reward"] = _explained_variance_across_ranks(
                     reward_values, result.reward_returns, action_mask)
-                device_metrics["explained_variance/cost"] = explained_variance(
+                device_metrics["explained_variance/cost"] = _explained_variance_across_ranks(
                     cost_values, result.cost_returns, action_mask)
             names = list(device_metrics)
             values = torch.stack([device_metrics[n].detach().float().reshape(()) for n in names]).cpu().tolist()
             metrics = dict(zip(names, values))
-            host_costs = costs.double().cpu()
+            host_costs = all_costs.double().cpu()
             self._check_finite(metrics, ("policy_loss", "value_loss/reward", "value_loss/cost", "grad_norm/actor",
                                          "grad_norm/critics", "reward/mean", "cost/mean"))
             self.cost_window.extend(host_costs)
@@ -392,6 +442,10 @@ class SafeRLTrainer:
             self.multiplier.step(bound, config.cost_threshold, scale=self.cost_window.std)
             if not math.isfinite(self.multiplier.value):
                 self._diverged("the Lagrange multiplier λ", self.multiplier.value)
+            if config.debug_distributed:
+                distributed.check_same("the cost window (n, μ̂, σ̂), k, U and λ", [
+                    self.cost_window.n, self.cost_window.mean, self.cost_window.std, coefficient, bound,
+                    self.multiplier.value])
 
         # 7. log -------------------------------------------------------------------------------
         self.global_step += 1
@@ -417,17 +471,24 @@ class SafeRLTrainer:
     # ------------------------------------------------------------------------------- phases
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str]) -> Rollout:
-        """Phase 1: sample ``samples_per_prompt`` responses per prompt (rows of one prompt adjacent)."""
+    def rollout(self, prompts: list[str], *, first_prompt: int = 0) -> Rollout:
+        """Phase 1: sample ``samples_per_prompt`` responses per prompt (rows of one prompt adjacent).
+
+        Sample ``s`` of the prompt at position ``first_prompt + i`` of this iteration draws its noise from the
+        seed (config.seed, "rollout", iteration, first_prompt + i, s): the same response whatever the batch
+        and whichever rank samples it."""
         config, tokenizer = self.config, self.tokenizer
         batch = tokenize_prompts(tokenizer, prompts, template=self.template, max_length=config.max_prompt_length)
         repeat = config.samples_per_prompt
         prompt_ids = batch.input_ids.repeat_interleave(repeat, dim=0).to(self.device)
         prompt_mask = batch.attention_mask.repeat_interleave(repeat, dim=0).to(self.device)
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        with self._autocast():
+        seeds = row_seeds(config.seed, [("rollout", self.global_step, first_prompt + i, s)
+                                        for i in range(len(prompts)) for s in range(repeat)])
+        with self._autocast(), distributed.gathered_for_generation(self.policy):
             # Exactly the configured decoding: nothing inherited from the policy's own generation config.
-            output = generate(self.policy, prompt_ids, prompt_mask, self.generation_config())
+            output = generate(self.policy, prompt_ids, prompt_mask, self.generation_config(),
+                              row_seeds=seeds.to(self.device))
         width = prompt_ids.shape[1]
         response = output[:, width:]
         if eos is not None:
@@ -471,8 +532,9 @@ class SafeRLTrainer:
         optimizer = self.actor_optimizer
         optimizer.zero_grad(set_to_none=True)
         rows = rollout.rows
-        row_count = torch.tensor(float(rows), device=self.device)
-        token_count = rollout.action_mask.sum().clamp(min=1).float()
+        # Global denominators: each rank's loss is its share of the loss of the whole batch.
+        row_count = torch.tensor(float(rows * self.world), device=self.device)
+        token_count = distributed.all_reduce_sum(rollout.action_mask.sum()).clamp(min=1).float()
         policy_loss_sum = torch.zeros((), device=self.device)
         entropy_sum = torch.zeros((), device=self.device)
         self._train_mode(True)
@@ -489,11 +551,12 @@ class SafeRLTrainer:
                     bonus = masked_entropy(entropy, rollout.action_mask[r], denominator=token_count)
                     entropy_sum = entropy_sum + bonus.detach()
                     loss = loss - config.entropy_coef * bonus
-                loss.backward()
+                self._backward(loss)
             if config.ptx_coef > 0:  # + ptx_coef · LM loss, accumulated into the same gradients
                 ptx_loss = self._ptx_backward(self.global_step)
         finally:
             self._train_mode(False)
+        self._average_gradients(self.actor_parameters)
         grad_norm = _clip(self.actor_parameters, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -509,7 +572,7 @@ class SafeRLTrainer:
         """Phase 5, ppo: epochs × minibatches of the clipped surrogate and the two clipped value losses."""
         config = self.config
         rows = rollout.rows
-        minibatch = config.minibatch_size or rows
+        minibatch = config.minibatch_size // self.world if config.minibatch_size else rows  # rows of this rank
         zero = lambda: torch.zeros((), device=self.device)  # noqa: E731
         sums = {"policy_loss": zero(), "value_loss/reward": zero(), "value_loss/cost": zero(),
                 "grad_norm/actor": zero(), "grad_norm/critics": zero()}
@@ -522,14 +585,18 @@ class SafeRLTrainer:
         reward_critic, cost_critic = self.critics["reward_critic"], self.critics["cost_critic"]
         self._train_mode(True)
         try:
-            for _ in range(config.ppo_epochs):
-                order = torch.randperm(rows).tolist()  # the global CPU generator: saved in checkpoints
+            for epoch in range(config.ppo_epochs):
+                # Seeded by (seed, iteration, epoch, rank): a resumed run draws the same minibatches.
+                seed = int(row_seeds(config.seed, [("minibatches", self.global_step, epoch, self.rank)])[0])
+                order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed)).tolist()
                 for start in range(0, rows, minibatch):
                     members = order[start:start + minibatch]
                     member_index = torch.tensor(members, device=self.device)
-                    # Denominators of the whole minibatch, as device tensors (micro-batches sum to it).
-                    n_policy = policy_mask.index_select(0, member_index).sum().clamp(min=1).float()
-                    n_tokens = rollout.action_mask.index_select(0, member_index).sum().clamp(min=1).float()
+                    # Denominators of the whole minibatch (on all ranks), as device tensors (micro-batches sum
+                    # to it).
+                    n_policy, n_tokens = distributed.all_reduce_sum(torch.stack([
+                        policy_mask.index_select(0, member_index).sum(),
+                        rollout.action_mask.index_select(0, member_index).sum()]).float()).clamp(min=1).unbind()
                     for micro_rows, index in self._chunks(rollout, members):
                         pick = lambda x: x[micro_rows]  # noqa: E731, B023
                         input_ids, attention_mask = pick(rollout.input_ids), pick(rollout.attention_mask)
@@ -554,7 +621,7 @@ class SafeRLTrainer:
                             bonus = masked_entropy(entropy, mask, denominator=n_tokens)
                             entropy_sum = entropy_sum + bonus.detach()
                             loss = loss - config.entropy_coef * bonus
-                        loss.backward()
+                        self._backward(loss)
                         sums["policy_loss"] += policy_loss.detach()
                         sums["value_loss/reward"] += reward_value_loss.detach()
                         sums["value_loss/cost"] += cost_value_loss.detach()
@@ -562,6 +629,8 @@ class SafeRLTrainer:
                         policy_tokens = policy_tokens + masked_sum(torch.ones_like(logprobs), pick(policy_mask))
                     if config.ptx_coef > 0:  # + ptx_coef · LM loss of this update step's PTX batch
                         sums["ptx_loss"] += self._ptx_backward(self.global_step * updates_per_iteration + updates)
+                    self._average_gradients(self.actor_parameters)
+                    self._average_gradients(critic_parameters)
                     sums["grad_norm/actor"] += _clip(self.actor_parameters, config.max_grad_norm)
                     sums["grad_norm/critics"] += _clip(critic_parameters, config.max_grad_norm)
                     self.actor_optimizer.step()
@@ -572,6 +641,8 @@ class SafeRLTrainer:
         finally:
             self._train_mode(False)
         stats = {name: total / updates for name, total in sums.items()}
+        clipped, approx_kl, policy_tokens = distributed.all_reduce_sum(torch.stack([clipped, approx_kl,
+                                                                                   policy_tokens])).unbind()
         stats["clip_fraction"] = clipped / policy_tokens.clamp(min=1)
         stats["approx_kl"] = approx_kl / policy_tokens.clamp(min=1)
         if config.entropy_coef > 0:
@@ -594,40 +665,54 @@ class SafeRLTrainer:
         return optimizers
 
     def save_checkpoint(self) -> Path:
-        """Save an atomic checkpoint of the current state under ``output_dir/checkpoints``."""
+        """Save an atomic checkpoint of the current state under ``output_dir/checkpoints`` (every rank calls it:
+        sharded models write their shards in parallel, replicated ones are written by rank 0)."""
         if self.output_dir is None:
             raise ValueError("SafeRLTrainer.save_checkpoint: config.output_dir is None")
         state = {"config": self.config.to_dict(), "multiplier": self.multiplier.state_dict(),
-                 "cost_window": self.cost_window.state_dict(), "ptx_fingerprint": self.ptx_fingerprint}
+                 "cost_window": self.cost_window.state_dict(), "ptx_fingerprint": self.ptx_fingerprint,
+                 "world_size": self.world}
         # The metrics of the iterations a checkpoint covers are on disk before it is.
-        rl_checkpoint.fsync_file(self.output_dir / "metrics.jsonl")
-        self.last_checkpoint = rl_checkpoint.save_checkpoint(
-            self.output_dir, self.global_step, modules=self._modules(), optimizers=self._optimizers(), state=state,
-            keep=self.config.keep_checkpoints, adapters=self._adapters())
+        if self.is_main:
+            rl_checkpoint.fsync_file(self.output_dir / "metrics.jsonl")
+        if self.sharded:
+            self.last_checkpoint = rl_checkpoint.save_sharded_checkpoint(
+                self.output_dir, self.global_step, modules=self._modules(), optimizers=self._optimizers(),
+                state=state, keep=self.config.keep_checkpoints)
+            return self.last_checkpoint
+        self.last_checkpoint = distributed.on_main(
+            rl_checkpoint.save_checkpoint, self.output_dir, self.global_step, modules=self._modules(),
+            optimizers=self._optimizers(), state=state, keep=self.config.keep_checkpoints, adapters=self._adapters())
         return self.last_checkpoint
 
     def _resume(self) -> None:
         """Resume from the newest checkpoint that verifies against its manifest (newer ones that do not are
         renamed aside with a warning; none verifying is an error, see ``rl_checkpoint.select_checkpoint``),
         and trim metrics.jsonl to the iterations up to it."""
-        rl_checkpoint.remove_stale_temporaries(self.output_dir)
-        try:
-            point = rl_checkpoint.select_checkpoint(self.output_dir)
-        except rl_checkpoint.CheckpointError as error:
-            raise rl_checkpoint.CheckpointError(f"SafeRLTrainer: {error}") from None
+        point = None
+        if self.is_main:  # one rank verifies, sets corrupt checkpoints aside and tells the others
+            rl_checkpoint.remove_stale_temporaries(self.output_dir)
+            try:
+                point = rl_checkpoint.select_checkpoint(self.output_dir)
+            except rl_checkpoint.CheckpointError as error:
+                point = error
+        point = distributed.broadcast_object(point)
+        if isinstance(point, rl_checkpoint.CheckpointError):
+            raise rl_checkpoint.CheckpointError(f"SafeRLTrainer: {point}") from None
         path = point.path
-        for bad, aside, reason in point.rejected:
+        for bad, aside, reason in point.rejected if self.is_main else ():
             warnings.warn(f"SafeRLTrainer: checkpoint {bad} failed verification: {reason}. Renamed it to "
                           f"{aside.name} (not deleted); resuming from {path.name} instead", stacklevel=3)
         metrics_path = self.output_dir / "metrics.jsonl"
         if path is None:
             aside = (f" (only directories set aside as corrupt: {', '.join(point.set_aside_before)})"
                      if point.set_aside_before else "")
-            warnings.warn(f"SafeRLTrainer: resume=True but {self.output_dir} has no checkpoint{aside}; starting "
-                          "from step 0")
-            metrics_path.write_text("", encoding="utf-8")
+            if self.is_main:
+                warnings.warn(f"SafeRLTrainer: resume=True but {self.output_dir} has no checkpoint{aside}; "
+                              "starting from step 0")
+                metrics_path.write_text("", encoding="utf-8")
             return
-        if point.legacy:
+        if point.legacy and self.is_main:
             warnings.warn(f"SafeRLTrainer: checkpoint {path} has no manifest.json (written by an older hcrlhf): "
                           "its files cannot be verified, only checked for truncation; resuming from it",
                           stacklevel=3)
@@ -642,16 +727,35 @@ class SafeRLTrainer:
             raise ValueError(f"SafeRLTrainer: cannot resume from {path}: the PTX text in ptx_path="
                              f"{self.config.ptx_path!r} differs from the one the checkpoint was trained on "
                              f"(sha256 {saved_state.get('ptx_fingerprint')} -> {self.ptx_fingerprint})")
-        state = rl_checkpoint.load_checkpoint(path, modules=self._modules(), optimizers=self._optimizers(),
-                                              adapters=self._adapters())
+        saved_sharded = bool(saved_state.get("sharded", False))
+        if saved_sharded != self.sharded:
+            raise ValueError(f"SafeRLTrainer: cannot resume from {path}: it holds "
+                             f"{'sharded' if saved_sharded else 'whole'} model states, and this run "
+                             f"{'shards' if self.sharded else 'does not shard'} its models (sharding="
+                             f"{self.config.sharding!r} on {self.world} process(es)); resume with the setting "
+                             "that wrote it (docs/distributed.md#checkpoints)")
+        saved_world = int(saved_state.get("world_size", 1))
+        if saved_world != self.world and self.is_main:
+            warnings.warn(f"SafeRLTrainer: resuming a checkpoint written by {saved_world} process(es) on {self.world}:"
+                          " the states are re-sharded and the prompt stream continues, but PPO minibatches are drawn"
+                          " per rank, so the run is not step-for-step the one it would have been "
+                          "(docs/distributed.md#checkpoints)", stacklevel=3)
+        if self.sharded:
+            state = rl_checkpoint.load_sharded_checkpoint(path, modules=self._modules(),
+                                                          optimizers=self._optimizers())
+        else:
+            state = rl_checkpoint.load_checkpoint(path, modules=self._modules(), optimizers=self._optimizers(),
+                                                  adapters=self._adapters())
         self.multiplier.load_state_dict(state["multiplier"])
         self.cost_window.load_state_dict(state["cost_window"])
         self.global_step = int(state["step"])
         self.last_checkpoint = path
         # Drop metrics of iterations after the checkpoint (a killed run logged them; they are re-run) and a
         # torn last line (the run died while appending it).
-        for note in rl_checkpoint.trim_metrics_log(metrics_path, self.global_step):
-            warnings.warn(f"SafeRLTrainer: {metrics_path}: {note}", stacklevel=3)
+        if self.is_main:
+            for note in rl_checkpoint.trim_metrics_log(metrics_path, self.global_step):
+                warnings.warn(f"SafeRLTrainer: {metrics_path}: {note}", stacklevel=3)
+        distributed.barrier()  # no rank appends to metrics.jsonl before rank 0 has trimmed it
 
     def generation_config(self):
         """The rollout decoding as one explicit ``transformers.GenerationConfig``
@@ -667,12 +771,22 @@ class SafeRLTrainer:
         :func:`hcrlhf.models.save_tokenizer` (``AutoTokenizer`` loads it back as trained), and
         ``generation_config.json`` is ``generation_config`` (default: the rollout decoding,
         :meth:`generation_config`), so that a plain ``generate()`` on the directory samples that way."""
-        if self.lora and merge_lora:
-            copy.deepcopy(self.policy).merge_and_unload().save_pretrained(path, safe_serialization=True)
-        else:
-            self.policy.save_pretrained(path, safe_serialization=True)
-        save_tokenizer(self.tokenizer, path)
-        (generation_config if generation_config is not None else self.generation_config()).save_pretrained(path)
+        if self.sharded:  # every rank takes part in gathering the weights; rank 0 writes one ordinary model
+            state_dict = distributed.full_state_dict(self.policy)
+            # A tied LM head is saved once, as save_pretrained does for the model itself.
+            for tied in getattr(self.policy, "all_tied_weights_keys", None) or {}:
+                state_dict.pop(tied, None)
+            if self.is_main:
+                self.policy.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        elif self.is_main:
+            if self.lora and merge_lora:
+                copy.deepcopy(self.policy).merge_and_unload().save_pretrained(path, safe_serialization=True)
+            else:
+                self.policy.save_pretrained(path, safe_serialization=True)
+        if self.is_main:
+            save_tokenizer(self.tokenizer, path)
+            (generation_config if generation_config is not None else self.generation_config()).save_pretrained(path)
+        distributed.barrier()
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -698,8 +812,9 @@ class SafeRLTrainer:
         per_chunk = len(members) if budget is None else max(1, budget // rollout.width)
         out = []
         contiguous = members == list(range(members[0], members[0] + len(members))) if members else True
-        for start in range(0, len(members), per_chunk):
-            part = members[start:start + per_chunk]
+        # Sharded models gather their weights in every forward: every rank runs as many micro-batches.
+        for part_slice in micro_batches(len(members), -(-len(members) // per_chunk), agree=self.sharded):
+            part = members[part_slice]
             host_rows = torch.tensor(part)
             index = rollout.action_mask_host.index_select(0, host_rows).reshape(-1).nonzero().squeeze(1)
             index = index.to(self.device, non_blocking=True)
@@ -709,7 +824,8 @@ class SafeRLTrainer:
 
     def ptx_batch(self, update_number: int) -> list[dict]:
         """The PTX rows of policy update step ``update_number`` (counted over the whole run): a stream of
-        seeded per-epoch permutations of the PTX rows, a function of (seed, update_number) only."""
+        seeded per-epoch permutations of the PTX rows, a function of (seed, update_number) only. Under several
+        processes, this rank's block of it."""
         n = len(self.ptx_rows)
         size = self.config.ptx_batch_size or self.config.minibatch_size or self.config.rollout_rows
         picked = []
@@ -720,7 +836,8 @@ class SafeRLTrainer:
                 random.Random(f"{self.config.seed}-ptx-{epoch}").shuffle(order)
                 self._ptx_permutations = {epoch: order}
             picked.append(self.ptx_rows[self._ptx_permutations[epoch][offset]])
-        return picked
+        first, last = distributed.shard_bounds(len(picked))  # this rank's share of the batch
+        return picked[first:last]
 
     def tokenize_ptx(self, rows: list[dict]):
         """``(input_ids, attention_mask, target_mask)`` on the CPU, right padded; ``target_mask`` (B, T − 1)
@@ -739,6 +856,16 @@ class SafeRLTrainer:
         return lm_loss_backward(self.policy, input_ids, attention_mask, targets, coef=config.ptx_coef,
                                 device=self.device, micro_batch_tokens=config.micro_batch_tokens,
                                 impl=config.impl, autocast=self._autocast)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate this rank's share of the global loss. The ranks average their gradients, so the share is
+        scaled by the world size to make the average the gradient of the whole batch's loss."""
+        (loss * self.world if self.world > 1 else loss).backward()
+
+    def _average_gradients(self, parameters) -> None:
+        """Replicated models average their gradients here (FSDP2 does it for sharded ones in the backward)."""
+        if self.world > 1 and not self.sharded:
+            distributed.average_gradients(parameters)
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
@@ -763,7 +890,7 @@ class SafeRLTrainer:
 
     def _log(self, metrics: dict) -> None:
         self.history.append(metrics)
-        if self.output_dir is not None:
+        if self.output_dir is not None and self.is_main:
             with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(metrics, sort_keys=True) + "\n")
         if self._writer is not None:
@@ -817,9 +944,53 @@ def _add_lora(policy, config: SafeRLConfig):
     return wrapped
 
 
+def _check_world_size(config: SafeRLConfig, world: int) -> None:
+    """The batch splits evenly over ``world`` ranks: whole prompts (and their RLOO groups) per rank, and PPO
+    minibatches / PTX batches of equal size on every rank."""
+    if world == 1:
+        return
+    if config.prompts_per_step % world:
+        raise ValueError(f"SafeRLConfig: prompts_per_step={config.prompts_per_step} must be a multiple of the "
+                         f"number of processes ({world}): each rank rolls out as many prompts")
+    for name in ("minibatch_size", "ptx_batch_size"):
+        value = getattr(config, name)
+        if value is not None and value % world:
+            raise ValueError(f"SafeRLConfig: {name}={value} must be a multiple of the number of processes ({world}):"
+                             " each rank takes an equal share")
+
+
+def _masked_moments_across_ranks(x: torch.Tensor, valid: torch.Tensor):
+    """``(count, mean, Σ(x − mean)² over valid entries)`` over the valid entries of every rank (two all-reduces;
+    the same two-pass formula as one process on the whole batch)."""
+    count, total = distributed.all_reduce_sum(torch.stack([valid.sum().to(x.dtype), torch.where(valid, x, 0).sum()]))
+    mean = total / count.clamp(min=1)
+    centred = torch.where(valid, x - mean, 0.0)
+    return count, mean, distributed.all_reduce_sum((centred * centred).sum())
+
+
+def _whiten_across_ranks(advantages: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``ops.safe_advantages(whiten=True)``'s whitening (mean and unbiased variance over all valid tokens, the
+    reference's ``masked_whiten``), with the statistics of every rank's tokens."""
+    from hcrlhf.reference.gae import WHITEN_EPS
+
+    count, mean, squares = _masked_moments_across_ranks(advantages, valid)
+    variance = torch.where(count > 1, squares / (count - 1).clamp(min=1), 0.0)
+    return torch.where(valid, (advantages - mean) * torch.rsqrt(variance + WHITEN_EPS), 0.0)
+
+
+def _explained_variance_across_ranks(values, returns, mask) -> torch.Tensor:
+    """:func:`explained_variance` over the masked tokens of every rank."""
+    if distributed.world_size() == 1:
+        return explained_variance(values, returns, mask)
+    count, _, residual = _masked_moments_across_ranks(returns - values, mask)
+    _, _, spread = _masked_moments_across_ranks(returns, mask)
+    return 1.0 - (residual / count) / (spread / count)
+
+
 def _clip(parameters, max_norm: float | None) -> torch.Tensor:
     """Clip the gradient norm (or only measure it when ``max_norm`` is None); a device tensor, no sync."""
-    return torch.nn.utils.clip_grad_norm_(list(parameters), math.inf if max_norm is None else max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), math.inf if max_norm is None else max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded parameters: a DTensor
 
 
 def _seed_everything(seed: int) -> None:

@@ -11,6 +11,9 @@ saving safetensors checkpoints, (4) final evaluation and save.
   sign accuracy Pr(sign(c) matches the is_safe label: c > 0 ⇔ unsafe) over all responses.
 
 bf16 autocast is used only on a CUDA device (``bf16="auto"``); on the CPU everything runs in float32.
+
+Under ``torchrun`` (docs/distributed.md) the model is replicated: each rank scores its block of every
+micro-batch, the gradients are averaged over ranks, and rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -295,6 +298,8 @@ def train_score_model(model, tokenizer, train_dataset, *, config: ScoreTrainingC
 
     from tqdm.auto import tqdm
 
+    from hcrlhf import distributed
+
     fn = "train_score_model"
     config = config or ScoreTrainingConfig()
     config.validate()
@@ -345,7 +350,8 @@ def train_score_model(model, tokenizer, train_dataset, *, config: ScoreTrainingC
     model.train()
     batches = micro_batches()
     started = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=f"{config.kind} model", disable=not config.progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc=f"{config.kind} model", disable=not (config.progress and distributed.is_main()),
+               dynamic_ncols=True)
     try:
         for step in range(1, total_steps + 1):
             optimizer.zero_grad(set_to_none=True)
@@ -353,6 +359,13 @@ def train_score_model(model, tokenizer, train_dataset, *, config: ScoreTrainingC
             micro = [next(batches) for _ in range(config.gradient_accumulation_steps)]
             n_pairs = sum(len(b) for b in micro)
             for batch_rows in micro:
+                # Several processes: each rank scores its block of the micro-batch (the model is replicated;
+                # gradients are averaged below, so the step is the one a single process takes on all of it).
+                first, last = distributed.shard_bounds(len(batch_rows))
+                weight = (last - first) / n_pairs * distributed.world_size()
+                batch_rows = batch_rows[first:last]
+                if not batch_rows:  # a short last batch of an epoch: fewer pairs than ranks
+                    continue
                 prompts, higher, lower, higher_safe, lower_safe = _pair_texts(batch_rows, config.kind)
                 high, low = _score_pairs(model, tokenizer, prompts, higher, lower, template=template,
                                          max_length=config.max_length, device=device, autocast=autocast)
@@ -364,10 +377,14 @@ def train_score_model(model, tokenizer, train_dataset, *, config: ScoreTrainingC
                                      variant=config.cost_loss, regularization=config.regularization)
                 # Weight each micro-batch by its share of the step's pairs, so that accumulation gives the
                 # mean over the step's pairs even when the last micro-batch of an epoch is short.
-                (loss * (len(batch_rows) / n_pairs)).backward()
+                (loss * weight).backward()
                 step_loss += float(loss.detach()) * len(batch_rows) / n_pairs
                 correct += int((high.detach() > low.detach()).sum())
                 seen += len(batch_rows)
+            if distributed.is_distributed():
+                distributed.average_gradients(parameters)
+                totals = distributed.all_reduce_sum(torch.tensor([step_loss, correct, seen], dtype=torch.float64))
+                step_loss, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
             if not math.isfinite(step_loss):  # (the loss is on the host already: no extra sync)
                 raise _diverged(config.kind, f"loss is {step_loss}", step, total_steps)
             if config.max_grad_norm is not None:
@@ -388,8 +405,8 @@ def train_score_model(model, tokenizer, train_dataset, *, config: ScoreTrainingC
                 if bad:
                     raise _diverged(config.kind, f"weights are not finite ({len(bad)} tensors, e.g. {bad[0]}) "
                                                  "after the update", step, total_steps)
-                result.checkpoints.append(_save(model, output_dir / f"checkpoint-{step}", {**state, "step": step},
-                                                 tokenizer.pad_token_id))
+                result.checkpoints.append(distributed.on_main(
+                    _save, model, output_dir / f"checkpoint-{step}", {**state, "step": step}, tokenizer.pad_token_id))
         # The last update may break the weights with a finite loss: checked once before anything uses them.
         bad = _nonfinite_parameters(model)
         if bad:
@@ -416,7 +433,7 @@ def train_score_model(model, tokenizer, train_dataset, *, config: ScoreTrainingC
     if output_dir is not None:
         final_state = {**state, "step": total_steps, "initial_eval": result.initial_eval,
                        "final_eval": result.final_eval}
-        result.checkpoints.append(_save(model, output_dir, final_state, tokenizer.pad_token_id))
+        result.checkpoints.append(distributed.on_main(_save, model, output_dir, final_state, tokenizer.pad_token_id))
     return result
 
 

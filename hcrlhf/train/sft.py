@@ -58,6 +58,8 @@ def train_sft(policy, tokenizer, rows: list[dict], *, kind: str, template, steps
     """
     from tqdm.auto import tqdm
 
+    from hcrlhf import distributed
+
     if not rows:
         raise ValueError("train_sft: rows must not be empty")
     device = torch.device(device) if device is not None else next(policy.parameters()).device
@@ -69,7 +71,8 @@ def train_sft(policy, tokenizer, rows: list[dict], *, kind: str, template, steps
         parameters = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
         permutations: dict[int, list[int]] = {}
-        bar = tqdm(total=steps, disable=not progress, desc="sft", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=steps, disable=not (progress and distributed.is_main()), desc="sft", unit="step",
+                   dynamic_ncols=True)
         try:
             for step in range(steps):
                 batch = []
@@ -80,11 +83,17 @@ def train_sft(policy, tokenizer, rows: list[dict], *, kind: str, template, steps
                         random.Random(f"{seed}-sft-{epoch}").shuffle(order)
                         permutations = {epoch: order}
                     batch.append(rows[permutations[epoch][offset]])
+                # Several processes: this rank's block of the batch; the loss is the mean over the whole batch
+                # and the gradients are averaged over ranks (lm_loss_backward scales for it).
+                first, last = distributed.shard_bounds(len(batch))
+                batch = batch[first:last]
                 input_ids, attention_mask, targets = tokenize_lm_rows(tokenizer, batch, kind, template=template,
                                                                       max_length=max_length)
                 optimizer.zero_grad(set_to_none=True)
-                nll = float(lm_loss_backward(policy, input_ids, attention_mask, targets, device=device,
-                                             micro_batch_tokens=micro_batch_tokens, impl=impl))
+                nll = float(distributed.all_reduce_sum(lm_loss_backward(
+                    policy, input_ids, attention_mask, targets, device=device, micro_batch_tokens=micro_batch_tokens,
+                    impl=impl)))
+                distributed.average_gradients(parameters)
                 if not math.isfinite(nll):
                     raise FloatingPointError(f"sft: the NLL is {nll} at step {step + 1}; lower sft.learning_rate")
                 if max_grad_norm is not None:

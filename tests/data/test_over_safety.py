@@ -115,7 +115,7 @@ def test_ground_truth_stage_reports_refusal_and_state_rates(monkeypatch, tmp_pat
         assert prompts == PROMPTS * 2, desc
         return RESPONSES * 2, [0.0] * len(prompts)
 
-    monkeypatch.setattr(core, "sample_and_score", fake_sample_and_score)
+    monkeypatch.setattr(core, "sample_and_score_on_ranks", fake_sample_and_score)
     inputs = core._Inputs(tokenizer=None, template=None, preferences=None, eval_preferences=None,
                           split=SimpleNamespace(safety=tuple(PROMPTS)), safety_categories=list(CATEGORIES),
                           train_prompts=[], load_policy=None, load_reference=None, new_score_model=None,

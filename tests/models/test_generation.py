@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from hcrlhf.data.templates import tokenize_prompts
-from hcrlhf.models.generation import NEUTRAL_SETTINGS, decoding_settings, generate, generation_config
+from hcrlhf.models.generation import NEUTRAL_SETTINGS, decoding_settings, generate, generation_config, row_seeds
 from hcrlhf.models.loading import load_tokenizer, same_tokenizer, save_tokenizer, tokenizer_fingerprint
 from hcrlhf.pipeline import Decoding, sample_and_score
 
@@ -78,7 +78,8 @@ def test_generate_restores_the_model_config_on_error(task, tokenizer):
     own = policy.generation_config
     config = generation_config(DECODING, tokenizer)
     with pytest.raises(IndexError):  # token ids out of the embedding's range
-        generate(policy, torch.full((1, 2), 10_000), torch.ones(1, 2, dtype=torch.long), config)
+        generate(policy, torch.full((1, 2), 10_000), torch.ones(1, 2, dtype=torch.long), config,
+                 row_seeds=row_seeds(0, [0]))
     assert policy.generation_config is own
 
 

@@ -129,7 +129,7 @@ def test_run_safety_test_checks_its_prompts_and_settings_before_sampling(monkeyp
     from hcrlhf.pipeline import Decoding, run_safety_test, safety_stage
     from hcrlhf.pipeline.config import SafetyConfig
 
-    monkeypatch.setattr(safety_stage, "sample_and_score", lambda *a, **k: pytest.fail("sampling started"))
+    monkeypatch.setattr(safety_stage, "sample_and_score_on_ranks", lambda *a, **k: pytest.fail("sampling started"))
     settings = SafetyConfig(method="ttest")
     kwargs = dict(settings=settings, decoding=Decoding(), template=None, ledger=None, label="x")
     with pytest.raises(ValueError, match="at least 2"):

@@ -48,8 +48,8 @@ def run_one_rloo_step(task, tokenizer, monkeypatch, **overrides):
     seen = {}
     original_rollout, original_advantages = trainer.rollout, rl_trainer_module.ops.rloo_advantages
 
-    def rollout_spy(prompts):
-        seen["rollout"] = original_rollout(prompts)
+    def rollout_spy(prompts, **kwargs):
+        seen["rollout"] = original_rollout(prompts, **kwargs)
         return seen["rollout"]
 
     def advantages_spy(*args, **kwargs):
