@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--fail-at", type=int, default=None)
     parser.add_argument("--fail-how", default="raise")
     parser.add_argument("--no-safety", action="store_true")
+    parser.add_argument("--lora", action="store_true")
     args = parser.parse_args()
 
     from hcrlhf import distributed
@@ -46,8 +47,11 @@ def main() -> None:
     # ppo: two epochs over the whole batch with both critics and whitening (over the tokens of all ranks);
     # rloo: micro-batches of at most 60 tokens, and (with FSDP2) the frozen models sharded too, so ranks must
     # agree on how many forwards they run.
+    # --lora: LoRA adapters on the policy (replicated: FSDP2 does not take LoRA yet).
     extra = (dict(ppo_epochs=2, whiten_advantages=True) if args.estimator == "ppo"
              else dict(micro_batch_tokens=60, shard_frozen_models=args.sharding == "fsdp"))
+    if args.lora:
+        extra.update(lora_r=4, lora_alpha=8.0)
     config = SafeRLConfig(total_steps=args.steps, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=12,
                           actor_lr=1e-3, critic_lr=1e-3, progress=False, seed=3, estimator=args.estimator,
                           sharding=args.sharding, output_dir=str(out / "rl"), checkpoint_every=1,

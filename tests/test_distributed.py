@@ -2,9 +2,9 @@
 ``torchrun --nproc-per-node N -m hcrlhf ...`` relies on (docs/distributed.md).
 
 * a 2-rank run of the built-in task equals a 1-rank run with the same global batch over 3 iterations, for the
-  FSDP2 path (RLOO, micro-batched, frozen models sharded too) and the replicated path (PPO: two critics, two
-  epochs, whitening over both ranks' tokens): the same sampled tokens, metrics and final weights within float32
-  reduction-order error;
+  FSDP2 path (RLOO, micro-batched, frozen models sharded too) and the replicated path (PPO with LoRA: two
+  critics, two epochs, whitening over both ranks' tokens; the saved policy has the adapters merged): the same
+  sampled tokens, metrics and final weights within float32 reduction-order error;
 * the 2-rank safety test of the saved policy gives the 1-rank costs, UCB and verdict, and δ is spent once;
 * a 2-rank run killed after its second checkpoint resumes to the same weights as the uninterrupted run;
 * a rank that raises, or dies without a word, ends the whole job, non-zero, with the cause, within the timeout.
@@ -113,9 +113,9 @@ def test_two_rank_safety_test_matches_one_rank(runs):
     assert two["ledger_spent"] == pytest.approx(0.1)  # δ spent once, by rank 0
 
 
-def test_replicated_ppo_two_ranks_train_as_one(task, tmp_path):
+def test_replicated_ppo_with_lora_two_ranks_train_as_one(task, tmp_path):
     task.load_policy().save_pretrained(tmp_path / "start", safe_serialization=True)
-    extra = ("--steps", 3, "--estimator", "ppo", "--sharding", "replicate", "--no-safety")
+    extra = ("--steps", 3, "--estimator", "ppo", "--sharding", "replicate", "--lora", "--no-safety")
     one = train(task, tmp_path / "ppo-1", 1, *extra)
     two = train(task, tmp_path / "ppo-2", 2, *extra)
     assert_same_run(one, two, tmp_path / "ppo-1", tmp_path / "ppo-2", tmp_path / "start")
