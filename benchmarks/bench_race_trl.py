@@ -441,7 +441,9 @@ def csv_table(summaries: dict[str, dict], shape_name: str) -> list[dict]:
             row["hcrlhf_over_this_generated_tokens_per_s"] = round(ours["generated_per_s"] / s["generated_per_s"], 3)
             row["hcrlhf_over_this_trained_tokens_per_s"] = round(ours["trained_per_s"] / s["trained_per_s"], 3)
             both = ours["peak_growth_bytes"], s["peak_growth_bytes"]
-            row["hcrlhf_over_this_peak_rss_growth"] = round(both[0] / both[1], 3) if all(both) else None
+            # hcrlhf may grow by nothing at all (ratio 0); only a side that grew by nothing has no ratio.
+            row["hcrlhf_over_this_peak_rss_growth"] = (round(both[0] / both[1], 3)
+                                                       if both[0] is not None and both[1] else None)
         out.append(row)
     return out
 
