@@ -329,7 +329,7 @@ def _scaling(args, device: torch.device, shape: str) -> int:
                  "tokens/s: response tokens of the whole batch per second of rank 0's iteration. "
                  + ("CPU: the single process has as many intra-op threads as there are processes in the other run. "
                     if cpu else ""))
-        path = harness.write_results("train_step_scaling", rows, device, notes=notes, out=args.out)
+        path = harness.write_results(f"train_step_scaling-{args.sharding}", rows, device, notes=notes, out=args.out)
         print(f"wrote {path}")
     return 0
 
