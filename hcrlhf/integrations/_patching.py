@@ -17,6 +17,24 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def logits_refusal(logits, labels=None, *, min_dim: int = 1) -> str | None:
+    """Why ``ops.token_logprobs`` cannot serve a peer's ``(logits, labels)`` call exactly (None: it can): float
+    logits of at least ``min_dim`` dims with a vocabulary on a CPU or CUDA device, and int labels of the logits'
+    leading shape on the same device."""
+    if not isinstance(logits, torch.Tensor) or logits.dtype not in FLOAT_DTYPES:
+        return "logits are not a float16/bfloat16/float32/float64 tensor"
+    if logits.dim() < min_dim or logits.shape[-1] == 0:
+        return "logits have no vocabulary dim" if min_dim <= 1 else "logits are not (N, ..., V)"
+    if logits.device.type not in ("cpu", "cuda"):
+        return f"logits are on a {logits.device.type} device"
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64):
+            return "labels are not an int32/int64 tensor"
+        if tuple(labels.shape) != tuple(logits.shape[:-1]) or labels.device != logits.device:
+            return "labels do not have the leading shape and the device of the logits"
+    return None
+
+
 def supported_version(version, supported: tuple[str, ...]) -> bool:
     from packaging.version import InvalidVersion, Version
 

@@ -34,6 +34,7 @@ from hcrlhf.integrations._patching import (
     FLOAT_DTYPES,
     PeerPatch,
     engine,
+    logits_refusal,
     promoted_dtype,
     supported_version,
     unit_number,
@@ -242,18 +243,7 @@ def _make_replacements(originals: dict, impl: str, count) -> dict:
     o = originals
 
     def token_refusal(logits, labels=None) -> str | None:
-        if not isinstance(logits, torch.Tensor) or logits.dtype not in FLOAT_DTYPES:
-            return "logits are not a float16/bfloat16/float32/float64 tensor"
-        if logits.dim() < 2 or logits.shape[-1] == 0:
-            return "logits are not (N, ..., V)"
-        if logits.device.type not in ("cpu", "cuda"):
-            return f"logits are on a {logits.device.type} device"
-        if labels is not None:
-            if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64):
-                return "labels are not an int32/int64 tensor"
-            if tuple(labels.shape) != tuple(logits.shape[:-1]) or labels.device != logits.device:
-                return "labels do not have the leading shape and the device of the logits"
-        return None
+        return logits_refusal(logits, labels, min_dim=2)  # OpenRLHF's functions take (N, ..., V)
 
     def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         name = "log_probs_from_logits"

@@ -35,6 +35,7 @@ from hcrlhf.integrations._patching import (
     FLOAT_DTYPES,
     PeerPatch,
     engine,
+    logits_refusal,
     next_valid_fill,
     promoted_dtype,
     supported_version,
@@ -201,19 +202,7 @@ def _make_replacements(originals: dict, impl: str, count) -> dict:
     masked_whiten = o["_masked_whiten"]
 
     # -------------------------------------------------------------- log-probs and entropy
-    def token_refusal(logits, labels=None) -> str | None:
-        if not _is_float_tensor(logits):
-            return "logits are not a float16/bfloat16/float32/float64 tensor"
-        if logits.dim() < 1 or logits.shape[-1] == 0:
-            return "logits have no vocabulary dim"
-        if logits.device.type not in ("cpu", "cuda"):
-            return f"logits are on a {logits.device.type} device"
-        if labels is not None:
-            if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64):
-                return "labels are not an int32/int64 tensor"
-            if tuple(labels.shape) != tuple(logits.shape[:-1]) or labels.device != logits.device:
-                return "labels do not have the leading shape and the device of the logits"
-        return None
+    token_refusal = logits_refusal
 
     def entropy_of(logits):
         return ops.token_logprobs(logits, None, return_entropy=True, impl=engine(impl, logits.dtype))

@@ -410,15 +410,17 @@ class SafeRLTrainer:
                                              advantages.sum() if advantages.dim() == 1 else
                                              masked_sum(advantages, action_mask)]))
             token_count, entropy_sum, kept, advantage_sum = token_sums.unbind()
-            all_rewards, all_cost_scores = gather(reward_scores), gather(cost_scores)
+            # One gather for every per-row value (one process: the tensors themselves).
+            all_rewards, all_cost_scores, all_kl, all_lengths = gather(torch.stack([
+                reward_scores, cost_scores, sequence_kl, action_mask.sum(dim=1)], dim=1).double()).unbind(1)
             device_metrics = {
                 "reward/mean": all_rewards.mean(), "reward/std": all_rewards.std(),
                 "cost/mean": all_costs.mean(), "cost/std": all_costs.std(),
                 "cost/augmented_mean": all_cost_scores.mean(),
-                "cost/bound_device": bound_device, "kl": gather(sequence_kl).mean(),
+                "cost/bound_device": bound_device, "kl": all_kl.mean(),
                 "entropy": entropy_sum / token_count.clamp(min=1),
                 "advantages/mean": advantage_sum / (global_rows if advantages.dim() == 1 else token_count.clamp(min=1)),
-                "response_length/mean": gather(action_mask.sum(dim=1).float()).mean(),
+                "response_length/mean": all_lengths.mean(),
                 "tokens": token_count,
                 "ama/kept_fraction": kept / token_count.clamp(min=1),
                 **{name: reduce(value) if name in _SUMMED_STATS else value for name, value in update_stats.items()},
